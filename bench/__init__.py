@@ -1,0 +1,1 @@
+"""Benchmarks for cspmirror (run from the repository root: ``python -m bench`` or ``pytest bench/``)."""

@@ -1,0 +1,106 @@
+"""Which backends can run here, and why not when they cannot.
+
+Nothing in this module imports triton or builds the extension at import time: ``import cspmirror`` must
+work on a machine without a GPU and without triton. Each probe runs once, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "extension", "reference")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"{self.name}: {state} ({self.reason})"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run here; the message says why."""
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported: {exc}"
+    return None
+
+
+def triton_status(device: torch.device | str | None = None) -> BackendStatus:
+    """Whether Triton kernels can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    error = _triton_import_error()
+    if error:
+        return BackendStatus("triton", False, error)
+    if triton_interpreted():
+        return BackendStatus("triton", True, "TRITON_INTERPRET=1: kernels run in the CPU interpreter")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return BackendStatus("triton", False, "no CUDA device is available")
+        return BackendStatus("triton", True, f"compiled for {torch.cuda.get_device_name(device)}")
+    return BackendStatus(
+        "triton", False,
+        f"Triton kernels need CUDA tensors; for {device.type} tensors set TRITON_INTERPRET=1 before "
+        "importing cspmirror to run them in the (slow) interpreter",
+    )
+
+
+def extension_status() -> BackendStatus:
+    """Whether the C++/CUDA extension is built or can be built just in time."""
+    try:
+        from .ops import extension
+    except ImportError as exc:
+        return BackendStatus("extension", False, f"not part of this install: {exc}")
+    return extension.status()
+
+
+def reference_status() -> BackendStatus:
+    return BackendStatus("reference", True, "pure PyTorch, any device")
+
+
+def all_statuses(device: torch.device | str | None = None) -> list[BackendStatus]:
+    return [reference_status(), triton_status(device), extension_status()]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` ("auto" included) into the concrete backend that runs tensors on ``device``.
+
+    ``auto`` picks Triton for CUDA tensors when it can run, else the reference. An explicit backend that
+    cannot run here raises :class:`BackendUnavailableError` with the reason.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_status(device).available:
+            return "triton"
+        return "reference"
+    if backend == "triton":
+        status = triton_status(device)
+        if not status.available:
+            raise BackendUnavailableError(f"backend='triton' cannot run here: {status.reason}")
+    if backend == "extension":
+        status = extension_status()
+        if not status.available:
+            raise BackendUnavailableError(f"backend='extension' cannot run here: {status.reason}")
+    return backend

@@ -1,0 +1,59 @@
+"""Inference fusion: BatchNorm folded into the preceding convolution."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [C_out, C_in, k, k] and bias [C_out] of a conv equal to ``bn(conv(x))`` in eval mode.
+
+    Computed in float64 and returned in the conv weight's dtype.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn has no running statistics (track_running_stats=False); it cannot be folded")
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"conv has {conv.out_channels} output channels but bn has {bn.num_features}")
+    w = conv.weight.double()
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = -bn.running_mean.double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    weight = w * scale.reshape(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def fuse_for_inference(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Fold every ConvBNMish's BN into its conv, in place; puts ``model`` in eval mode and returns it.
+
+    Args:
+        backend: when given, also switch the model's ops to this backend (see :func:`cspmirror.set_backend`).
+    """
+    from .layers import ConvBNMish
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, ConvBNMish):
+            module.fuse()
+    if backend is not None:
+        set_backend(model, backend)
+    return model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Point every cspmirror module in ``model`` at ``backend``, in place (weights untouched)."""
+    from .backends import BACKENDS
+    from .layers import BackendMixin
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, BackendMixin):
+            module.backend = backend
+    return model

@@ -1,0 +1,218 @@
+"""The building blocks of CSPMirrorNet (SPEC §1.3, §1.4), composed from :mod:`cspmirror.ops`.
+
+Every module that calls a fused op keeps a ``backend`` attribute ("auto" by default);
+:func:`cspmirror.set_backend` switches all of them. State-dict keys never depend on the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .ops import _validate
+
+
+class BackendMixin:
+    """Holds the ``backend`` string that the module passes to the ops it calls."""
+
+    backend: str = "auto"
+
+
+class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
+    """Drop-in for ``Sequential(BatchNorm2d(c), Mish())`` with BatchNorm2d's parameters and buffers.
+
+    ``forward(x, residual=None, out=None)`` returns ``mish(bn(x)) (+ residual)`` [N, C, H, W], written into
+    ``out`` when given. Running statistics update exactly as :class:`torch.nn.BatchNorm2d`'s.
+    """
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return ops.bn_mish(
+            x, self.weight, self.bias,
+            self.running_mean if track else None, self.running_var if track else None,
+            use_batch_stats, factor, self.eps, residual, out=out, backend=self.backend,
+        )
+
+
+class ConvBNMish(nn.Module, BackendMixin):
+    """``conv(bias=False) -> BN -> Mish`` ("CBM"), with an optional residual added after Mish.
+
+    Input [N, c_in, H, W] -> output [N, c_out, H / stride, W / stride]. After :meth:`fuse` (inference),
+    BN is folded into ``conv`` (which gains a bias), ``bn`` becomes ``Identity`` and the forward runs
+    :func:`cspmirror.ops.conv_bn_mish`.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1):
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size}")
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, bias=False)
+        self.bn: nn.Module = BatchNormMish2d(c_out)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused:
+            return ops.conv_bn_mish(x, self.conv.weight, self.conv.bias, self.conv.stride[0], residual,
+                                    out=out, backend=self.backend)
+        return self.bn(self.conv(x), residual, out)
+
+    @torch.no_grad()
+    def fuse(self) -> ConvBNMish:
+        """Fold BN into the conv (eval statistics); irreversible. Returns self."""
+        if self.fused:
+            return self
+        from .fuse import fold_bn
+
+        weight, bias = fold_bn(self.conv, self.bn)
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
+                         self.conv.stride, self.conv.padding, bias=True).to(weight)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        self.conv, self.bn, self.fused = conv, nn.Identity(), True
+        return self
+
+
+class MishedDenseBlock(nn.Module):
+    """SPEC §1.3: ``x1 = CBM1x1(x)``, ``x2 = CBM3x3(x1)``, ``out = x + cat([x1, x1 + x2])``.
+
+    [N, c, H, W] -> [N, c, H, W]; ``c`` must be even.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"MishedDenseBlock needs an even channel count, got {channels}")
+        hidden = channels // 2
+        self.conv1 = ConvBNMish(channels, hidden, 1)
+        self.conv2 = ConvBNMish(hidden, hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.conv1(x)
+        x12 = self.conv2(x1, residual=x1)  # x1 + x2: the second layer receives the first through summation
+        return x + torch.cat([x1, x12], dim=1)
+
+
+class MirrorSplit(nn.Module, BackendMixin):
+    """Module form of :func:`cspmirror.ops.mirror_split`: [N, C, H, W] -> [2N, C, H, P]."""
+
+    def __init__(self, overlap: float = 0.25, axis: int = -1, mirror: bool = True):
+        super().__init__()
+        self.overlap = _validate.check_overlap(overlap)
+        self.axis = _validate.check_axis(axis)
+        self.mirror = mirror
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.mirror_split(x, self.overlap, self.axis, self.mirror, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"overlap={self.overlap}, axis={self.axis}, mirror={self.mirror}"
+
+
+class MirrorFuse(nn.Module, BackendMixin):
+    """Module form of :func:`cspmirror.ops.mirror_fuse`: parts [2N, C_i, H, P] -> [N, sum C_i, H, L]."""
+
+    def __init__(self, overlap: float = 0.25, axis: int = -1, mirror: bool = True, reduce: str = "sum"):
+        super().__init__()
+        self.overlap = _validate.check_overlap(overlap)
+        self.axis = _validate.check_axis(axis)
+        self.mirror = mirror
+        self.reduce = _validate.check_reduce(reduce)
+
+    def forward(self, parts: list[torch.Tensor], length: int) -> torch.Tensor:
+        return ops.mirror_fuse(parts, length, self.overlap, self.axis, self.mirror, self.reduce,
+                               backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"overlap={self.overlap}, axis={self.axis}, mirror={self.mirror}, reduce={self.reduce!r}"
+
+
+class CSPMirrorBranch(nn.Module):
+    """One section's body of a stage: expand, cross-stage partial split, dense blocks, transition.
+
+    [B, c_out, H, P] -> (bypass [B, c_exp/2, H, P], processed [B, c_dense_out, H, P]).
+    """
+
+    def __init__(self, c_out: int, depth: int, expand_ratio: float, block_ratio: float, transition: bool):
+        super().__init__()
+        c_exp = int(round(c_out * expand_ratio))
+        c_blk = int(round(c_out * block_ratio))
+        if c_exp % 2:
+            raise ValueError(f"c_out * expand_ratio must be even, got {c_exp}")
+        half = c_exp // 2
+        self.expand = ConvBNMish(c_out, c_exp, 1)
+        self.block_in = ConvBNMish(half, c_blk, 1) if c_blk != half else nn.Identity()
+        self.blocks = nn.Sequential(*[MishedDenseBlock(c_blk) for _ in range(depth)])
+        self.transition = ConvBNMish(c_blk, half, 1) if transition else nn.Identity()
+        self.bypass_channels = half
+        self.out_channels = half + (half if transition else c_blk)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        xs, xb = self.expand(x).split(self.bypass_channels, dim=1)
+        return [xs, self.transition(self.blocks(self.block_in(xb)))]
+
+
+class CSPMirrorStage(nn.Module):
+    """SPEC §1.4: downsample, mirrored split, shared-weight (or two-branch) CSP body, sum+concat fusion,
+    final transition.
+
+    [N, c_in, H, W] -> [N, c_out, ceil(H/2), ceil(W/2)].
+
+    Args:
+        split: split into two mirrored sections; False gives a plain CSP stage (channel concat only).
+        siamese: both sections share one branch (run as one batch of 2N); False gives each its own weights.
+        fusion: "sum_concat" (per-branch transition, then fuse) or "concat_first" (fuse the blocks' raw
+            output and let the final transition do the work, the paper's Fig. 2(c)).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        depth: int,
+        expand_ratio: float = 1.0,
+        block_ratio: float = 0.5,
+        *,
+        split: bool = True,
+        overlap: float = 0.25,
+        axis: int = -1,
+        mirror: bool = True,
+        siamese: bool = True,
+        reduce: str = "sum",
+        fusion: str = "sum_concat",
+    ):
+        super().__init__()
+        if fusion not in ("sum_concat", "concat_first"):
+            raise ValueError(f"fusion must be 'sum_concat' or 'concat_first', got {fusion!r}")
+        self.down = ConvBNMish(c_in, c_out, 3, stride=2)
+        self.split = MirrorSplit(overlap, axis, mirror) if split else None
+        self.fuse = MirrorFuse(overlap, axis, mirror, reduce) if split else None
+        n_branches = 1 if (siamese or not split) else 2
+        self.branches = nn.ModuleList(
+            CSPMirrorBranch(c_out, depth, expand_ratio, block_ratio, transition=fusion == "sum_concat")
+            for _ in range(n_branches)
+        )
+        self.final = ConvBNMish(self.branches[0].out_channels, c_out, 1)
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        if self.split is None:
+            return self.final(torch.cat(self.branches[0](x), dim=1))
+        length = x.shape[self.axis]
+        p = self.split(x)
+        if len(self.branches) == 1:
+            parts = self.branches[0](p)
+        else:
+            n = x.shape[0]
+            per_branch = [branch(half) for branch, half in zip(self.branches, (p[:n], p[n:]), strict=True)]
+            parts = [torch.cat(pair, dim=0) for pair in zip(*per_branch, strict=True)]
+        return self.final(self.fuse(parts, length))

@@ -1,0 +1,245 @@
+"""CSPMirrorNet: config dataclasses, one model class, the family (SPEC §2).
+
+Mirrors the shape of timm's ``cspnet.py``: a frozen config per architecture, one builder, a registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..layers import ConvBNMish, CSPMirrorStage
+from .registry import register_model
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    out_chs: int
+    depth: int
+    expand_ratio: float = 1.0
+    block_ratio: float = 0.5
+    split: bool = True
+
+
+@dataclass(frozen=True)
+class CSPMirrorNetConfig:
+    """Architecture of one family member; every ablation knob of SPEC §2 is a field."""
+
+    stem_chs: int
+    stages: tuple[StageConfig, ...]
+    overlap: float = 0.25
+    axis: int = -1
+    mirror: bool = True
+    siamese: bool = True
+    reduce: str = "sum"
+    fusion: str = "sum_concat"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    default_size: int = 256
+    extra: dict = field(default_factory=dict)
+
+
+def _stages(chs: Sequence[int], depths: Sequence[int], expand: Sequence[float],
+            block: Sequence[float]) -> tuple[StageConfig, ...]:
+    return tuple(StageConfig(c, d, e, b) for c, d, e, b in zip(chs, depths, expand, block, strict=True))
+
+
+MODEL_CONFIGS: dict[str, CSPMirrorNetConfig] = {
+    "cspmirrornet_tiny": CSPMirrorNetConfig(
+        stem_chs=16,
+        stages=_stages((32, 64, 128, 256), (1, 1, 2, 1), (2, 1, 1, 1), (1, 0.5, 0.5, 0.5)),
+        default_size=32,
+    ),
+    "cspmirrornet_s": CSPMirrorNetConfig(
+        stem_chs=16,
+        stages=_stages((32, 64, 128, 256, 512), (1, 1, 3, 3, 2), (2, 1, 1, 1, 1), (1, 0.5, 0.5, 0.5, 0.5)),
+    ),
+    "cspmirrornet53": CSPMirrorNetConfig(
+        stem_chs=32,
+        stages=_stages((64, 128, 256, 512, 1024), (1, 2, 8, 8, 4), (2, 1, 1, 1, 1), (1, 0.5, 0.5, 0.5, 0.5)),
+    ),
+}
+
+
+def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[int] | None = None,
+              **overrides) -> CSPMirrorNetConfig:
+    """Return ``cfg`` with knobs replaced.
+
+    Args:
+        split_stages: which stages split, as one bool per stage or as the 0-based indices that split.
+        overrides: any :class:`CSPMirrorNetConfig` field (overlap, mirror, siamese, reduce, fusion, axis, ...).
+    """
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(CSPMirrorNetConfig)}
+    if unknown:
+        raise TypeError(f"unknown model argument(s): {sorted(unknown)}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    if split_stages is not None:
+        n = len(cfg.stages)
+        flags = list(split_stages)
+        if not all(isinstance(f, bool) for f in flags):
+            if any(not isinstance(i, int) or not -n <= i < n for i in flags):
+                raise ValueError(f"split_stages must be {n} bools or stage indices in [0, {n}), got {flags}")
+            chosen = {i % n for i in flags}
+            flags = [i in chosen for i in range(n)]
+        if len(flags) != n:
+            raise ValueError(f"split_stages must have one bool per stage ({n}), got {len(flags)}")
+        cfg = dataclasses.replace(
+            cfg, stages=tuple(dataclasses.replace(s, split=f) for s, f in zip(cfg.stages, flags, strict=True))
+        )
+    return cfg
+
+
+class CSPMirrorNet(nn.Module):
+    """The CSPMirrorNet backbone and classifier.
+
+    Input [N, in_chans, H, W]; logits [N, num_classes]. Level 0 is the stem (reduction 1); level i is
+    stage i (reduction 2**i). With ``features_only=True``, ``forward`` returns the levels in
+    ``out_indices`` as a list of [N, C_i, H / r_i, W / r_i].
+    """
+
+    def __init__(
+        self,
+        cfg: CSPMirrorNetConfig,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.stem = ConvBNMish(in_chans, cfg.stem_chs, 3, stride=1)
+        stages, c_in = [], cfg.stem_chs
+        self.feature_info = [dict(num_chs=cfg.stem_chs, reduction=1, module="stem")]
+        for i, s in enumerate(cfg.stages):
+            stages.append(CSPMirrorStage(
+                c_in, s.out_chs, s.depth, s.expand_ratio, s.block_ratio, split=s.split,
+                overlap=cfg.overlap, axis=cfg.axis, mirror=cfg.mirror, siamese=cfg.siamese,
+                reduce=cfg.reduce, fusion=cfg.fusion,
+            ))
+            c_in = s.out_chs
+            self.feature_info.append(dict(num_chs=c_in, reduction=2 ** (i + 1), module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = c_in
+        self.head_hidden_size = c_in
+
+        self.features_only = features_only
+        num_levels = len(self.feature_info)
+        if out_indices is None:
+            out_indices = tuple(range(num_levels))
+        out_indices = tuple(out_indices)
+        bad = [i for i in out_indices if not -num_levels <= i < num_levels]
+        if bad:
+            raise ValueError(f"out_indices {bad} are out of range: this model has levels 0..{num_levels - 1}")
+        self.out_indices = tuple(i % num_levels for i in out_indices)
+
+        if features_only:
+            self.feature_info = [self.feature_info[i] for i in self.out_indices]
+            self.global_pool, self.head_drop, self.fc = None, None, None
+        else:
+            self.reset_classifier(num_classes, global_pool)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool_type = global_pool
+            self.global_pool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.Identity()
+        self.num_classes = num_classes
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, in_chans, H, W] -> [N, num_features, H / 2**S, W / 2**S]."""
+        return self.stages(self.stem(x))
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every level in ``out_indices``: [N, C_i, H / r_i, W / r_i]."""
+        outs, wanted = [], set(self.out_indices)
+        x = self.stem(x)
+        if 0 in wanted:
+            outs.append(x)
+        for i, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if i in wanted:
+                outs.append(x)
+        return outs
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """[N, num_features, h, w] -> logits [N, num_classes] (pooled features with ``pre_logits``)."""
+        x = self.global_pool(x)
+        if self.global_pool_type == "avg":
+            x = x.flatten(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
+
+
+def build_model(name: str, *, weights: str | None = None, num_classes: int = 1000, in_chans: int = 3,
+                drop_rate: float = 0.0, features_only: bool = False, out_indices: Sequence[int] | None = None,
+                split_stages: Sequence | None = None, **knobs) -> CSPMirrorNet:
+    """Build family member ``name``; ``knobs`` override config fields (overlap, mirror, siamese, ...).
+
+    ``weights`` is a local checkpoint path (nothing is ever downloaded).
+    """
+    cfg = configure(MODEL_CONFIGS[name], split_stages=split_stages, **knobs)
+    model = CSPMirrorNet(cfg, in_chans=in_chans, num_classes=num_classes, drop_rate=drop_rate,
+                         features_only=features_only, out_indices=out_indices)
+    model.default_cfg = model.pretrained_cfg = pretrained_cfg(name, cfg, num_classes, in_chans)
+    if weights is not None:
+        from ..checkpoint import load_checkpoint
+
+        load_checkpoint(model, weights)
+    return model
+
+
+def pretrained_cfg(name: str, cfg: CSPMirrorNetConfig, num_classes: int, in_chans: int) -> dict:
+    """timm-style metadata (no URL: cspmirror ships no weights)."""
+    size = cfg.default_size
+    reduction = 2 ** len(cfg.stages)
+    return dict(
+        architecture=name, url="", num_classes=num_classes, input_size=(in_chans, size, size),
+        pool_size=(max(size // reduction, 1),) * 2, crop_pct=0.887, interpolation="bilinear",
+        mean=cfg.mean, std=cfg.std, first_conv="stem.conv", classifier="fc",
+    )
+
+
+def _builder(name: str):
+    def build(*, weights: str | None = None, num_classes: int = 1000, **kwargs) -> CSPMirrorNet:
+        return build_model(name, weights=weights, num_classes=num_classes, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"Build ``{name}`` (SPEC §2). ``weights``: a local checkpoint path or None."
+    return register_model(build)
+
+
+cspmirrornet_tiny = _builder("cspmirrornet_tiny")
+cspmirrornet_s = _builder("cspmirrornet_s")
+cspmirrornet53 = _builder("cspmirrornet53")

@@ -1,0 +1,158 @@
+"""The public fused ops (SPEC §3), one signature on every backend.
+
+Each op validates its arguments here (so every backend raises the same errors), resolves ``backend``
+("auto" | "triton" | "extension" | "reference") for the input's device, and calls that backend's
+implementation. Backend modules are imported lazily, on first use:
+
+=============  ==========================================
+backend        module
+=============  ==========================================
+reference      :mod:`cspmirror.ops.reference`
+triton         :mod:`cspmirror.ops.triton_mirror`, :mod:`cspmirror.ops.triton_bn_mish`,
+               :mod:`cspmirror.ops.triton_conv`
+extension      :mod:`cspmirror.ops.extension`
+=============  ==========================================
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import backends
+from . import _validate
+
+# (op, backend) -> module holding a function named after the op.
+_IMPLEMENTATIONS: dict[tuple[str, str], str] = {
+    ("mirror_split", "reference"): "cspmirror.ops.reference",
+    ("mirror_fuse", "reference"): "cspmirror.ops.reference",
+    ("bn_mish", "reference"): "cspmirror.ops.reference",
+    ("conv_bn_mish", "reference"): "cspmirror.ops.reference",
+    ("mirror_split", "triton"): "cspmirror.ops.triton_mirror",
+    ("mirror_fuse", "triton"): "cspmirror.ops.triton_mirror",
+    ("bn_mish", "triton"): "cspmirror.ops.triton_bn_mish",
+    ("conv_bn_mish", "triton"): "cspmirror.ops.triton_conv",
+    ("mirror_split", "extension"): "cspmirror.ops.extension",
+    ("mirror_fuse", "extension"): "cspmirror.ops.extension",
+    ("bn_mish", "extension"): "cspmirror.ops.extension",
+}
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` on ``device`` for ``backend`` (after resolving "auto")."""
+    concrete = backends.resolve(backend, device)
+    if backend == "auto" and (op, concrete) not in _IMPLEMENTATIONS:
+        concrete = "reference"
+    module_name = _IMPLEMENTATIONS.get((op, concrete))
+    if module_name is None:
+        raise NotImplementedError(f"backend={concrete!r} does not implement {op}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise backends.BackendUnavailableError(
+            f"backend={concrete!r} for {op} could not be loaded: {exc}"
+        ) from exc
+    return getattr(module, op)
+
+
+def mirror_split(
+    x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror: bool = True, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Overlapping mirrored split (SPEC §1.1).
+
+    Args:
+        x: [N, C, H, W].
+        overlap: in [0, 1]; each part reaches ``floor(overlap * ceil(L / 2))`` past the middle.
+        axis: -1 splits W, -2 splits H.
+        mirror: flip the second part along ``axis``.
+
+    Returns:
+        [2N, C, H, P] for ``axis=-1`` (``[2N, C, P, W]`` for ``axis=-2``), part 1 then part 2 on the batch,
+        in ``x``'s memory format.
+    """
+    x, overlap, axis = _validate.check_split_args(x, overlap, axis)
+    return implementation("mirror_split", backend, x.device)(x, overlap, axis, bool(mirror))
+
+
+def mirror_fuse(
+    parts: Sequence[torch.Tensor],
+    length: int,
+    overlap: float = 0.25,
+    axis: int = -1,
+    mirror: bool = True,
+    reduce: str = "sum",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sum + concat fusion (SPEC §1.2), the adjoint of :func:`mirror_split`.
+
+    Args:
+        parts: tensors [2N, C_i, H, P] (axis=-1), concatenated along channels.
+        length: the fused length L of ``axis``; P must equal the split width of L.
+        reduce: "sum" or "mean" ("mean" halves the overlap columns).
+
+    Returns:
+        [N, sum(C_i), H, L] in the memory format of ``parts[0]``.
+    """
+    parts, length, overlap, axis, reduce = _validate.check_fuse_args(parts, length, overlap, axis, reduce)
+    fn = implementation("mirror_fuse", backend, parts[0].device)
+    return fn(parts, length, overlap, axis, bool(mirror), reduce)
+
+
+def bn_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``mish(batch_norm(x)) (+ residual)`` (SPEC §1.3, §3).
+
+    Args:
+        x: [N, C, H, W]. weight, bias, running_mean, running_var: [C] (fp32 for half inputs, as BatchNorm2d).
+        training: batch statistics (and running-stat update in place) when True, running stats when False.
+        momentum: exponential-average factor for the running stats (``nn.BatchNorm2d`` semantics).
+        residual: [N, C, H, W], added after Mish.
+        out: optional [N, C, H, W] destination, e.g. a channel slice of a larger buffer.
+
+    Returns:
+        [N, C, H, W] (``out`` when given).
+    """
+    x = _validate.check_bn_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                residual, out)
+    fn = implementation("bn_mish", backend, x.device)
+    return fn(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+              residual, out=out)
+
+
+def conv_bn_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Inference conv with BN folded in: ``mish(conv2d(x, weight, bias, stride, padding=k//2)) (+ residual)``.
+
+    Args:
+        x: [N, C_in, H, W]. weight: [C_out, C_in, k, k] with k in (1, 3). bias: [C_out].
+        stride: 1 or 2. residual / out: [N, C_out, H_out, W_out].
+    """
+    x = _validate.check_conv_args(x, weight, bias, stride, residual, out)
+    fn = implementation("conv_bn_mish", backend, x.device)
+    return fn(x, weight, bias, int(stride), residual, out=out)
+
+
+__all__ = ["mirror_split", "mirror_fuse", "bn_mish", "conv_bn_mish", "implementation"]

@@ -1,0 +1,105 @@
+"""The reference backend: SPEC §1 and §3 written as plain PyTorch.
+
+Every fast backend is tested against these functions. They assume validated arguments (the public
+wrappers in :mod:`cspmirror.ops` validate) and are differentiable through ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import split_width
+
+
+def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror: bool = True) -> torch.Tensor:
+    """Split ``x`` [N, C, H, W] into two overlapping parts stacked on the batch: [2N, C, H, P] (axis=-1).
+
+    The second part is flipped along ``axis`` when ``mirror`` is set (SPEC §1.1).
+    """
+    length = x.shape[axis]
+    width = split_width(length, overlap)
+    part1 = x.narrow(axis, 0, width)
+    part2 = x.narrow(axis, length - width, width)
+    if mirror:
+        part2 = part2.flip(axis)
+    y = torch.cat([part1, part2], dim=0)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+def mirror_fuse(
+    parts: list[torch.Tensor],
+    length: int,
+    overlap: float = 0.25,
+    axis: int = -1,
+    mirror: bool = True,
+    reduce: str = "sum",
+) -> torch.Tensor:
+    """Fuse parts [2N, C_i, H, P] into [N, sum(C_i), H, length] (axis=-1): channel concat, then the two
+    halves of the batch put back side by side and summed where they overlap (SPEC §1.2)."""
+    z = torch.cat(list(parts), dim=1)
+    n = z.shape[0] // 2
+    width = z.shape[axis]
+    z1, z2 = z[:n], z[n:]
+    if mirror:
+        z2 = z2.flip(axis)
+    shape = list(z1.shape)
+    shape[axis] = length
+    out = z.new_zeros(shape)
+    out.narrow(axis, 0, width).add_(z1)
+    out.narrow(axis, length - width, width).add_(z2)
+    if reduce == "mean":
+        out.narrow(axis, length - width, 2 * width - length).div_(2)
+    return out.contiguous(memory_format=_memory_format(parts[0]))
+
+
+def bn_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mish(batch_norm(x)) (+ residual)`` with BatchNorm2d semantics; running stats update in place when
+    training. ``momentum`` is the exponential-average factor (the module turns ``momentum=None`` into 1/n)."""
+    y = F.mish(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+    if residual is not None:
+        y = y + residual
+    return _write(y, out)
+
+
+def conv_bn_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mish(conv2d(x, weight, bias, stride, padding=k//2)) (+ residual)``; BN is already folded into
+    ``weight`` [C_out, C_in, k, k] and ``bias`` [C_out]."""
+    y = F.mish(F.conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2))
+    if residual is not None:
+        y = y + residual
+    return _write(y, out)
+
+
+def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is stored that way (and is not trivially both), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
