@@ -1,0 +1,50 @@
+"""Comparison helpers implementing SPEC §4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def triton_or_skip() -> None:
+    """Skip unless the Triton backend can run here (GPU, or the interpreter on the CPU)."""
+    pytest.importorskip("triton")
+    from cspmirror.backends import triton_status
+
+    status = triton_status()
+    if not status.available:
+        pytest.skip(status.reason)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf when ``out`` has NaN/inf."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_within_spec(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor | None,
+                       fp32_tol: float, what: str = "") -> None:
+    """SPEC §4: fp32 output within ``fp32_tol`` of the float64 reference; fp16/bf16 output within
+    2x the error PyTorch's own eager op makes in that dtype (``torch_lowp``), + 1e-6."""
+    err = rel_err(out, ref64)
+    if out.dtype in (torch.float32, torch.float64) or torch_lowp is None:
+        assert err <= fp32_tol, f"{what}: rel err {err:.3g} > {fp32_tol:.1g}"
+    else:
+        bound = 2 * rel_err(torch_lowp, ref64) + 1e-6
+        assert err <= bound, f"{what}: rel err {err:.3g} > 2 x PyTorch's {bound / 2:.3g} (+1e-6)"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN so that unwritten elements fail any comparison."""
+    return t.fill_(float("nan"))
+
+
+def to_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=layout)
