@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import ConvBNMish, CSPMirrorStage
+from ..ops._validate import check_tensor
 from .registry import register_model
 
 
@@ -174,12 +175,12 @@ class CSPMirrorNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[N, in_chans, H, W] -> [N, num_features, H / 2**S, W / 2**S]."""
-        return self.stages(self.stem(x))
+        return self.stages(self.stem(check_tensor(x, "x")))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every level in ``out_indices``: [N, C_i, H / r_i, W / r_i]."""
         outs, wanted = [], set(self.out_indices)
-        x = self.stem(x)
+        x = self.stem(check_tensor(x, "x"))
         if 0 in wanted:
             outs.append(x)
         for i, stage in enumerate(self.stages, start=1):

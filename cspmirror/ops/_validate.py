@@ -141,7 +141,7 @@ def check_bn_args(
         if per_channel <= 1:
             # Same condition and wording as torch.nn.functional.batch_norm.
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
             )
     check_residual_out(x, residual, out)
     return x

@@ -1,0 +1,178 @@
+"""The model family: shapes, features, state dicts, inference fusion, every ablation knob."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cspmirror
+from cspmirror.models import MODEL_CONFIGS
+
+FAMILY = cspmirror.list_models()
+
+
+def randomize_bn(model: torch.nn.Module) -> None:
+    """Give every BN non-trivial statistics and affine terms, so fusion is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+
+
+def test_family_is_registered():
+    assert set(FAMILY) == {"cspmirrornet_tiny", "cspmirrornet_s", "cspmirrornet53"}
+    assert cspmirror.list_models("*tiny") == ["cspmirrornet_tiny"]
+    with pytest.raises(ValueError, match="unknown model"):
+        cspmirror.get_model("resnet50")
+
+
+@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("size", [(32, 32), (40, 24)])
+def test_forward_backward(name, size):
+    model = cspmirror.get_model(name, num_classes=7)
+    x = torch.randn(2, 3, *size)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without finite gradients: {missing[:5]}"
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_features_match_feature_info(name):
+    levels = len(MODEL_CONFIGS[name].stages) + 1
+    model = cspmirror.get_model(name, features_only=True)
+    feats = model(torch.randn(1, 3, 64, 48))
+    assert len(feats) == levels == len(model.feature_info)
+    for f, info in zip(feats, model.feature_info, strict=True):
+        r = info["reduction"]
+        assert f.shape == (1, info["num_chs"], -(-64 // r), -(-48 // r))
+    sub = cspmirror.get_model(name, features_only=True, out_indices=(-2, -1))
+    assert [i["reduction"] for i in sub.feature_info] == [2 ** (levels - 2), 2 ** (levels - 1)]
+    with pytest.raises(ValueError, match="out_indices"):
+        cspmirror.get_model(name, features_only=True, out_indices=(levels,))
+
+
+def test_p3_p5_of_cspmirrornet53():
+    model = cspmirror.cspmirrornet53(features_only=True, out_indices=(3, 4, 5))
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(256, 8, 8), (512, 4, 4), (1024, 2, 2)]
+    assert [i["reduction"] for i in model.feature_info] == [8, 16, 32]
+
+
+def test_backbone_api():
+    model = cspmirror.cspmirrornet_tiny(num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.num_features, 2, 2)
+    pooled = model.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (2, model.num_features)
+    torch.testing.assert_close(model.forward_head(feats), model.fc(pooled))
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    cfg = model.pretrained_cfg
+    assert cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "fc" and len(cfg["mean"]) == 3
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_state_dict_round_trip(name, tmp_path):
+    a = cspmirror.get_model(name, num_classes=4)
+    randomize_bn(a)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": a.state_dict()}, path)
+    b = cspmirror.get_model(name, num_classes=4, weights=str(path))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    a.eval()
+    b.eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(a(x), b(x))
+
+
+def test_weights_must_be_local(tmp_path):
+    with pytest.raises(ValueError, match="local"):
+        cspmirror.cspmirrornet_tiny(weights="https://example.com/w.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cspmirror.cspmirrornet_tiny(weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_fuse_for_inference_parity(name):
+    model = cspmirror.get_model(name, num_classes=10).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        expected = model(x)
+        fused = cspmirror.fuse_for_inference(copy.deepcopy(model))
+        got = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    rel = (got - expected).norm() / expected.norm()
+    assert rel <= 1e-5, rel
+
+
+KNOBS = [
+    dict(overlap=0.0),
+    dict(overlap=1.0),
+    dict(mirror=False),
+    dict(siamese=False),
+    dict(reduce="mean"),
+    dict(fusion="concat_first"),
+    dict(axis=-2),
+    dict(split_stages=(0, 2)),
+    dict(split_stages=(False, False, False, False)),
+    dict(siamese=False, fusion="concat_first", reduce="mean", mirror=False),
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_ablation_knobs_build_and_run(knobs):
+    model = cspmirror.cspmirrornet_tiny(num_classes=3, **knobs)
+    out = model(torch.randn(2, 3, 32, 24))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.sum().backward()
+    model.eval()
+    randomize_bn(model)
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        rel = (cspmirror.fuse_for_inference(copy.deepcopy(model))(x) - model(x)).norm() / model(x).norm()
+    assert rel <= 1e-5
+
+
+def test_siamese_false_has_two_weight_sets():
+    shared = cspmirror.cspmirrornet_tiny()
+    separate = cspmirror.cspmirrornet_tiny(siamese=False)
+    assert len(separate.stages[0].branches) == 2 and len(shared.stages[0].branches) == 1
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_separate = sum(p.numel() for p in separate.parameters())
+    assert n_separate > n_shared
+
+
+def test_split_knob_changes_the_function():
+    torch.manual_seed(1)
+    a = cspmirror.cspmirrornet_tiny(overlap=0.25).eval()
+    b = cspmirror.cspmirrornet_tiny(overlap=0.5).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    assert not torch.allclose(a(x), b(x))
+
+
+def test_bad_knobs_raise():
+    with pytest.raises(ValueError, match="overlap"):
+        cspmirror.cspmirrornet_tiny(overlap=1.5)
+    with pytest.raises(ValueError, match="reduce"):
+        cspmirror.cspmirrornet_tiny(reduce="max")
+    with pytest.raises(ValueError, match="fusion"):
+        cspmirror.cspmirrornet_tiny(fusion="late")
+    with pytest.raises(ValueError, match="axis"):
+        cspmirror.cspmirrornet_tiny(axis=1)
+    with pytest.raises(ValueError, match="split_stages"):
+        cspmirror.cspmirrornet_tiny(split_stages=(True,))
+    with pytest.raises(TypeError, match="unknown model argument"):
+        cspmirror.cspmirrornet_tiny(overlapp=0.3)
