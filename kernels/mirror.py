@@ -1,0 +1,375 @@
+"""Triton kernels for ``mirror_split`` and ``mirror_fuse`` (SPEC §1.1, §1.2, §3), and their launchers.
+
+Both kernels walk their OUTPUT in its physical order: dim 0 is the batch, dims 1..3 are the output's other
+dims sorted by stride (d3 is the contiguous one: W for NCHW, C for channels_last). Each program owns one
+batch index (and, for the split, one part) and one [B1, B2, B3] tile of dims 1..3, so there is no
+per-element division; the input is read through its own strides (permuted into the same order), and the
+flip and the overlap are index arithmetic on whichever of dims 1..3 is the split axis (``SPLIT_DIM``).
+Loads and stores along d3 vectorise where strides allow (see ``ALIGN``); the mirrored part's loads along
+a contiguous split axis (NCHW, axis=-1) run backwards and stay scalar, but coalesced.
+
+- split: ``y[n] = x[n]`` read at ``j`` (part 1), at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2). One
+  read and one write per element; ``HALVE`` halves the overlap (the adjoint of ``reduce="mean"``).
+- fuse: ``out[n, l] = (0 + z1[n, l]) + z2[n, l']`` with each term present only where that part covers
+  ``l``; every part element is read once and every output element written once (no zero fill, no cat,
+  no flip copy). One launch per part, into its channel slice of the output: parts may differ in strides
+  and memory format, and a launch per part lets each specialise on its own strides (alignment, unit
+  stride), which a single launch over a table of parts could not.
+
+Sums are computed in fp32 (fp64 for fp64) and rounded to the output dtype once, as PyTorch's eager ``add_``
+does, so the results are bit-identical to :mod:`cspmirror.ops.reference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from cspmirror.backends import triton_interpreted
+
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _tile(t1, t2, t3, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, INT64: tl.constexpr):
+    """Indices of tile (t1, t2, t3), shaped [B1, 1, 1], [1, B2, 1], [1, 1, B3] to broadcast together."""
+    i1 = t1 * B1 + tl.arange(0, B1)
+    i2 = t2 * B2 + tl.arange(0, B2)
+    i3 = t3 * B3 + tl.arange(0, B3)
+    if INT64:
+        i1 = i1.to(tl.int64)
+        i2 = i2.to(tl.int64)
+        i3 = i3.to(tl.int64)
+    return i1[:, None, None], i2[None, :, None], i3[None, None, :]
+
+
+@triton.jit
+def _pick(i1, i2, i3, SPLIT_DIM: tl.constexpr):
+    """The index along the split axis."""
+    if SPLIT_DIM == 1:
+        j = i1
+    elif SPLIT_DIM == 2:
+        j = i2
+    else:
+        j = i3
+    return j
+
+
+@triton.jit
+def _offsets(i1, i2, i3, s1, s2, s3, j, SPLIT_DIM: tl.constexpr):
+    """Element offsets with the split axis's index replaced by ``j``."""
+    if SPLIT_DIM == 1:
+        off = j * s1 + i2 * s2 + i3 * s3
+    elif SPLIT_DIM == 2:
+        off = i1 * s1 + j * s2 + i3 * s3
+    else:
+        off = i1 * s1 + i2 * s2 + j * s3
+    return off
+
+
+@triton.jit
+def _widen(v, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``v`` converted exactly to COMPUTE (fp32, or fp64 for fp64).
+
+    SOFT_BF16 is set under the interpreter, whose bf16 <-> fp32 casts lose subnormals and truncate: there
+    the conversions are done on the bits. On the GPU ``.to`` is exact (and ``cvt.rn`` for the rounding).
+    """
+    if SOFT_BF16:
+        w = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        w = v.to(COMPUTE)
+    return w
+
+
+@triton.jit
+def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``v`` (fp32, or fp64 for fp64) rounded to DTYPE, to nearest even (see :func:`_widen`; SOFT_BF16 is only
+    set when DTYPE is bf16)."""
+    if SOFT_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        r = tl.where(v == v, r, v.to(tl.bfloat16))  # NaN stays NaN (the carry could make it inf)
+    else:
+        r = v.to(DTYPE)
+    return r
+
+
+@triton.jit
+def _program_tile(tiles1, tiles2, tiles3, PARTS: tl.constexpr, INT64: tl.constexpr):
+    """(batch index, part, t1, t2, t3) of this program; the part varies fastest, then the innermost tile.
+
+    With the part innermost, the two programs that read the same input rows (split: part 1 and part 2 of
+    one tile) run side by side, so the overlap is read from DRAM once and from L2 the second time.
+    """
+    pid = tl.program_id(0)
+    part = pid % PARTS
+    pid = pid // PARTS
+    t3 = pid % tiles3
+    pid = pid // tiles3
+    t2 = pid % tiles2
+    pid = pid // tiles2
+    t1 = pid % tiles1
+    n = pid // tiles1
+    if INT64:
+        n = n.to(tl.int64)
+    return n, part, t1, t2, t3
+
+
+@triton.jit
+def _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, start, length, width,
+                FLIP: tl.constexpr, SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr,
+                SOFT_BF16: tl.constexpr):
+    """Copy one tile of one part: ``y = x`` read at ``start + j`` (or ``start - j`` when FLIP)."""
+    j = _pick(i1, i2, i3, SPLIT_DIM)
+    # Separate constexpr branches keep ``start + j`` visibly contiguous, so unflipped loads vectorise.
+    if FLIP:
+        src = start - j
+    else:
+        src = start + j
+    v = tl.load(x_base + _offsets(i1, i2, i3, xs1, xs2, xs3, src, SPLIT_DIM), mask=mask)
+    if HALVE:
+        in_overlap = (src >= length - width) & (src < width)
+        v = tl.where(in_overlap, _round(_widen(v, COMPUTE, SOFT_BF16) * 0.5, v.dtype, SOFT_BF16), v)
+    tl.store(y_ptrs, v, mask=mask)
+
+
+@triton.jit
+def mirror_split_kernel(
+    x_ptr, y_ptr, n_half, length, width,
+    size1, size2, size3,
+    xs0, xs1, xs2, xs3,
+    ys0, ys1, ys2, ys3,
+    tiles1, tiles2, tiles3,
+    SPLIT_DIM: tl.constexpr, MIRROR: tl.constexpr, HALVE: tl.constexpr, ALIGN: tl.constexpr,
+    INT64: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+):
+    """y [2N, ...] = mirror_split(x [N, ...]); sizes and strides are in y's physical order (see module doc).
+
+    The launcher divides the row quantities (strides of dims 0..2, size3, and L, P when SPLIT_DIM == 3)
+    by ALIGN; multiplying back here tells the compiler they are multiples of ALIGN, which vectorises
+    loads and stores along dim 3 (Triton alone only knows "multiple of 16").
+    """
+    xs0 *= ALIGN
+    xs1 *= ALIGN
+    xs2 *= ALIGN
+    ys0 *= ALIGN
+    ys1 *= ALIGN
+    ys2 *= ALIGN
+    size3 *= ALIGN
+    if SPLIT_DIM == 3:
+        length *= ALIGN
+        width *= ALIGN
+    n, part, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, 2, INT64)
+    i1, i2, i3 = _tile(t1, t2, t3, B1, B2, B3, INT64)
+    mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
+    x_base = x_ptr + n * xs0
+    y_ptrs = y_ptr + (n + part * n_half) * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
+    if part == 0:
+        _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, 0, length, width,
+                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
+    else:
+        if MIRROR:
+            _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, length - 1, length, width,
+                        True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
+        else:
+            _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, length - width, length, width,
+                        False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
+
+
+@triton.jit
+def mirror_fuse_kernel(
+    p_ptr, o_ptr, n_half, length, width,
+    size1, size2, size3,
+    ps0, ps1, ps2, ps3,
+    os0, os1, os2, os3,
+    tiles1, tiles2, tiles3,
+    SPLIT_DIM: tl.constexpr, MIRROR: tl.constexpr, MEAN: tl.constexpr, ALIGN: tl.constexpr,
+    INT64: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+):
+    """out [N, C_k, ...] (a channel slice) = mirror_fuse of one part [2N, C_k, ...]; sizes and strides in
+    out's physical order, row quantities divided by ALIGN as in :func:`mirror_split_kernel`."""
+    ps0 *= ALIGN
+    ps1 *= ALIGN
+    ps2 *= ALIGN
+    os0 *= ALIGN
+    os1 *= ALIGN
+    os2 *= ALIGN
+    size3 *= ALIGN
+    if SPLIT_DIM == 3:
+        length *= ALIGN
+        width *= ALIGN
+    n, _, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, 1, INT64)
+    i1, i2, i3 = _tile(t1, t2, t3, B1, B2, B3, INT64)
+    mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
+    pos = _pick(i1, i2, i3, SPLIT_DIM)
+    in_first = pos < width
+    in_second = pos >= length - width
+    if MIRROR:
+        src2 = (length - 1) - pos
+    else:
+        src2 = pos - (length - width)
+    a = tl.load(p_ptr + n * ps0 + _offsets(i1, i2, i3, ps1, ps2, ps3, pos, SPLIT_DIM),
+                mask=mask & in_first, other=0.0)
+    b = tl.load(p_ptr + (n + n_half) * ps0 + _offsets(i1, i2, i3, ps1, ps2, ps3, src2, SPLIT_DIM),
+                mask=mask & in_second, other=0.0)
+    a = _widen(a, COMPUTE, SOFT_BF16)
+    b = _widen(b, COMPUTE, SOFT_BF16)
+    # The reference adds both parts into zeros: (0 + a) + b, rounded to the dtype once. The "0 +" is not
+    # a no-op: -0.0 + -0.0 on the overlap must give +0.0 (elsewhere the masked term's +0.0 does that).
+    out = _round((a + 0.0) + b, o_ptr.dtype.element_ty, SOFT_BF16)
+    if MEAN:
+        # The reference halves the already rounded sum (``div_(2)`` on the output).
+        halved = _round(_widen(out, COMPUTE, SOFT_BF16) * 0.5, o_ptr.dtype.element_ty, SOFT_BF16)
+        out = tl.where(in_first & in_second, halved, out)
+    tl.store(o_ptr + n * os0 + (i1 * os1 + i2 * os2 + i3 * os3), out, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Launch geometry shared by both kernels: everything in ``out``'s physical order."""
+
+    sizes: tuple[int, int, int]          # sizes of dims 1..3
+    in_strides: tuple[int, int, int, int]
+    out_strides: tuple[int, int, int, int]
+    split_dim: int
+    blocks: tuple[int, int, int]
+    tiles: tuple[int, int, int]
+    align: int
+    int64: bool
+    soft_bf16: bool
+    num_warps: int
+
+
+def _physical_order(t: torch.Tensor) -> list[int]:
+    """Dims of a 4-D tensor, batch first, the others by decreasing stride (ties keep NCHW order)."""
+    return [0] + sorted((1, 2, 3), key=lambda d: -t.stride(d))
+
+
+def _strides(t: torch.Tensor, order: list[int]) -> list[int]:
+    """``t``'s strides in ``order``; size-1 dims get stride 0 (never stepped, and it keeps ALIGN large)."""
+    return [t.stride(d) if t.shape[d] > 1 else 0 for d in order]
+
+
+def _blocks(sizes: list[int], max_elems: int) -> tuple[int, int, int]:
+    """Power-of-two tile [B1, B2, B3] of at most ``max_elems`` elements, filled from the innermost dim."""
+    b3 = min(triton.next_power_of_2(sizes[2]), max_elems)
+    b2 = min(triton.next_power_of_2(sizes[1]), max(1, max_elems // b3))
+    b1 = min(triton.next_power_of_2(sizes[0]), max(1, max_elems // (b3 * b2)))
+    return b1, b2, b3
+
+
+def _pow2_divisor(values: list[int], cap: int) -> int:
+    """Largest power of two <= cap dividing every value."""
+    a = cap
+    for v in values:
+        while v % a:
+            a //= 2
+    return a
+
+
+def _span(extents: list[int], strides: list[int]) -> int:
+    """Bound on |offset| for indices with |index| <= extent on each dim (masked lanes included)."""
+    return sum(e * abs(s) for e, s in zip(extents, strides, strict=True))
+
+
+def _plan(inp: torch.Tensor, out: torch.Tensor, axis: int, batch: int, length: int, width: int,
+          force_int64: bool) -> _Plan:
+    order = _physical_order(out)
+    sizes = [out.shape[d] for d in order[1:]]
+    in_strides, out_strides = _strides(inp, order), _strides(out, order)
+    split_dim = order.index(axis % 4)
+    interpreted = triton_interpreted()
+    # ~16 elements per thread on the GPU; big tiles in the interpreter, where each program costs Python time.
+    max_elems = 8192 if interpreted else max(1024, 8192 // inp.element_size())
+    blocks = _blocks(sizes, max_elems)
+    tiles = tuple(triton.cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
+    row_values = in_strides[:3] + out_strides[:3] + [sizes[2]]
+    if split_dim == 3:
+        row_values += [length, width]
+    align = _pow2_divisor(row_values, max(1, 16 // inp.element_size()))
+    padded = [2 * batch] + [t * b for t, b in zip(tiles, blocks, strict=True)]
+    # On the split axis the input index is start +- j with |start| < L, in masked lanes too.
+    in_extents = list(padded)
+    in_extents[split_dim] += length
+    int64 = force_int64 or max(_span(in_extents, in_strides), _span(padded, out_strides)) > _INT32_MAX
+    num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // 512))
+    soft_bf16 = interpreted and inp.dtype == torch.bfloat16
+    return _Plan(tuple(sizes), tuple(in_strides), tuple(out_strides), split_dim, blocks, tiles, align,
+                 int64, soft_bf16, num_warps)
+
+
+def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch_args(plan: _Plan, length: int, width: int) -> tuple[list[int], dict]:
+    a = plan.align
+    row = [length // a, width // a] if plan.split_dim == 3 else [length, width]
+    args = (row + list(plan.sizes[:2]) + [plan.sizes[2] // a]
+            + [s // a for s in plan.in_strides[:3]] + [plan.in_strides[3]]
+            + [s // a for s in plan.out_strides[:3]] + [plan.out_strides[3]]
+            + list(plan.tiles))
+    meta = dict(SPLIT_DIM=plan.split_dim, ALIGN=a, INT64=plan.int64, SOFT_BF16=plan.soft_bf16, B1=plan.blocks[0],
+                B2=plan.blocks[1], B3=plan.blocks[2], num_warps=plan.num_warps)
+    return args, meta
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _grid(batch: int, plan: _Plan) -> tuple[int]:
+    programs = batch * plan.tiles[0] * plan.tiles[1] * plan.tiles[2]
+    if programs > _INT32_MAX:
+        raise ValueError(f"tensor too large for the mirror kernels ({programs} tiles)")
+    return (programs,)
+
+
+def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
+          halve: bool, *, force_int64: bool = False) -> None:
+    """Write ``mirror_split(x)`` into ``y``.
+
+    Args:
+        x: [N, C, H, W], any strides. y: [2N, C, H, P] (axis=-1) or [2N, C, P, W] (axis=-2), same dtype and
+            device, any strides (written in its physical order).
+        length, width: L and P of the split axis. axis: -1 or -2.
+        halve: halve the overlap positions ``L-P <= j < P`` of x (the adjoint of ``reduce="mean"``).
+        force_int64: use 64-bit offsets even where 32 bits suffice (tests the large-tensor path).
+    """
+    n = x.shape[0]
+    plan = _plan(x, y, axis, n, length, width, force_int64)
+    args, meta = _launch_args(plan, length, width)
+    with _on_device(x):
+        mirror_split_kernel[_grid(2 * n, plan)](
+            x, y, n, *args, MIRROR=bool(mirror), HALVE=bool(halve), COMPUTE=_compute_dtype(x.dtype), **meta)
+
+
+def fuse_part(part: torch.Tensor, out: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
+              mean: bool, *, force_int64: bool = False) -> None:
+    """Write ``mirror_fuse([part])`` into ``out`` (typically a channel slice of the fused output).
+
+    Args:
+        part: [2N, C_k, H, P] (axis=-1) or [2N, C_k, P, W] (axis=-2), any strides.
+        out: [N, C_k, H, L] or [N, C_k, L, W], same dtype and device, any strides.
+        mean: halve the overlap (``reduce="mean"``), after rounding the sum to the dtype as the reference.
+    """
+    n = out.shape[0]
+    plan = _plan(part, out, axis, n, length, width, force_int64)
+    args, meta = _launch_args(plan, length, width)
+    with _on_device(part):
+        mirror_fuse_kernel[_grid(n, plan)](
+            part, out, n, *args, MIRROR=bool(mirror), MEAN=bool(mean), COMPUTE=_compute_dtype(part.dtype),
+            **meta)

@@ -1,0 +1,364 @@
+"""Triton mirror_split / mirror_fuse vs the reference: bit-exact forward and backward (SPEC §4).
+
+Runs on CUDA when present, else in Triton's CPU interpreter (small shapes); ``gpu`` tests add big shapes,
+the benchmark shape and the 64-bit offset path.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, poison, to_layout, triton_or_skip
+
+from cspmirror import backends, ops
+from cspmirror.ops import reference
+from cspmirror.ops._validate import split_width
+
+triton_or_skip()
+
+from cspmirror.ops import triton_mirror  # noqa: E402  (imports triton)
+
+kernels = triton_mirror.kernels
+
+KINDS = ("dense", "slice", "transposed", "expanded")
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float64: torch.int64}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def sample_grid(n: int, seed: int, **factors: list) -> list[dict]:
+    """``n`` cases drawn from the product of ``factors``: every level of every factor appears (about
+    equally often), combined at random with a fixed seed."""
+    rng = random.Random(seed)
+    columns = {}
+    for name, levels in factors.items():
+        column = (list(levels) * math.ceil(n / len(levels)))[:n]
+        rng.shuffle(column)
+        columns[name] = column
+    return [{name: columns[name][i] for name in factors} for i in range(n)]
+
+
+def case_id(case: dict) -> str:
+    return "-".join(str(v).replace("torch.", "") for v in case.values()).replace(" ", "")
+
+
+def make_input(shape: list[int], dtype: torch.dtype, layout: torch.memory_format, kind: str,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaf that requires grad, tensor of ``shape`` built from it): dense, a strided slice, a transposed
+    view, or a stride-0 expansion."""
+    n, c, h, w = shape
+    if kind == "dense":
+        leaf = to_layout(torch.randn(shape, device=device, dtype=dtype), layout).requires_grad_()
+        return leaf, leaf
+    if kind == "slice":
+        leaf = to_layout(torch.randn(n + 1, c + 1, h + 2, 2 * w + 1, device=device, dtype=dtype), layout)
+        leaf.requires_grad_()
+        return leaf, leaf[1:, 1:, 1:h + 1, 1::2]
+    if kind == "transposed":
+        leaf = to_layout(torch.randn(n, c, w, h, device=device, dtype=dtype), layout).requires_grad_()
+        return leaf, leaf.transpose(2, 3)
+    leaf = to_layout(torch.randn(n, c, h, 1, device=device, dtype=dtype), layout).requires_grad_()
+    return leaf, leaf.expand(n, c, h, w)
+
+
+def poison_next_alloc(like: torch.Tensor) -> None:
+    """Free a NaN block of ``like``'s size, so that the op's next ``torch.empty`` likely reuses it (the
+    CUDA caching allocator, and malloc's free lists for small CPU blocks): unwritten elements then show."""
+    block = poison(torch.empty_like(like, memory_format=torch.contiguous_format))
+    del block
+
+
+def assert_bit_exact(out: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
+    """Same shape, dtype, values (``torch.equal``) and bits (signed zeros included); all finite."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: {out.shape} {out.dtype} vs {ref.shape}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten element?)"
+    assert torch.equal(out, ref), f"{what}: max abs diff {(out.double() - ref.double()).abs().max().item()}"
+    bits = INT_VIEW[out.dtype]
+    assert torch.equal(out.view(bits), ref.view(bits)), f"{what}: equal values but different bits (-0.0?)"
+
+
+def split_shape(shape: list[int], axis: int, overlap: float) -> list[int]:
+    out = list(shape)
+    out[0] *= 2
+    out[axis] = split_width(shape[axis], overlap)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the grids
+
+SPLIT_CASES = sample_grid(
+    20, seed=1,
+    length=[1, 2, 7, 8], other=[1, 3, 5], batch=[1, 2], channels=[1, 3], overlap=[0.0, 0.25, 1.0],
+    axis=[-1, -2], mirror=[True, False], dtype=DTYPES, layout=LAYOUTS, kind=KINDS,
+)
+
+FUSE_CASES = sample_grid(
+    20, seed=2,
+    length=[1, 2, 7, 8], other=[1, 3, 5], batch=[1, 2], channels=[(3,), (2, 1), (1, 4, 2)],
+    overlap=[0.0, 0.25, 1.0], axis=[-1, -2], mirror=[True, False], reduce=["sum", "mean"], dtype=DTYPES,
+    layout=LAYOUTS, kind=KINDS,
+)
+
+
+def _spatial(case: dict) -> tuple[int, int]:
+    """(H, W) with the split axis of length ``case["length"]``."""
+    return (case["other"], case["length"]) if case["axis"] == -1 else (case["length"], case["other"])
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
+def test_split_matches_reference(case: dict, device: torch.device) -> None:
+    shape = [case["batch"], case["channels"], *_spatial(case)]
+    args = (case["overlap"], case["axis"], case["mirror"])
+    leaf, x = make_input(shape, case["dtype"], case["layout"], case["kind"], device)
+    ref = reference.mirror_split(x, *args)
+    poison_next_alloc(ref)
+    out = ops.mirror_split(x, *args, backend="triton")
+    assert_bit_exact(out, ref, "forward")
+    assert out.is_contiguous(memory_format=reference._memory_format(x))
+
+    grad = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad(ref, leaf, grad)
+    poison_next_alloc(leaf)
+    (out_grad,) = torch.autograd.grad(out, leaf, grad)
+    assert_bit_exact(out_grad, ref_grad, "backward")
+
+
+@pytest.mark.parametrize("case", FUSE_CASES, ids=case_id)
+def test_fuse_matches_reference(case: dict, device: torch.device) -> None:
+    h, w = _spatial(case)
+    axis, overlap = case["axis"], case["overlap"]
+    part_spatial = split_shape([1, 1, h, w], axis, overlap)[2:]
+    leaves, parts = [], []
+    for i, channels in enumerate(case["channels"]):
+        # Mix the kinds and layouts across parts: each part is launched with its own strides.
+        kind = case["kind"] if i == 0 else KINDS[i % len(KINDS)]
+        layout = case["layout"] if i == 0 else LAYOUTS[(i + 1) % 2]
+        leaf, part = make_input([2 * case["batch"], channels, *part_spatial], case["dtype"], layout, kind, device)
+        leaves.append(leaf)
+        parts.append(part)
+    args = (case["length"], overlap, axis, case["mirror"], case["reduce"])
+    ref = reference.mirror_fuse(parts, *args)
+    poison_next_alloc(ref)
+    out = ops.mirror_fuse(parts, *args, backend="triton")
+    assert_bit_exact(out, ref, "forward")
+    assert out.is_contiguous(memory_format=reference._memory_format(parts[0]))
+
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    out_grads = torch.autograd.grad(out, leaves, grad)
+    for i, (g, r) in enumerate(zip(out_grads, ref_grads, strict=True)):
+        assert_bit_exact(g, r, f"backward of parts[{i}]")
+
+
+# --------------------------------------------------------------------------------- exactness corner cases
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_fuse_special_values(dtype: torch.dtype, reduce: str, device: torch.device) -> None:
+    """-0.0 (becomes +0.0 outside the overlap, as in the reference's zeros + z1), subnormals, infinities,
+    sums that overflow or round, and halving after rounding."""
+    info = torch.finfo(dtype)
+    values = torch.tensor([-0.0, 0.0, info.tiny / 4, -info.tiny / 8, info.max, info.max / 2, math.inf,
+                           1.0, info.eps / 2, -1.0 - info.eps, 3.0, -7.5], dtype=dtype)
+    part = values[torch.randint(len(values), (4, 3, 2, 7))]
+    part[:, 0] = -0.0  # both halves -0.0 on the overlap too: (0 + -0.0) + -0.0 is +0.0
+    parts = [part.to(device)]
+    out = ops.mirror_fuse(parts, 12, 0.25, -1, True, reduce, backend="triton")
+    ref = reference.mirror_fuse(parts, 12, 0.25, -1, True, reduce)
+    assert not torch.isnan(ref).any()
+    bits = INT_VIEW[dtype]
+    assert torch.equal(out.view(bits), ref.view(bits))
+
+
+def test_split_copies_bits(device: torch.device) -> None:
+    """The split is a pure copy: -0.0 and subnormals come through unchanged."""
+    x = torch.tensor([-0.0, 1e-40, -1e-45, 2.0], device=device)[torch.randint(4, (2, 2, 3, 5))]
+    out = ops.mirror_split(x, 0.25, -1, True, backend="triton")
+    assert torch.equal(out.view(torch.int32), reference.mirror_split(x, 0.25, -1, True).view(torch.int32))
+
+
+@pytest.mark.parametrize("force_int64", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_launchers_write_only_their_output(layout: torch.memory_format, force_int64: bool,
+                                           device: torch.device) -> None:
+    """Kernels launched directly into NaN-filled slices of bigger buffers: every element of the slice is
+    written, nothing around it is; 64-bit offsets (forced) give the same bits."""
+    x = to_layout(torch.randn(3, 4, 6, 9, device=device, dtype=torch.float16), layout)
+    length, width = 9, split_width(9, 0.25)
+    y_buf = poison(to_layout(torch.empty(6, 6, 6, width + 2, device=device, dtype=x.dtype), layout))
+    y = y_buf[:, 1:5, :, 1:width + 1]
+    kernels.split(x, y, length, width, -1, True, halve=False, force_int64=force_int64)
+    assert_bit_exact(y, reference.mirror_split(x, 0.25, -1, True))
+    y_buf[:, 1:5, :, 1:width + 1] = 0
+    assert torch.isnan(y_buf).sum() == y_buf.numel() - y.numel()
+
+    out_buf = poison(to_layout(torch.empty(3, 7, 6, 9, device=device, dtype=x.dtype), layout))
+    out = out_buf[:, 2:6]
+    kernels.fuse_part(y, out, length, width, -1, True, mean=True, force_int64=force_int64)
+    assert_bit_exact(out, reference.mirror_fuse([y], length, 0.25, -1, True, "mean"))
+    out_buf[:, 2:6] = 0
+    assert torch.isnan(out_buf).sum() == out_buf.numel() - out.numel()
+
+
+# ----------------------------------------------------------------------------- op registration, compile
+
+
+def test_opcheck(device: torch.device) -> None:
+    x = to_layout(torch.randn(2, 3, 4, 7, device=device), torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.cspmirror.mirror_split, (x, 0.25, -1, True, "mean", True))
+    a = torch.randn(4, 2, 5, 3, device=device, requires_grad=True)
+    b = torch.randn(4, 1, 5, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.cspmirror.mirror_fuse, ([a, b], 7, 0.25, -2, False, "sum", False))
+
+
+def test_gradcheck_duality(device: torch.device) -> None:
+    """Each op's backward is the other op, including second derivatives (fp64, fast mode)."""
+    x = torch.randn(1, 2, 3, 5, device=device, dtype=torch.float64, requires_grad=True)
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        y = triton_mirror.mirror_split(x, 0.5, -1, True)
+        return triton_mirror.mirror_fuse([y * y], 5, 0.5, -1, True, "mean")
+
+    assert torch.autograd.gradcheck(roundtrip, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(roundtrip, (x,), fast_mode=True)
+
+
+def _compile_backends(device: torch.device) -> list[str]:
+    # Inductor on the CPU would compile C++ for the glue ops (slow, needs a compiler): aot_eager there.
+    return ["aot_eager", "inductor"] if device.type == "cuda" else ["aot_eager"]
+
+
+def test_compile_fullgraph(device: torch.device) -> None:
+    """The public ops compile without graph breaks, forward and backward, with the same bits."""
+
+    def model(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = ops.mirror_split(x, 0.25, -1, True, backend="triton")
+        return ops.mirror_fuse([y, y * w], x.shape[-1], 0.25, -1, True, "mean", backend="triton")
+
+    x = torch.randn(2, 3, 4, 7, device=device, requires_grad=True)
+    w = torch.randn(1, 3, 1, 1, device=device)
+    expected = model(x, w)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    for backend in _compile_backends(device):
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend=backend)(x, w)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        assert torch.equal(out, expected), backend
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-5), backend
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _bad_calls(device: torch.device) -> list[tuple[str, object]]:
+    x = torch.randn(2, 3, 4, 6, device=device)
+    p = torch.randn(2, 3, 4, 4, device=device)
+    return [
+        ("split int", lambda b: ops.mirror_split(x.long(), backend=b)),
+        ("split 3-D", lambda b: ops.mirror_split(x[0], backend=b)),
+        ("split list", lambda b: ops.mirror_split([x], backend=b)),
+        ("split overlap", lambda b: ops.mirror_split(x, 1.5, backend=b)),
+        ("split overlap type", lambda b: ops.mirror_split(x, "0.5", backend=b)),
+        ("split axis", lambda b: ops.mirror_split(x, 0.25, 1, backend=b)),
+        ("split axis type", lambda b: ops.mirror_split(x, 0.25, -1.0, backend=b)),
+        ("fuse empty", lambda b: ops.mirror_fuse([], 6, backend=b)),
+        ("fuse odd batch", lambda b: ops.mirror_fuse([p[:1]], 6, backend=b)),
+        ("fuse width", lambda b: ops.mirror_fuse([p], 7, backend=b)),
+        ("fuse length", lambda b: ops.mirror_fuse([p], 0, backend=b)),
+        ("fuse length type", lambda b: ops.mirror_fuse([p], 6.0, backend=b)),
+        ("fuse dtype", lambda b: ops.mirror_fuse([p, p.half()], 6, backend=b)),
+        ("fuse shape", lambda b: ops.mirror_fuse([p, p[:, :, :3]], 6, backend=b)),
+        ("fuse reduce", lambda b: ops.mirror_fuse([p], 6, reduce="max", backend=b)),
+        ("fuse int", lambda b: ops.mirror_fuse([p.int()], 6, backend=b)),
+    ]
+
+
+def test_bad_inputs_raise_like_reference(device: torch.device) -> None:
+    for name, call in _bad_calls(device):
+        with pytest.raises((TypeError, ValueError)) as ref_exc:
+            call("reference")
+        with pytest.raises((TypeError, ValueError)) as triton_exc:
+            call("triton")
+        assert type(triton_exc.value) is type(ref_exc.value), name
+        assert str(triton_exc.value) == str(ref_exc.value), name
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+        triton_mirror.mirror_split(x)
+    with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+        triton_mirror.mirror_fuse([torch.randn(2, 2, 3, 3)], 4)
+    with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+        ops.mirror_split(x, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------ GPU variants
+
+
+def _split_then_fuse(x: torch.Tensor, axis: int, mirror: bool, reduce: str, backend: str) -> torch.Tensor:
+    """split, then fuse two channel halves (one a view, one computed) back: both ops, forward and backward."""
+    y = ops.mirror_split(x, 0.25, axis, mirror, backend=backend)
+    half = max(1, x.shape[1] // 2)
+    parts = [y[:, :half], y[:, half:] * 3] if x.shape[1] > 1 else [y]
+    return ops.mirror_fuse(parts, x.shape[axis], 0.25, axis, mirror, reduce, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_big_shapes(dtype: torch.dtype, device: torch.device) -> None:
+    # Few combinations: each new shape / flag combination compiles kernel variants (~0.5 s each).
+    for layout, shape, (axis, mirror, reduce, kind) in (
+        (torch.contiguous_format, [8, 64, 33, 65], (-1, True, "sum", "dense")),
+        (torch.channels_last, [8, 64, 33, 65], (-2, True, "mean", "slice")),
+        (torch.contiguous_format, [2, 1024, 4, 4], (-2, False, "mean", "transposed")),
+        (torch.channels_last, [3, 48, 40, 24], (-1, False, "sum", "dense")),
+    ):
+        leaf, x = make_input(shape, dtype, layout, kind, device)
+        what = f"{shape} axis={axis} mirror={mirror} {reduce} {kind}"
+        ref = reference.mirror_split(x, 0.25, axis, mirror)
+        poison_next_alloc(ref)
+        assert_bit_exact(ops.mirror_split(x, 0.25, axis, mirror, backend="triton"), ref, f"split {what}")
+        ref = _split_then_fuse(x, axis, mirror, reduce, "reference")
+        poison_next_alloc(ref)
+        out = _split_then_fuse(x, axis, mirror, reduce, "triton")
+        assert_bit_exact(out, ref, f"fuse {what}")
+        grad = torch.randn_like(ref)
+        assert_bit_exact(torch.autograd.grad(out, leaf, grad)[0], torch.autograd.grad(ref, leaf, grad)[0],
+                         f"backward {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_benchmark_shape(layout: torch.memory_format, device: torch.device) -> None:
+    x = to_layout(torch.randn(64, 256, 64, 64, device=device, dtype=torch.bfloat16), layout)
+    y = ops.mirror_split(x, backend="triton")
+    assert_bit_exact(y, reference.mirror_split(x))
+    parts = [y[:, :128], y[:, 128:]]
+    for reduce in ("sum", "mean"):
+        out = ops.mirror_fuse(parts, 64, reduce=reduce, backend="triton")
+        assert_bit_exact(out, reference.mirror_fuse(parts, 64, reduce=reduce))
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets(device: torch.device) -> None:
+    """A tensor past 2^31 elements (4.3 GB in bf16): the launchers switch to 64-bit offsets."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if free < 40 * 2**30:
+        pytest.skip("needs ~40 GB of free GPU memory")
+    x = torch.randn(1, 1, 2**16, 2**15 + 8, device=device, dtype=torch.bfloat16)
+    y = ops.mirror_split(x, backend="triton")
+    assert y.numel() > 2**31
+    ref = reference.mirror_split(x)
+    assert torch.equal(y, ref)
+    del ref
+    out = ops.mirror_fuse([y], x.shape[-1], backend="triton")
+    ref = reference.mirror_fuse([y], x.shape[-1])
+    assert torch.equal(out, ref)
