@@ -81,7 +81,7 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
     if split_stages is not None:
         n = len(cfg.stages)
         flags = list(split_stages)
-        if not all(isinstance(f, bool) for f in flags):
+        if not flags or not all(isinstance(f, bool) for f in flags):
             if any(not isinstance(i, int) or not -n <= i < n for i in flags):
                 raise ValueError(f"split_stages must be {n} bools or stage indices in [0, {n}), got {flags}")
             chosen = {i % n for i in flags}

@@ -1,0 +1,58 @@
+"""``cspmirror train``: train a family member on CIFAR-10, an ImageFolder tree or synthetic data.
+
+Multi-GPU / multi-machine: ``torchrun --nproc-per-node 2 $(which cspmirror) train ...`` runs under
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs) with synchronised BatchNorm; ``--batch-size`` is the
+global batch. Only rank 0 prints, writes checkpoints, metrics and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..train import cli_args
+from ..train.engine import TrainConfig, fit
+from ..train.recipes import RecipeError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_args.add_data_arguments(parser)
+    cli_args.add_model_arguments(parser)
+    cli_args.add_recipe_arguments(parser)
+    cli_args.add_runtime_arguments(parser)
+    g = parser.add_argument_group("run")
+    g.add_argument("--output", default="runs/train", help="folder for checkpoints, metrics.csv, curves.png")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (file or run folder; no value: OUTPUT/last.pt)")
+    g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,
+                   default=None, help="cap optimizer steps per epoch (smoke runs)")
+    g.add_argument("--limit-val-batches", dest="max_val_batches", type=int, default=None,
+                   help="cap validation batches per epoch (smoke runs)")
+    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
+                   help="under DDP, keep per-process BatchNorm statistics")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    resume = args.resume
+    if resume == "":
+        resume = args.output
+    return TrainConfig(
+        output=args.output, data=cli_args.data_config(args), model=args.model,
+        model_kwargs=cli_args.model_knobs(args), recipe=args.recipe,
+        recipe_overrides=cli_args.recipe_overrides(args), device=args.device, backend=args.backend,
+        channels_last=args.channels_last, seed=args.seed, resume=resume,
+        max_steps_per_epoch=args.max_steps_per_epoch, max_val_batches=args.max_val_batches,
+        sync_bn=args.sync_bn, progress=args.progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:  # a flag value out of range; the message names the flag
+        return cli_args.fail("train", exc)
+    try:
+        fit(cfg)
+    except (RecipeError, FileNotFoundError) as exc:  # DataNotFoundError, missing checkpoint, bad recipe
+        return cli_args.fail("train", exc)
+    return 0

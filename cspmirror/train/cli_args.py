@@ -1,0 +1,132 @@
+"""Command-line flags shared by ``cspmirror train``, ``eval`` and ``ablate``, and their translation into
+:class:`~cspmirror.train.data.DataConfig`, model knobs and recipe overrides.
+
+Flags that override something default to ``None`` ("not given"), so that model-config and recipe
+defaults stay in one place (the dataclasses) and resuming can tell what was given explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..backends import BACKENDS
+from ..models import MODEL_CONFIGS, list_models
+from .data import FORMATS, DataConfig
+from .recipes import FIELD_CHOICES, FIELD_HELP, RECIPES, recipe_fields
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, workers: int = 2) -> None:
+    g = parser.add_argument_group("data (read from local disk only; nothing is downloaded)")
+    g.add_argument("--data", default=None, metavar="ROOT",
+                   help="dataset folder: ROOT/cifar-10-batches-py/... (cifar10) or ROOT/train, ROOT/val "
+                        "(imagefolder)")
+    g.add_argument("--data-format", choices=FORMATS, default="cifar10",
+                   help="cifar10 (the pickled python batches), imagefolder, or synthetic (generated, "
+                        "for smoke tests)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input size (default 32 for cifar10/synthetic, 224 for imagefolder)")
+    g.add_argument("--workers", type=int, default=workers, help=f"data-loader processes (default {workers})")
+    g.add_argument("--synthetic-classes", type=int, default=4, help="classes of the synthetic data")
+    g.add_argument("--synthetic-train", type=int, default=512, help="training images of the synthetic data")
+    g.add_argument("--synthetic-val", type=int, default=128, help="validation images of the synthetic data")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(format=args.data_format, root=args.data, image_size=args.image_size, workers=args.workers,
+                      synthetic_classes=args.synthetic_classes, synthetic_train=args.synthetic_train,
+                      synthetic_val=args.synthetic_val)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="fused-op backend (default auto)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (knobs default to the model's config)")
+    g.add_argument("--model", choices=list_models(), default="cspmirrornet_tiny")
+    g.add_argument("--overlap", type=unit_float, default=None, help="split overlap in [0, 1] (default 0.25)")
+    g.add_argument("--axis", type=int, choices=(-1, -2), default=None, help="split axis: -1 width, -2 height")
+    g.add_argument("--no-mirror", dest="mirror", action="store_const", const=False, default=None,
+                   help="do not flip the second part")
+    g.add_argument("--no-siamese", dest="siamese", action="store_const", const=False, default=None,
+                   help="two weight sets, one per part")
+    g.add_argument("--reduce", choices=("sum", "mean"), default=None, help="overlap reduction")
+    g.add_argument("--fusion", choices=("sum_concat", "concat_first"), default=None, help="fusion order")
+    g.add_argument("--split-stages", type=parse_split_stages, default=None, metavar="all|none|I,J,..",
+                   help="which stages split (0-based indices), default all")
+
+
+def unit_float(text: str) -> float:
+    """A float in [0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def parse_split_stages(text: str) -> list[int] | None:
+    """``all`` -> None (the config default), ``none`` -> [], ``0,2`` -> [0, 2]."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text == "none":
+        return []
+    try:
+        return [int(t) for t in text.replace("+", ",").split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split-stages must be all, none or indices like 0,1; got {text!r}") from None
+
+
+def model_knobs(args: argparse.Namespace) -> dict:
+    """The model knobs given on the command line (the others keep the config's defaults)."""
+    names = ("overlap", "axis", "mirror", "siamese", "reduce", "fusion", "split_stages")
+    return resolve_knobs(args.model, {k: getattr(args, k, None) for k in names})
+
+
+def resolve_knobs(model: str, knobs: dict) -> dict:
+    """``knobs`` without ``None`` values, with ``split_stages`` as one bool per stage of ``model``."""
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    if "split_stages" in knobs:
+        n = len(MODEL_CONFIGS[model].stages)
+        chosen = list(knobs["split_stages"])
+        bad = [i for i in chosen if isinstance(i, bool) or not -n <= i < n]
+        if bad:
+            raise ValueError(f"split_stages (--split-stages) indices must be in [0, {n}) for {model}, got {bad}")
+        chosen = {i % n for i in chosen}
+        knobs["split_stages"] = [i in chosen for i in range(n)]
+    return knobs
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--recipe`` plus one flag per :class:`~cspmirror.train.recipes.Recipe` field."""
+    g = parser.add_argument_group("recipe (every field overrides the preset)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="paper: the paper's CIFAR-10 recipe; modern: augmentation, cosine, label smoothing, AMP")
+    for name, kind, default in recipe_fields():
+        flag = "--" + name.replace("_", "-")
+        text = f"{FIELD_HELP[name]} (paper: {default}, modern: {getattr(RECIPES['modern'], name)})"
+        if kind is bool:
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            g.add_argument(flag, dest=name, type=kind, default=None, choices=FIELD_CHOICES.get(name), help=text)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    """The recipe fields given on the command line."""
+    return {name: getattr(args, name) for name, _, _ in recipe_fields() if getattr(args, name) is not None}
+
+
+def fail(command: str, exc: BaseException) -> int:
+    """Print ``exc`` as a one-paragraph error (no traceback) and return the exit code 2."""
+    print(f"cspmirror {command}: error: {exc}", file=sys.stderr)
+    return 2

@@ -1,0 +1,281 @@
+"""Datasets for training and evaluation, all read from local disk (nothing is ever downloaded).
+
+Every dataset yields ``(image, label)`` with ``image`` a uint8 tensor [3, H, W]; normalisation to float
+happens on the device, per batch (:func:`to_input`), which keeps data loading cheap.
+
+Formats (``DataConfig.format``):
+
+- ``cifar10``: the "python version" of CIFAR-10 as it is distributed (``cifar-10-python.tar.gz``, extracted):
+  ``ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, pickled dicts with ``data``
+  (uint8 [n, 3072], channel-major rows) and ``labels``; the same files ``torchvision.datasets.CIFAR10(ROOT)``
+  reads (we skip its MD5 check so that subsets in the same format work too).
+- ``imagefolder``: ``ROOT/train/<class>/*.png|jpg`` and ``ROOT/val/<class>/...`` (torchvision ImageFolder);
+  images are resized (shorter side) and centre-cropped to ``image_size``.
+- ``synthetic``: :class:`SyntheticPatterns`, generated in memory from a seed (for tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMATS = ("cifar10", "imagefolder", "synthetic")
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = "test_batch"
+CIFAR10_META = "batches.meta"
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset is not where it was looked for; the message says where to put it and in which format."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to read it.
+
+    ``image_size`` None means 32 for cifar10/synthetic and 224 for imagefolder.
+    """
+
+    format: str = "cifar10"
+    root: str | None = None
+    image_size: int | None = None
+    workers: int = 2
+    synthetic_classes: int = 4
+    synthetic_train: int = 512
+    synthetic_val: int = 128
+    synthetic_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"data format (--data-format) must be one of {FORMATS}, got {self.format!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size (--image-size) must be >= 1, got {self.image_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers (--workers) must be >= 0, got {self.workers}")
+        if self.format == "synthetic" and not 2 <= self.synthetic_classes <= len(_PALETTE):
+            raise ValueError(f"synthetic_classes must be in [2, {len(_PALETTE)}], got {self.synthetic_classes}")
+
+    @property
+    def size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        return 224 if self.format == "imagefolder" else 32
+
+
+@dataclass
+class DataBundle:
+    """The two splits plus what a model and its checkpoint need to know about them."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+def missing_data_message(fmt: str, root: str | None, problem: str) -> str:
+    """What is wrong and where to put the data, in which format (cspmirror never downloads)."""
+    where = root if root is not None else "<not given: pass --data ROOT>"
+    lines = [f"{problem}", f"cspmirror never downloads data. Looked in: {where}"]
+    if fmt == "cifar10":
+        lines += [
+            "Expected CIFAR-10 in its standard 'python version' format (cifar-10-python.tar.gz, extracted):",
+            f"  {where}/{CIFAR10_DIR}/data_batch_1 ... data_batch_5, {CIFAR10_TEST}, {CIFAR10_META}",
+            "(the files torchvision.datasets.CIFAR10(root, download=False) reads).",
+        ]
+    else:
+        lines += [
+            "Expected an ImageFolder tree with train/ and val/ subfolders, one folder per class:",
+            f"  {where}/train/<class>/<image>.png|jpg   and   {where}/val/<class>/<image>.png|jpg",
+        ]
+    lines.append("Other formats: --data-format cifar10 | imagefolder (or synthetic, for smoke tests).")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR-10
+
+
+def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+class CIFAR10Batches(Dataset):
+    """CIFAR-10 from its pickled batches: ``train=True`` reads data_batch_1..5, else test_batch.
+
+    Items are (uint8 [3, 32, 32], int label), with ``transform`` applied to the image.
+    """
+
+    def __init__(self, root: str | os.PathLike, train: bool = True, transform: Callable | None = None):
+        folder = Path(root) / CIFAR10_DIR
+        names = CIFAR10_TRAIN if train else (CIFAR10_TEST,)
+        missing = [n for n in (*names, CIFAR10_META) if not (folder / n).is_file()]
+        if missing:
+            raise DataNotFoundError(missing_data_message(
+                "cifar10", str(root), f"CIFAR-10 is missing {', '.join(missing)} in {folder}."))
+        data, labels = [], []
+        for name in names:
+            entry = _read_pickle(folder / name)
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
+        self.targets = torch.as_tensor(labels, dtype=torch.long)
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{folder}: {len(self.images)} images but {len(self.targets)} labels")
+        self.classes = list(_read_pickle(folder / CIFAR10_META)["label_names"])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+# Distinct colours (RGB) for up to 8 synthetic classes.
+_PALETTE = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40),
+            (200, 60, 220), (40, 210, 210), (240, 140, 30), (250, 250, 250))
+
+
+class SyntheticPatterns(Dataset):
+    """A small learnable task: on a noisy grey background, a square patch whose colour is the class.
+
+    The patch (side ``size // 2``) sits at a random position, so the task needs colour, not position.
+    Deterministic for a ``seed``; items are (uint8 [3, size, size], label).
+    """
+
+    def __init__(self, n: int, num_classes: int = 4, size: int = 32, seed: int = 0,
+                 transform: Callable | None = None):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not 2 <= num_classes <= len(_PALETTE):
+            raise ValueError(f"num_classes must be in [2, {len(_PALETTE)}], got {num_classes}")
+        g = torch.Generator().manual_seed(seed)
+        self.targets = torch.randint(0, num_classes, (n,), generator=g)
+        images = torch.randint(60, 180, (n, 1, size, size), generator=g).expand(n, 3, size, size).clone()
+        side = max(size // 2, 1)
+        corners = torch.randint(0, size - side + 1, (n, 2), generator=g)
+        palette = torch.tensor(_PALETTE, dtype=torch.uint8)
+        for i in range(n):
+            y, x = corners[i].tolist()
+            images[i, :, y:y + side, x:x + side] = palette[self.targets[i]].view(3, 1, 1)
+        self.images = images.to(torch.uint8)
+        self.classes = [f"class{i}" for i in range(num_classes)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+# --------------------------------------------------------------------------------------------- transforms
+
+
+def train_transform(augment: bool, size: int) -> Callable | None:
+    """Random crop (padding size/8, i.e. 4 at 32x32) + horizontal flip on uint8 tensors, or nothing."""
+    if not augment:
+        return None
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomCrop(size, padding=max(size // 8, 1)), v2.RandomHorizontalFlip()])
+
+
+def _folder_transform(size: int, augment: bool) -> Callable:
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    extra = train_transform(augment, size)
+    return v2.Compose(steps + ([extra] if extra is not None else []))
+
+
+def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = root / split
+    if not folder.is_dir():
+        raise DataNotFoundError(missing_data_message("imagefolder", str(root), f"{folder} is not a folder."))
+    try:
+        return ImageFolder(str(folder), transform=_folder_transform(size, augment))
+    except FileNotFoundError as exc:  # no class folders / no images
+        raise DataNotFoundError(missing_data_message("imagefolder", str(root), str(exc))) from None
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_datasets(cfg: DataConfig, augment: bool = False) -> DataBundle:
+    """Both splits of the configured dataset; raises :class:`DataNotFoundError` when it is not there."""
+    size = cfg.size
+    if cfg.format == "synthetic":
+        kw = dict(num_classes=cfg.synthetic_classes, size=size)
+        train = SyntheticPatterns(cfg.synthetic_train, seed=cfg.synthetic_seed,
+                                  transform=train_transform(augment, size), **kw)
+        val = SyntheticPatterns(cfg.synthetic_val, seed=cfg.synthetic_seed + 1, **kw)
+        return DataBundle(train, val, train.classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
+    if cfg.root is None:
+        raise DataNotFoundError(missing_data_message(cfg.format, None, "No dataset folder was given."))
+    root = Path(cfg.root)
+    if cfg.format == "cifar10":
+        if size != 32:
+            raise ValueError(f"CIFAR-10 images are 32x32; image_size (--image-size) must be 32, got {size}")
+        train = CIFAR10Batches(root, True, train_transform(augment, size))
+        val = CIFAR10Batches(root, False)
+        return DataBundle(train, val, train.classes, CIFAR10_MEAN, CIFAR10_STD, size)
+    train = _image_folder(root, "train", size, augment)
+    val = _image_folder(root, "val", size, False)
+    if train.classes != val.classes:
+        raise ValueError(f"{root}: train/ and val/ have different class folders "
+                         f"({len(train.classes)} vs {len(val.classes)})")
+    return DataBundle(train, val, list(train.classes), IMAGENET_MEAN, IMAGENET_STD, size)
+
+
+def build_eval_dataset(cfg: DataConfig, split: str = "val") -> tuple[Dataset, list[str]]:
+    """One split ("val" or "train") without augmentation, and its class names."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    bundle = build_datasets(cfg, augment=False)
+    return (bundle.val if split == "val" else bundle.train), bundle.classes
+
+
+def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+             channels_last: bool = False) -> torch.Tensor:
+    """uint8 [N, 3, H, W] (any device) -> normalised float32 on ``mean``'s device; mean/std: [1, 3, 1, 1]."""
+    x = images.to(mean.device, non_blocking=True).float().div_(255.0).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def stats_tensors(mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [1, C, 1, 1] float32 tensors on ``device``."""
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    return mean_t, std_t

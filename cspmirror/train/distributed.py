@@ -1,0 +1,90 @@
+"""Process-group setup for ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK).
+
+One process per device: NCCL on CUDA devices, gloo on CPUs. Without those variables (or with WORLD_SIZE=1)
+everything here is a no-op and training runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this context initialised the process group (and tears it down)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a bare ``cuda`` gets this process's ``local_rank``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device (--device) {device!r} asked for CUDA, but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
+    """Join the process group described by the environment (if any) and pick this process's device.
+
+    Reuses a process group that is already initialised (e.g. by a test harness).
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        dev = resolve_device(device, local)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistContext(rank, world, local, owns_group=False), dev
+    world = env_world_size()
+    if world <= 1:
+        return DistContext(), resolve_device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, owns_group=True), dev
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group if :func:`setup` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``values`` over all processes (in place; identity with one process)."""
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()

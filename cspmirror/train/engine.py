@@ -1,0 +1,361 @@
+"""The training loop: :func:`fit` runs a whole run (one process or DistributedDataParallel), built from
+:func:`train_one_epoch` and :func:`evaluate`.
+
+Reproducibility: the model is initialised from ``seed``; every epoch re-seeds Python, NumPy and torch from
+``(seed, epoch, rank)`` and shuffles with a DistributedSampler seeded by ``(seed, epoch)``. So a run
+resumed from the checkpoint of epoch k continues exactly as the uninterrupted run would have (bit-exact on
+the CPU; on GPUs up to the non-determinism of cuDNN/atomics), and the order of samples does not depend on
+the number of processes: W processes with ``batch_size / W`` samples each see, step by step, the same
+global batches as one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from ..fuse import set_backend
+from ..models import get_model
+from ..profile import count_params
+from ..sync_bn import convert_sync_batchnorm
+from . import distributed
+from .checkpointing import BEST, LAST, load_checkpoint_dict, save_checkpoint
+from .data import DataConfig, build_datasets, stats_tensors, to_input
+from .distributed import DistContext
+from .history import COLUMNS, write_csv
+from .plots import plot_history
+from .recipes import RECIPES, Recipe, RecipeError, autocast_dtype, build_optimizer, build_scheduler
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+CONFIG_JSON = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``recipe`` names a preset of :data:`~cspmirror.train.recipes.RECIPES`;
+    ``recipe_overrides`` replace its fields (``None`` values ignored).
+
+    When ``resume`` is set (a checkpoint file or a run folder), the model name and knobs and the recipe come
+    from the checkpoint; ``recipe_overrides`` still apply (e.g. more ``epochs``).
+    """
+
+    output: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "cspmirrornet_tiny"
+    model_kwargs: dict = field(default_factory=dict)
+    recipe: str = "paper"
+    recipe_overrides: dict = field(default_factory=dict)
+    device: str = "auto"
+    backend: str = "auto"
+    channels_last: bool = False
+    seed: int = 0
+    resume: str | None = None
+    max_steps_per_epoch: int | None = None
+    max_val_batches: int | None = None
+    sync_bn: bool = True
+    progress: bool = True
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps_per_epoch", "max_val_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
+        if self.recipe not in RECIPES:
+            raise RecipeError(f"recipe (--recipe) must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    output: Path
+    checkpoint: Path
+    num_params: int
+    model: str
+    model_kwargs: dict
+    recipe: Recipe
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A well-mixed 32-bit seed for (seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + W, rank + 2W, ...``: every sample exactly once over all processes (no padding,
+    unlike DistributedSampler), for evaluation whose sums are all-reduced."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def make_loader(dataset: Dataset, batch_size: int, ctx: DistContext, *, train: bool, seed: int,
+                workers: int, device: torch.device) -> DataLoader:
+    """Train: shuffled DistributedSampler (seeded; call ``sampler.set_epoch``). Eval: :class:`ShardSampler`."""
+    if train:
+        sampler: Sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                              shuffle=True, seed=seed, drop_last=False)
+    else:
+        sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator(), drop_last=False)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+# ------------------------------------------------------------------------------------------ epoch / eval
+
+
+@dataclass
+class StepEnv:
+    """What a training or evaluation pass needs besides the model and the data."""
+
+    device: torch.device
+    mean: torch.Tensor
+    std: torch.Tensor
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    ctx: DistContext = field(default_factory=DistContext)
+    progress: bool = True
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    criterion: nn.Module, env: StepEnv, steps: int, grad_clip: float = 0.0,
+                    desc: str = "train") -> dict[str, float]:
+    """``steps`` optimizer steps (scheduler stepped after each); returns mean ``loss`` and ``acc`` (%)
+    over all samples of all processes."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss * n, correct, n
+    bar = _progress(itertools.islice(loader, steps), steps, desc, env.progress and env.ctx.is_main)
+    for i, (images, targets) in enumerate(bar):
+        x = to_input(images, env.mean, env.std, env.channels_last)
+        y = targets.to(env.device, non_blocking=True)
+        with _autocast(env.device, env.amp_dtype):
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = y.numel()
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=env.device)])
+        if not bar.disable and i % 10 == 0:
+            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}")
+    distributed.all_reduce_sum(sums, env.ctx)
+    total = max(sums[2].item(), 1.0)
+    return {"loss": sums[0].item() / total, "acc": 100.0 * sums[1].item() / total}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: StepEnv, max_batches: int | None = None,
+             desc: str = "eval") -> dict[str, float]:
+    """Mean cross-entropy ``loss``, ``top1`` and ``top5`` accuracy (%) and ``count`` of the samples seen
+    (all processes). Top-5 is top-min(5, classes)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top1, top5, n
+    total_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = _progress(itertools.islice(loader, total_batches), total_batches, desc,
+                    env.progress and env.ctx.is_main)
+    for images, targets in bar:
+        x = to_input(images, env.mean, env.std, env.channels_last)
+        y = targets.to(env.device, non_blocking=True)
+        with _autocast(env.device, env.amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == y[:, None]
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=env.device)])
+    distributed.all_reduce_sum(sums, env.ctx)
+    n = sums[3].item()
+    if n == 0:
+        return {"loss": math.nan, "top1": math.nan, "top5": math.nan, "count": 0}
+    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "count": int(n)}
+
+
+# --------------------------------------------------------------------------------------------------- fit
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    """Train as configured; under ``torchrun`` (WORLD_SIZE > 1) with DistributedDataParallel.
+
+    Rank 0 writes, in ``cfg.output``: ``last.pt`` every epoch (and ``best.pt``), ``metrics.csv``,
+    ``curves.png`` and ``config.json``. Raises :class:`~cspmirror.train.data.DataNotFoundError` when the
+    data is missing.
+    """
+    ctx, device = distributed.setup(cfg.device)
+    ok = False
+    try:
+        result = _fit(cfg, ctx, device)
+        ok = True
+        return result
+    finally:
+        if ok:
+            distributed.teardown(ctx)
+        elif ctx.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> FitResult:
+    ckpt = load_checkpoint_dict(cfg.resume) if cfg.resume else None
+    base = Recipe(**ckpt["recipe"]) if ckpt else RECIPES[cfg.recipe]
+    recipe = base.with_overrides(**cfg.recipe_overrides)
+    model_name = ckpt["model_name"] if ckpt else cfg.model
+    model_kwargs = dict(ckpt["model_kwargs"]) if ckpt else dict(cfg.model_kwargs)
+    if recipe.batch_size % ctx.world_size:
+        raise RecipeError(f"batch_size (--batch-size) {recipe.batch_size} is the global batch and must be "
+                          f"divisible by the number of processes ({ctx.world_size})")
+    amp_dtype = autocast_dtype(recipe, device)
+    data = build_datasets(cfg.data, augment=recipe.augment)
+    if ckpt and int(ckpt["num_classes"]) != data.num_classes:
+        raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
+
+    seed_everything(cfg.seed)
+    model = get_model(model_name, num_classes=data.num_classes, drop_rate=recipe.drop_rate, **model_kwargs)
+    set_backend(model, cfg.backend)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    if ctx.enabled and cfg.sync_bn:
+        model = convert_sync_batchnorm(model)
+    train_model = model
+    if ctx.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    per_rank = recipe.batch_size // ctx.world_size
+    loader_kw = dict(ctx=ctx, seed=cfg.seed, workers=cfg.data.workers, device=device)
+    train_loader = make_loader(data.train, per_rank, train=True, **loader_kw)
+    val_loader = make_loader(data.val, per_rank, train=False, **loader_kw)
+    steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
+                                                                           cfg.max_steps_per_epoch)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, history, best = 0, [], -math.inf
+    if ckpt:
+        _restore(ckpt, optimizer, scheduler, scaler, recipe)
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        best = float(ckpt.get("best_val_acc", -math.inf))
+
+    mean, std = stats_tensors(data.mean, data.std, device)
+    env = StepEnv(device, mean, std, amp_dtype, cfg.channels_last, ctx, cfg.progress)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    out = Path(cfg.output)
+    n_params = count_params(model)
+    meta = dict(model_name=model_name, model_kwargs=model_kwargs, num_classes=data.num_classes,
+                classes=list(data.classes), mean=list(data.mean), std=list(data.std),
+                image_size=data.image_size, recipe=recipe.to_dict(), args=_jsonable(dataclasses.asdict(cfg)))
+    log = print if (ctx.is_main and cfg.verbose) else (lambda *a, **k: None)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_JSON).write_text(json.dumps({**meta, "world_size": ctx.world_size,
+                                                   "device": str(device)}, indent=2) + "\n")
+    log(f"{model_name} ({n_params / 1e6:.2f}M params) on {device} x{ctx.world_size}, "
+        f"{len(data.train)} train / {len(data.val)} val images, {steps} steps/epoch, "
+        f"epochs {start_epoch + 1}..{recipe.epochs}, amp={amp_dtype}")
+
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        seed_everything(epoch_seed(cfg.seed, epoch, ctx.rank))
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
+        lr = optimizer.param_groups[0]["lr"]
+        tag = f"epoch {epoch + 1}/{recipe.epochs}"
+        tr = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, criterion, env, steps,
+                             recipe.grad_clip, desc=tag)
+        va = evaluate(model, val_loader, env, cfg.max_val_batches, desc=f"{tag} val")
+        row = dict(epoch=epoch + 1, train_loss=tr["loss"], train_acc=tr["acc"], val_loss=va["loss"],
+                   val_acc=va["top1"], val_top5=va["top5"], lr=lr, time=time.perf_counter() - t0)
+        history.append(row)
+        improved = row["val_acc"] > best
+        best = max(best, row["val_acc"])
+        if ctx.is_main:
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1,
+                         history=history, best_val_acc=best, **meta)
+            save_checkpoint(state, out / LAST)
+            if improved:
+                shutil.copyfile(out / LAST, out / BEST)
+            write_csv(history, out / METRICS_CSV, COLUMNS)
+            plot_history(history, out / CURVES_PNG, title=f"{model_name}: training and validation")
+        log(f"{tag}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}% top5 {row['val_top5']:.2f}%  "
+            f"lr {lr:.4g}  {row['time']:.1f}s")
+    return FitResult(history, out, out / LAST, n_params, model_name, model_kwargs, recipe)
+
+
+def _restore(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+             scaler: torch.amp.GradScaler, recipe: Recipe) -> None:
+    """Load optimizer / scheduler / scaler state, then re-apply the (possibly overridden) recipe's
+    hyper-parameters, so that e.g. ``--epochs`` or ``--lr`` given on resume take effect."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)
+        group["initial_lr"] = recipe.lr
+        group["lr"] = recipe.lr * factor
+    scheduler.base_lrs = [recipe.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _jsonable(obj: object) -> object:
+    """``obj`` with tuples as lists and anything exotic as a string (for JSON and weights_only loads)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)

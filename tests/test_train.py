@@ -1,0 +1,286 @@
+"""cspmirror train / eval / ablate end to end on tiny data (CIFAR-10 pickle format written here, synthetic),
+plus the pure parts: recipes, schedules, grids, data readers."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cspmirror.cli import main
+from cspmirror.train import ablation, recipes
+from cspmirror.train.data import CIFAR10Batches, SyntheticPatterns
+from cspmirror.train.history import read_csv
+
+N_TRAIN, N_TEST, CLASSES = 64, 32, 10
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# One epoch of cspmirrornet_tiny on the tiny CIFAR folder: 4 steps of 16.
+TINY = ["--model", "cspmirrornet_tiny", "--batch-size", "16", "--workers", "0", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads waste a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_batch(path: Path, images: np.ndarray, labels: list[int]) -> None:
+    """One pickled batch as CIFAR-10 ships it: uint8 rows [n, 3072] (R plane, G plane, B plane)."""
+    entry = {"batch_label": path.name, "labels": labels, "data": images.reshape(len(labels), -1),
+             "filenames": [f"{i}.png" for i in range(len(labels))]}
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    """64 training images over data_batch_1..5 and 32 test images, 32x32, labels cycling over 0..9."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (N_TRAIN, 3, 32, 32), dtype=np.uint8)
+    labels = [i % CLASSES for i in range(N_TRAIN)]
+    for b, chunk in enumerate(np.array_split(np.arange(N_TRAIN), 5), start=1):
+        _write_batch(folder / f"data_batch_{b}", train[chunk], [labels[i] for i in chunk])
+    test = rng.integers(0, 256, (N_TEST, 3, 32, 32), dtype=np.uint8)
+    _write_batch(folder / "test_batch", test, [i % CLASSES for i in range(N_TEST)])
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(CLASSES)], "num_vis": 3072}, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_epoch(cifar_root, tmp_path_factory) -> Path:
+    """The run folder of one epoch through the CLI (shared by the tests that only read it)."""
+    out = tmp_path_factory.mktemp("run") / "one"
+    assert main(["train", "--data", str(cifar_root), "--epochs", "1", "--output", str(out), *TINY]) == 0
+    return out
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_cifar_reader_matches_the_pickles(cifar_root):
+    ds = CIFAR10Batches(cifar_root, train=True)
+    assert len(ds) == N_TRAIN and ds.classes[3] == "c3"
+    with open(cifar_root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f, encoding="latin1")
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert torch.equal(image.flatten(), torch.from_numpy(first["data"][0])) and label == first["labels"][0]
+
+
+def test_one_epoch_writes_checkpoint_metrics_and_plot(one_epoch):
+    rows = read_csv(one_epoch / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1]
+    assert set(rows[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"}
+    assert np.isfinite([rows[0]["train_loss"], rows[0]["val_loss"]]).all()
+    assert rows[0]["lr"] == pytest.approx(0.1)  # the paper recipe
+    png = (one_epoch / "curves.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    state = _state(one_epoch / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "args", "recipe"} <= set(state)
+    assert state["epoch"] == 1 and state["model_name"] == "cspmirrornet_tiny"
+    assert state["scheduler"]["last_epoch"] == N_TRAIN // 16  # one scheduler step per optimizer step
+    assert state["recipe"] == recipes.RECIPES["paper"].with_overrides(epochs=1, batch_size=16).to_dict()
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+
+
+def test_resume_continues_exactly(one_epoch, cifar_root, tmp_path):
+    """1 epoch + resume for a 2nd == 2 epochs straight (same seed): weights, buffers and metrics."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_epoch, resumed)
+    args = ["--data", str(cifar_root), "--epochs", "2", *TINY]
+    assert main(["train", "--resume", "--output", str(resumed), *args]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", "--output", str(straight), *args]) == 0
+
+    a, b = _state(resumed / "last.pt"), _state(straight / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    rows_a, rows_b = read_csv(resumed / "metrics.csv"), read_csv(straight / "metrics.csv")
+    assert [r["epoch"] for r in rows_a] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-9)
+        assert ra["val_acc"] == rb["val_acc"]
+    # resuming actually trained: the weights moved away from the epoch-1 checkpoint
+    first = _state(one_epoch / "last.pt")["model"]
+    assert not torch.equal(first["fc.weight"], a["model"]["fc.weight"])
+
+
+def test_eval_prints_top1_top5_and_matches_training(one_epoch, cifar_root, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(one_epoch / "last.pt"), "--data", str(cifar_root),
+                 "--workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"on (\d+) val images: top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+loss ([\d.]+)", out)
+    assert match, out
+    count, top1, top5, loss = int(match[1]), *map(float, match.groups()[1:])
+    assert count == N_TEST and 0 <= top1 <= top5 <= 100
+    row = read_csv(one_epoch / "metrics.csv")[-1]
+    assert top1 == pytest.approx(row["val_acc"], abs=0.01) and top5 == pytest.approx(row["val_top5"], abs=0.01)
+    assert loss == pytest.approx(row["val_loss"], rel=1e-3)
+
+
+def test_synthetic_task_is_learned(tmp_path):
+    """4 classes (chance 25%): the training loss falls and validation accuracy clearly beats chance."""
+    out = tmp_path / "syn"
+    assert main(["train", "--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "192",
+                 "--synthetic-val", "64", "--batch-size", "32", "--epochs", "3", "--lr", "0.05", "--workers", "0",
+                 "--seed", "0", "--no-progress", "--output", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert rows[-1]["train_acc"] > 80
+    assert max(r["val_acc"] for r in rows) > 50
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "batches.meta"]),
+    ("imagefolder", ["train/<class>", "val/<class>"]),
+])
+def test_missing_data_gives_a_clear_message(fmt, expected, tmp_path, capsys):
+    missing = tmp_path / "no_data_here"
+    code = main(["train", "--data", str(missing), "--data-format", fmt, "--output", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert str(missing) in err and "never downloads" in err
+    assert all(word in err for word in expected), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_missing_data_folder_argument(capsys, tmp_path):
+    assert main(["train", "--output", str(tmp_path), *TINY]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_bad_recipe_value_names_the_flag(capsys, tmp_path):
+    code = main(["train", "--data-format", "synthetic", "--lr", "-1", "--output", str(tmp_path), *TINY])
+    assert code == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_imagefolder_and_modern_recipe(tmp_path):
+    """An ImageFolder tree of PNGs, with the modern recipe (augmentation, cosine + warm-up, bf16 AMP)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--data-format", "imagefolder", "--image-size", "16",
+                 "--recipe", "modern", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4", "--workers",
+                 "0", "--no-progress", "--output", str(out)]) == 0
+    state = _state(out / "last.pt")
+    assert state["classes"] == ["cat", "dog"] and state["recipe"]["amp"] and state["recipe"]["augment"]
+    rows = read_csv(out / "metrics.csv")
+    # warm-up: the first epoch starts at 1/(1 epoch * 2 steps) of the peak lr, the second at the peak
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.1])
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_ablate_synthetic_grid_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "--synthetic", "--grid", "overlap=0,0.25", "--epochs", "1",
+                 "--max-steps-per-epoch", "2", "--image-size", "16", "--synthetic-train", "64",
+                 "--synthetic-val", "32", "--batch-size", "16", "--workers", "0", "--no-progress",
+                 "--output", str(out)]) == 0
+    rows = read_csv(out / "ablation.csv")
+    assert [r["label"] for r in rows] == ["overlap=0.0", "overlap=0.25"]
+    assert all(0 <= r["val_acc"] <= 100 and r["params_m"] > 0 for r in rows)
+    table = (out / "ablation.md").read_text()
+    assert "| label |" in table and "overlap=0.25" in table
+    assert (out / "ablation.png").read_bytes().startswith(PNG_MAGIC)
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 2
+    assert _state(out / "runs" / runs[0] / "last.pt")["model_kwargs"] == {"overlap": 0.0}
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+def test_step_schedule_equals_steplr():
+    recipe = recipes.Recipe(epochs=8, step_size=2, gamma=0.5)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=recipe.lr)
+    ours = recipes.build_scheduler(opt, recipe, steps_per_epoch=3)
+    ref = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    for _epoch in range(8):
+        for _ in range(3):
+            assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+            opt.step()
+            ours.step()
+        ref_opt.step()
+        ref.step()
+
+
+def test_cosine_with_warmup():
+    recipe = recipes.RECIPES["modern"].with_overrides(epochs=10, warmup_epochs=2)
+    factors = [recipes.lr_factor(recipe, s, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:19], factors[1:20], strict=True))  # warm-up rises
+    assert all(a >= b for a, b in zip(factors[20:-1], factors[21:], strict=True))  # cosine falls
+    assert factors[-1] < 0.01
+
+
+def test_recipe_overrides_and_validation():
+    r = recipes.get_recipe("paper", lr=0.01, epochs=None)
+    assert r.lr == 0.01 and r.epochs == 100 and r.step_size == 25 and r.gamma == 0.5 and not r.augment
+    with pytest.raises(ValueError, match="weight_decay"):
+        recipes.get_recipe("paper", weight_decay=-1.0)
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        recipes.get_recipe("paper", learning_rate=0.1)
+    with pytest.raises(ValueError, match="nesterov"):
+        recipes.get_recipe("paper", nesterov=True, momentum=0.0)
+    groups = recipes.param_groups(torch.nn.Conv2d(3, 4, 3), recipes.RECIPES["modern"])
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and groups[1]["params"][0].ndim == 1
+
+
+def test_parse_grid():
+    points = ablation.parse_grid("overlap=0,0.5; mirror=true,false; split_stages=all,none,0+1")
+    assert len(points) == 12
+    assert points[0] == {"overlap": 0.0, "mirror": True, "split_stages": None}
+    assert points[-1] == {"overlap": 0.5, "mirror": False, "split_stages": [0, 1]}
+    assert ablation.point_label({"split_stages": []}) == "split_stages=none"
+    with pytest.raises(ValueError, match="unknown knob 'colour'"):
+        ablation.parse_grid("colour=red")
+    with pytest.raises(ValueError, match="mirror"):
+        ablation.parse_grid("mirror=maybe")
+
+
+def test_synthetic_patterns_are_deterministic():
+    a, b = SyntheticPatterns(8, 3, 16, seed=5), SyntheticPatterns(8, 3, 16, seed=5)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.images, SyntheticPatterns(8, 3, 16, seed=6).images)
+
+
+def test_augmentation_keeps_uint8_images():
+    from cspmirror.train.data import train_transform
+
+    torch.manual_seed(0)
+    ds = SyntheticPatterns(4, 3, 16, seed=1, transform=train_transform(True, 16))
+    changed = 0
+    for i in range(len(ds)):
+        image, _ = ds[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+        changed += int(not torch.equal(image, ds.images[i]))
+    assert changed > 0
+    assert train_transform(False, 16) is None  # the paper recipe: no augmentation
