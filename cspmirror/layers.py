@@ -96,9 +96,18 @@ class MishedDenseBlock(nn.Module):
         self.conv2 = ConvBNMish(hidden, hidden, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.conv1(x)
-        x12 = self.conv2(x1, residual=x1)  # x1 + x2: the second layer receives the first through summation
-        return x + torch.cat([x1, x12], dim=1)
+        if torch.is_grad_enabled():
+            # With autograd, x1 stays its own tensor: were it a slice of the output buffer, conv2 would save
+            # that whole buffer for backward, and autograd would copy the buffer's gradient for each slice.
+            x1 = self.conv1(x)
+            x12 = self.conv2(x1, residual=x1)  # x1 + x2: the second layer receives the first through summation
+            return x + torch.cat([x1, x12], dim=1)
+        # No autograd: both halves are written straight into their channel slices (the cat costs nothing).
+        hidden = x.shape[1] // 2
+        y = torch.empty_like(x)
+        x1 = self.conv1(x, out=y[:, :hidden])
+        self.conv2(x1, residual=x1, out=y[:, hidden:])
+        return y.add_(x)
 
 
 class MirrorSplit(nn.Module, BackendMixin):

@@ -1,0 +1,182 @@
+"""Triton backend of ``bn_mish``: fused ``mish(batch_norm(x)) (+ residual)``, training and eval (SPEC §3).
+
+Four ``torch.library.custom_op``\\ s, so that ``torch.compile(fullgraph=True)`` keeps each call whole:
+
+- ``cspmirror::bn_stats_triton(x, running_mean?, running_var?, momentum) -> (mean, var)``: batch statistics
+  (fp32 [C], biased variance), running statistics updated in place (declared in ``mutates_args``). Called on
+  ``x.detach()``: it has no autograd of its own.
+- ``cspmirror::bn_mish_apply_triton(x, mean, var, weight?, bias?, residual?, eps, training) -> y``: the
+  normalization, affine, Mish and residual in one pass; differentiable (``register_autograd``). With
+  ``training=True``, ``mean`` and ``var`` must be ``x``'s batch statistics: the backward then returns the
+  total derivative with respect to ``x`` (through the statistics too), as ``native_batch_norm_backward`` does
+  from its saved mean and invstd. It saves only ``x``, ``mean`` and ``var`` (plus the weight and bias
+  parameters); the backward recomputes the normalized input and Mish' from them.
+- ``cspmirror::bn_mish_apply_triton_out(..., out)``: the same, written into ``out`` (any strides, e.g. a channel
+  slice of a larger buffer). No autograd: :func:`bn_mish` uses it only when nothing needs a gradient, and
+  otherwise runs the functional op and copies into ``out`` (autograd records the copy, so ``out=`` also works
+  in training, at the cost of that copy).
+- ``cspmirror::bn_mish_backward_triton(dy, x, mean, var, weight?, bias?, eps, training, need_dx, need_sums)
+  -> (dx, sum_g, sum_gx)``: ``sum_g`` is the bias gradient, ``sum_gx`` the weight gradient (fp32 [C]). Not
+  differentiable itself (no double backward).
+
+Why not one op that returns ``(y, mean, rstd)`` and mutates the running statistics: ``register_autograd``
+only accepts functional ops, so the mutation lives in the (non-differentiable) statistics op.
+
+float64 inputs run the reference (the kernels compute in fp32). Everything is deterministic: reductions write
+per-program partials that a second small kernel adds in a fixed order (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cspmirror.kernels import bn_mish as kernels
+
+from . import reference
+
+_APPLY_ARGS = ("Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+               "bool training")
+
+
+def bn_mish(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mish(batch_norm(x)) (+ residual)`` with ``nn.BatchNorm2d`` semantics; arguments already validated.
+
+    Args:
+        x: [N, C, H, W], contiguous, channels_last or any other strides.
+        weight, bias: [C] or None, in x's dtype or fp32. running_mean, running_var: [C] or None; updated in
+            place when ``training`` (``running = (1 - momentum) * running + momentum * stat``, unbiased var).
+        training: batch statistics when True, running statistics (purely elementwise) when False.
+        residual: [N, C, H, W] or None, added after Mish.
+        out: [N, C, H, W] destination with any strides (e.g. a channel slice), or None.
+
+    Returns:
+        [N, C, H, W]: ``out`` when given, else a new tensor laid out like ``x``.
+    """
+    if x.dtype == torch.float64:
+        return reference.bn_mish(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                 residual, out=out)
+    if training:
+        mean, var = torch.ops.cspmirror.bn_stats_triton(x.detach(), running_mean, running_var, momentum)
+    else:
+        mean, var = running_mean, running_var
+    args = (x, mean, var, weight, bias, residual, eps, training)
+    if out is None:
+        return torch.ops.cspmirror.bn_mish_apply_triton(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, residual, out)):
+        return out.copy_(torch.ops.cspmirror.bn_mish_apply_triton(*args))
+    torch.ops.cspmirror.bn_mish_apply_triton_out(*args, out)
+    return out
+
+
+def new_like(x: torch.Tensor) -> torch.Tensor:
+    """A new output laid out like ``x`` (uninitialized: the kernels write every element; tests poison it)."""
+    return torch.empty_like(x)
+
+
+def _stats_like(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[1] if size is None else size, dtype=torch.float32)
+
+
+# --- forward ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "cspmirror::bn_stats_triton", mutates_args=("running_mean", "running_var"),
+    schema="(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor)",
+)
+def _bn_stats_op(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                 momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.batch_stats(x, running_mean, running_var, momentum)
+
+
+@_bn_stats_op.register_fake
+def _(x, running_mean, running_var, momentum):
+    return _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("cspmirror::bn_mish_apply_triton", mutates_args=(),
+                         schema=f"({_APPLY_ARGS}) -> Tensor")
+def _apply_op(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+              bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool
+              ) -> torch.Tensor:
+    y = new_like(x)
+    kernels.apply(x, mean, var, eps, weight, bias, residual, y)
+    return y
+
+
+@_apply_op.register_fake
+def _(x, mean, var, weight, bias, residual, eps, training):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, mean, var, weight, bias, _, eps, training = inputs
+    ctx.eps, ctx.training = eps, training
+    ctx.save_for_backward(x, mean, var, weight, bias)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, mean, var, weight, bias = ctx.saved_tensors
+    need_x, _, _, need_w, need_b, need_residual = ctx.needs_input_grad[:6]
+    grad_x = grad_w = grad_b = None
+    if need_x or need_w or need_b:
+        dx, sum_g, sum_gx = torch.ops.cspmirror.bn_mish_backward_triton(
+            grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x, need_w or need_b)
+        grad_x = dx if need_x else None
+        grad_w = sum_gx.to(weight.dtype) if need_w else None
+        grad_b = sum_g.to(bias.dtype) if need_b else None
+    return grad_x, None, None, grad_w, grad_b, grad if need_residual else None, None, None
+
+
+_apply_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("cspmirror::bn_mish_apply_triton_out", mutates_args=("out",),
+                         schema=f"({_APPLY_ARGS}, Tensor(a!) out) -> ()")
+def _apply_out_op(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool,
+                  out: torch.Tensor) -> None:
+    kernels.apply(x, mean, var, eps, weight, bias, residual, out)
+
+
+@_apply_out_op.register_fake
+def _(x, mean, var, weight, bias, residual, eps, training, out):
+    return None
+
+
+# --- backward -----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "cspmirror::bn_mish_backward_triton", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+           "bool training, bool need_dx, bool need_sums) -> (Tensor, Tensor, Tensor)",
+)
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, training: bool,
+                 need_dx: bool, need_sums: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx [N, C, H, W] (empty [0] unless ``need_dx``); sum_g, sum_gx fp32 [C] (empty [0] when neither
+    ``training`` nor ``need_sums``)."""
+    dx = new_like(x) if need_dx else x.new_empty(0)
+    sums = kernels.backward(dy, x, mean, var, eps, weight, bias, training, dx if need_dx else None, need_sums)
+    if sums is None:
+        return dx, _stats_like(x, 0), _stats_like(x, 0)
+    return dx, sums[0], sums[1]
+
+
+@_backward_op.register_fake
+def _(dy, x, mean, var, weight, bias, eps, training, need_dx, need_sums):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    size = None if (training or need_sums) else 0
+    return dx, _stats_like(x, size), _stats_like(x, size)

@@ -1,0 +1,524 @@
+"""bn_mish on the Triton backend vs the reference (SPEC §4): forward and every gradient, running statistics,
+eval mode, ``out=`` into channel slices, large magnitudes, error parity, determinism, opcheck, torch.compile.
+
+Every comparison draws fresh inputs and runs on NaN-poisoned outputs and scratch buffers. Interpreter shapes
+are tiny (and the tile size is shrunk where many tiles must be exercised); the GPU tests at the end use
+realistic sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, rel_err, to_layout, triton_or_skip
+
+import cspmirror
+from cspmirror import ops
+from cspmirror.layers import BatchNormMish2d, MishedDenseBlock
+
+HAS_CUDA = torch.cuda.is_available()
+FWD_TOL, BWD_TOL = 1e-5, 1e-4  # SPEC §4, fp32 vs the float64 reference
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def kernels(monkeypatch):
+    """The kernel module, with every new output and scratch buffer NaN-poisoned."""
+    triton_or_skip()
+    from cspmirror.kernels import bn_mish as kernels
+
+    from cspmirror.ops import triton_bn_mish
+
+    new_like, new_fp32 = triton_bn_mish.new_like, kernels.new_fp32
+    monkeypatch.setattr(triton_bn_mish, "new_like", lambda x: poison(new_like(x)))
+    monkeypatch.setattr(kernels, "new_fp32", lambda *shape, device: poison(new_fp32(*shape, device=device)))
+    return kernels
+
+
+@pytest.fixture
+def small_tiles(kernels, monkeypatch):
+    """Tiles of 16 elements (2 channels when channels are innermost) and about 8 reduction programs, so that
+    tiny shapes span several tiles per channel (the last one partial), several channel blocks, and reduction
+    programs whose tiles cross from one sample to the next."""
+    monkeypatch.setattr(kernels, "TILE", 16)
+    monkeypatch.setattr(kernels, "BLOCK_C_CONTIGUOUS", 2)
+    monkeypatch.setattr(kernels, "target_programs", lambda device: 8)
+
+
+# --- cases ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    residual: torch.Tensor | None
+    grad: torch.Tensor
+    training: bool
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+
+def make_case(shape, dtype=torch.float32, layout=torch.contiguous_format, device="cpu", *, training=True,
+              residual=True, affine=True, running=True, param_dtype=None, loc=0.5, scale=2.0) -> Case:
+    c = shape[1]
+    param_dtype = param_dtype or dtype
+
+    def vec(t):
+        return t.to(device=device, dtype=param_dtype)
+
+    x = to_layout((torch.randn(shape) * scale + loc).to(device=device, dtype=dtype), layout)
+    return Case(
+        x=x,
+        weight=vec(torch.rand(c) + 0.5) if affine else None,
+        bias=vec(torch.randn(c) * 0.5) if affine else None,
+        running_mean=vec(torch.randn(c) * 0.1) if running else None,
+        running_var=vec(torch.rand(c) + 0.5) if running else None,
+        residual=to_layout(torch.randn(shape).to(device=device, dtype=dtype), layout) if residual else None,
+        grad=to_layout(torch.randn(shape).to(device=device, dtype=dtype), layout),
+        training=training,
+    )
+
+
+def run(case: Case, backend: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> dict:
+    """Forward and backward on copies of the case's tensors (cast to ``dtype`` when given).
+
+    Returns y, the gradients (dx, dweight, dbias, dresidual) and the updated running statistics."""
+
+    def copy(t, grad=False):
+        if t is None:
+            return None
+        t = t.detach().to(dtype) if dtype is not None else t.detach().clone()
+        return t.requires_grad_(grad)
+
+    leaves = {name: copy(getattr(case, name), True) for name in ("x", "weight", "bias", "residual")}
+    rm, rv = copy(case.running_mean), copy(case.running_var)
+    y = ops.bn_mish(leaves["x"], leaves["weight"], leaves["bias"], rm, rv, case.training, case.momentum,
+                    case.eps, leaves["residual"], out=out, backend=backend)
+    wanted = {k: t for k, t in leaves.items() if t is not None}
+    grads = torch.autograd.grad(y, list(wanted.values()), case.grad.to(y.dtype))
+    result = {"y": y, **{f"d{k}": g for k, g in zip(wanted, grads, strict=True)}}
+    if rm is not None:
+        result.update(running_mean=rm, running_var=rv)
+    return result
+
+
+def check_case(case: Case) -> dict:
+    """Triton vs the float64 reference within SPEC §4 (low precision: vs PyTorch's own error); returns the
+    Triton results."""
+    got = run(case, "triton")
+    ref = run(case, "reference", torch.float64)
+    lowp = run(case, "reference") if case.x.dtype in LOW else None
+    assert got.keys() == ref.keys()
+    for name, value in got.items():
+        tol = BWD_TOL if name.startswith("d") else FWD_TOL
+        assert_within_spec(value, ref[name], None if lowp is None else lowp[name], tol, what=name)
+    assert got["y"].dtype == case.x.dtype and got["dx"].dtype == case.x.dtype
+    return got
+
+
+SHAPES = [  # (shape, with residual)
+    ((2, 3, 5, 7), True),
+    ((3, 1, 2, 3), False),  # C = 1
+    ((4, 5, 1, 1), True),  # H = W = 1
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,residual", SHAPES, ids=str)
+def test_matches_reference(device, shape, residual, dtype, layout, training):
+    case = make_case(shape, dtype, layout, device, training=training, residual=residual)
+    got = check_case(case)
+    dense = case.x.is_contiguous() or case.x.is_contiguous(memory_format=torch.channels_last)
+    if dense:  # outputs keep the input's layout
+        assert got["y"].stride() == case.x.stride() and got["dx"].stride() == case.x.stride()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_fp32_parameters_with_low_precision_input(device, dtype, training):
+    """BatchNorm parameters and statistics stay fp32 under autocast / mixed precision."""
+    case = make_case((2, 4, 3, 5), dtype, torch.channels_last, device, training=training,
+                     param_dtype=torch.float32)
+    got = check_case(case)
+    assert got["dweight"].dtype == got["dbias"].dtype == got["running_mean"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_without_affine_or_running_stats(device, training):
+    check_case(make_case((2, 3, 4, 5), device=device, affine=False, running=not training, training=training))
+
+
+@pytest.mark.parametrize("dtype,layout,training", [
+    (torch.float32, torch.contiguous_format, True),
+    (torch.float32, torch.channels_last, True),
+    (torch.float32, torch.contiguous_format, False),
+    (torch.bfloat16, torch.channels_last, False),
+], ids=str)
+def test_many_tiles_and_programs(small_tiles, kernels, device, dtype, layout, training):
+    case = make_case((2, 3, 3, 7), dtype, layout, device, training=training)
+    plan = kernels.make_plan(case.x)
+    assert plan.nbb > 1 and plan.c_blocks > 1 and plan.splits(case.x.device)[0] > 1
+    check_case(case)
+
+
+def test_odd_strides(device):
+    """Views that fit no [A, C, B] walk (H and W do not merge) are copied; an odd-strided out gets a copy."""
+    case = make_case((2, 3, 5, 4), device=device)
+    case.x = case.x.transpose(2, 3).contiguous().transpose(2, 3)
+    case.residual = case.residual[:, :, :, :]
+    got = check_case(case)
+    out = poison(torch.empty(2, 3, 4, 5, device=device)).transpose(2, 3)
+    with torch.no_grad():
+        y = ops.bn_mish(case.x, case.weight, case.bias, None, None, True, residual=case.residual, out=out,
+                        backend="triton")
+    assert y is out
+    torch.testing.assert_close(out, got["y"].detach(), rtol=0, atol=0)
+
+
+def test_float64_runs_the_reference(device):
+    check_case(make_case((2, 3, 4, 5), torch.float64, device=device))
+
+
+# --- out= ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_out_channel_slice(device, dtype, layout, grad):
+    """out= a channel slice (at an odd offset) of a NaN buffer: exactly the slice is written."""
+    case = make_case((2, 3, 4, 5), dtype, layout, device)
+    expected = run(case, "triton")
+    buf = poison(to_layout(torch.empty(2, 8, 4, 5, dtype=dtype, device=device), layout))
+    out = buf[:, 3:6]
+    if grad:
+        got = run(case, "triton", out=out)
+        assert got["y"] is out
+        for name in ("dx", "dweight", "dbias", "dresidual"):
+            torch.testing.assert_close(got[name], expected[name])  # dy arrives as a copy: another walk
+    else:
+        with torch.no_grad():
+            y = ops.bn_mish(case.x, case.weight, case.bias, case.running_mean.clone(),
+                            case.running_var.clone(), True, residual=case.residual, out=out, backend="triton")
+        assert y is out
+    torch.testing.assert_close(out, expected["y"].detach(), rtol=0, atol=0)
+    outside = torch.cat([buf[:, :3], buf[:, 6:]], dim=1)
+    assert outside.isnan().all(), "bn_mish wrote outside its channel slice"
+
+
+def test_out_may_alias_x_or_sit_beside_the_residual(device):
+    """In place (out=x) and out / residual as two slices of one buffer are computed directly."""
+    case = make_case((2, 4, 3, 5), device=device, training=False)
+    expected = run(case, "triton")["y"].detach()
+    buf = torch.randn(2, 8, 3, 5, device=device)
+    buf[:, 4:] = case.residual
+    with torch.no_grad():
+        ops.bn_mish(case.x, case.weight, case.bias, case.running_mean, case.running_var, False,
+                    residual=buf[:, 4:], out=buf[:, :4], backend="triton")
+        x = case.x.clone()
+        ops.bn_mish(x, case.weight, case.bias, case.running_mean, case.running_var, False,
+                    residual=case.residual, out=x, backend="triton")
+    torch.testing.assert_close(buf[:, :4], expected, rtol=0, atol=0)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_dense_block_without_autograd_writes_slices(device, backend, layout):
+    """MishedDenseBlock without autograd writes x1 and x1 + x2 into channel slices of one buffer (no cat):
+    same result as the autograd path (cat), in training and in eval mode."""
+    block = cspmirror.set_backend(MishedDenseBlock(6).to(device), backend)
+    x = to_layout(torch.randn(2, 6, 5, 4, device=device), layout)
+    for training in (True, False):
+        block.train(training)
+        with torch.no_grad():
+            y_slices = block(x)
+        y_cat = block(x)
+        assert y_cat.requires_grad and not y_slices.requires_grad
+        torch.testing.assert_close(y_slices, y_cat.detach(), rtol=1e-6, atol=1e-6)
+
+
+# --- BatchNorm semantics ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_running_stats_follow_batchnorm2d(device, momentum, layout):
+    """BatchNormMish2d (triton) vs nn.BatchNorm2d + Mish over several steps, then in eval mode."""
+    fused = BatchNormMish2d(5, momentum=momentum).to(device)
+    fused.backend = "triton"
+    plain = nn.BatchNorm2d(5, momentum=momentum).to(device)
+    with torch.no_grad():
+        for bn in (fused, plain):
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            bn.bias.copy_(torch.linspace(-0.2, 0.3, 5))
+    for _ in range(3):
+        x = to_layout(torch.randn(3, 5, 4, 3, device=device) * 3 + 1, layout)
+        torch.testing.assert_close(fused(x), F.mish(plain(x)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-6, atol=1e-7)
+        assert fused.num_batches_tracked.item() == plain.num_batches_tracked.item()
+    fused.eval()
+    plain.eval()
+    x = to_layout(torch.randn(2, 5, 3, 3, device=device), layout)
+    torch.testing.assert_close(fused(x), F.mish(plain(x)), rtol=1e-5, atol=1e-6)
+    assert set(fused.state_dict()) == set(plain.state_dict())
+
+
+def test_low_precision_module_keeps_its_dtype(device):
+    """A .to(bf16) BatchNormMish2d keeps bf16 running stats, updated as nn.BatchNorm2d's (within rounding)."""
+    fused, plain = BatchNormMish2d(4).to(device).bfloat16(), nn.BatchNorm2d(4).to(device).bfloat16()
+    fused.backend = "triton"
+    for _ in range(3):
+        x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, device=device) * 2 + 1
+        fused(x), plain(x)
+    assert fused.running_var.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.running_mean, plain.running_mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_one_value_per_channel_errors_like_pytorch(device, backend):
+    x = torch.randn(1, 3, 1, 1, device=device)
+    with pytest.raises(ValueError) as expected:
+        F.batch_norm(x, None, None, training=True)
+    with pytest.raises(ValueError) as got:
+        ops.bn_mish(x, None, None, None, None, True, backend=backend)
+    assert str(got.value) == str(expected.value)
+    # Eval mode is elementwise: one value per channel is fine.
+    zeros = torch.zeros(3, device=device)
+    y = ops.bn_mish(x, None, None, zeros, zeros + 1, False, backend=backend)
+    torch.testing.assert_close(y, F.mish(x / (1 + 1e-5) ** 0.5))
+
+
+@pytest.mark.parametrize("bad", ["weight_size", "residual_dtype", "out_shape", "momentum"])
+def test_bad_input_raises_as_on_the_reference(device, bad):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    kwargs = dict(weight=torch.ones(3, device=device), residual=None, out=None, momentum=0.1)
+    kwargs.update({
+        "weight_size": {"weight": torch.ones(4, device=device)},
+        "residual_dtype": {"residual": torch.randn(2, 3, 4, 4, dtype=torch.float16, device=device)},
+        "out_shape": {"out": torch.empty(2, 3, 4, 5, device=device)},
+        "momentum": {"momentum": 1.5},
+    }[bad])
+    errors = []
+    for backend in ("triton", "reference"):
+        with pytest.raises((ValueError, TypeError)) as info:
+            ops.bn_mish(x, kwargs["weight"], None, None, None, True, kwargs["momentum"],
+                        residual=kwargs["residual"], out=kwargs["out"], backend=backend)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+# --- numerics --------------------------------------------------------------------------------------------------
+
+def test_large_magnitudes_give_no_nan(device):
+    """Mish and its derivative at |v| up to 1e4 (eval: v = x), and a training batch of scale 1e4."""
+    values = torch.tensor([1e4, -1e4, 1e3, -1e3, 88.0, -88.0, 30.0, -30.0, 20.5, -20.5, 20.0, -20.0, 19.9, 0.0,
+                           -0.3, -1.19, 1e-3, -104.0, 120.0, -5e3])
+    x = values.reshape(1, 1, 4, 5).repeat(2, 3, 1, 1).to(device)
+    case = make_case(x.shape, device=device, training=False, residual=False)
+    case.x = x
+    case.weight, case.bias = torch.ones(3, device=device), torch.zeros(3, device=device)
+    case.running_mean, case.running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    case.eps = 1e-12  # rstd = 1 exactly in fp32: v = x
+    got = check_case(case)
+    assert all(torch.isfinite(t).all() for t in got.values())
+    assert got["y"][0, 0, 0, 0].item() == 1e4 and got["y"][0, 0, 0, 1].item() == 0.0
+    case = make_case((2, 3, 4, 5), device=device, scale=1e4, loc=-3e3, training=True)
+    case.weight = torch.tensor([1e4, -1e4, 1.0], device=device)
+    got = check_case(case)
+    assert all(torch.isfinite(t).all() for t in got.values())
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_statistics_are_stable_for_a_large_mean(request, device, tiles):
+    """Mean 1e4, std 1 (and std 1e-2): fp32 sums of x and x^2 would lose the variance entirely (relative
+    error 6 and 1e5 here); the shifted sums, merged around one shift, keep it to ~1e-7."""
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    for std in (1.0, 1e-2):
+        x = (torch.randn(4, 3, 6, 7, dtype=torch.float64, device=device) * std + 1e4).float()
+        mean, var = torch.ops.cspmirror.bn_stats_triton(x, None, None, 0.1)
+        var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+        assert rel_err(var, var64) <= 1e-6
+        assert rel_err(mean, mean64) <= 1e-7
+
+
+def test_output_is_accurate_for_a_large_mean(device):
+    """Mean 1e4, std 100: the output within SPEC (the fp32 rounding of the mean, 5e-4, is 5e-6 of std)."""
+    check_case(make_case((4, 3, 6, 7), device=device, loc=1e4, scale=100.0))
+
+
+def test_many_values_per_channel(kernels, monkeypatch, device):
+    """~9k values per channel with a mean of 1e3; several full-size tiles per reduction program."""
+    monkeypatch.setattr(kernels, "target_programs", lambda device: 2)
+    case = make_case((2, 2, 48, 96), device=device, loc=1e3, scale=3.0, residual=False)
+    assert kernels.make_plan(case.x).splits(case.x.device)[1] > 1
+    check_case(case)
+
+
+def test_idx64_path(kernels, monkeypatch, device):
+    """The int64 offset path (taken for tensors past 2^31 elements), forced on a small tensor."""
+    monkeypatch.setattr(kernels, "INT32_LIMIT", 16)
+    plan = kernels.make_plan(torch.empty(2, 3, 4, 5))
+    assert plan.idx64
+    for layout in LAYOUTS:
+        check_case(make_case((2, 3, 4, 5), layout=layout, device=device))
+
+
+def test_deterministic(kernels, device):
+    case = make_case((2, 3, 4, 7), device=device)
+    assert kernels.make_plan(case.x).splits(case.x.device)[0] == 2
+    first, second = run(case, "triton"), run(case, "triton")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_saves_only_input_and_statistics(device):
+    """Autograd keeps x, mean and var (and the parameters), not the normalized or activated tensors."""
+    case = make_case((2, 3, 4, 5), device=device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = case.x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.bn_mish(x, case.weight, case.bias, None, None, True, residual=case.residual, backend="triton")
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert sorted(t.numel() for t in saved if t.numel() != x.numel()) == [3, 3, 3, 3]  # w, b, mean, var
+
+
+# --- torch.library / torch.compile ------------------------------------------------------------------------------
+
+def _opcheck_samples(device):
+    case = make_case((2, 3, 4, 5), device=device)
+    x, w, b, res = case.x, case.weight, case.bias, case.residual
+    mean, var = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)[::-1]
+    grad = case.grad
+    ops_ns = torch.ops.cspmirror
+    # The statistics, out= and backward ops have no autograd by design (they are called on detached inputs,
+    # without grad, and from the backward): they skip opcheck's autograd tests.
+    no_autograd = ("test_schema", "test_faketensor")
+    return [
+        (ops_ns.bn_stats_triton, (x, case.running_mean, case.running_var, 0.1), no_autograd),
+        (ops_ns.bn_stats_triton, (x, None, None, 0.1), no_autograd),
+        (ops_ns.bn_mish_apply_triton, (x.clone().requires_grad_(), mean, var, w.clone().requires_grad_(), b, res,
+                                       1e-5, True), None),
+        (ops_ns.bn_mish_apply_triton, (x.clone().requires_grad_(), mean, var, None, None, None, 1e-5, False),
+         None),
+        (ops_ns.bn_mish_apply_triton_out, (x, mean, var, w, b, res, 1e-5, True,
+                                           torch.empty(2, 6, 4, 5, device=device)[:, 1:4]), no_autograd),
+        (ops_ns.bn_mish_backward_triton, (grad, x, mean, var, w, b, 1e-5, True, True, True), no_autograd),
+        (ops_ns.bn_mish_backward_triton, (grad, x, mean, var, None, None, 1e-5, False, True, False), no_autograd),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_opcheck(device, index):
+    op, args, test_utils = _opcheck_samples(device)[index]
+    if test_utils is None:
+        torch.library.opcheck(op, args)
+    else:
+        torch.library.opcheck(op, args, test_utils=test_utils)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(device, training):
+    """torch.compile(fullgraph=True) forward and backward, running stats included (backend "aot_eager" on
+    the CPU: the interpreter runs the kernels inside; inductor's CPU codegen is not what is tested)."""
+    case = make_case((2, 3, 4, 5), device=device, training=training)
+
+    def fn(x, w, b, rm, rv, res):
+        return ops.bn_mish(x, w, b, rm, rv, training, 0.1, 1e-5, res, backend="triton")
+
+    expected = run(case, "triton")  # also warms the op look-up cache, which compile needs
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    leaves = [t.detach().clone().requires_grad_() for t in (case.x, case.weight, case.bias, case.residual)]
+    rm, rv = case.running_mean.clone(), case.running_var.clone()
+    y = compiled(leaves[0], leaves[1], leaves[2], rm, rv, leaves[3])
+    grads = torch.autograd.grad(y, leaves, case.grad)
+    torch.testing.assert_close(y, expected["y"], rtol=0, atol=0)
+    for g, name in zip(grads, ("dx", "dweight", "dbias", "dresidual"), strict=True):
+        torch.testing.assert_close(g, expected[name], rtol=0, atol=0)
+    torch.testing.assert_close(rm, expected["running_mean"], rtol=0, atol=0)
+    torch.testing.assert_close(rv, expected["running_var"], rtol=0, atol=0)
+
+
+# --- GPU, realistic sizes -----------------------------------------------------------------------------------------
+
+GPU_CASES = (  # (shape, dtype, layout, training)
+    [((32, 256, 64, 64), dtype, layout, training)
+     for dtype in DTYPES for layout in LAYOUTS for training in (True, False)]
+    + [(shape, dtype, layout, training)
+       for shape in [(8, 64, 56, 56), (16, 1024, 7, 7), (64, 3, 33, 17)]
+       for dtype, layout, training in [(torch.float32, torch.contiguous_format, True),
+                                       (torch.bfloat16, torch.channels_last, True),
+                                       (torch.float16, torch.contiguous_format, False)]]
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype,layout,training", GPU_CASES, ids=str)
+def test_gpu_matches_reference(shape, dtype, layout, training):
+    case = make_case(shape, dtype, layout, "cuda", training=training,
+                     param_dtype=torch.float32 if dtype == torch.bfloat16 else None)
+    check_case(case)
+
+
+@pytest.mark.gpu
+def test_gpu_large_mean_many_values():
+    """1M values per channel with mean 1e4, std 100."""
+    check_case(make_case((256, 8, 64, 64), device="cuda", loc=1e4, scale=100.0, residual=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_gpu_out_slice_and_determinism(layout):
+    case = make_case((32, 128, 32, 32), torch.bfloat16, layout, "cuda")
+    first, second = run(case, "triton"), run(case, "triton")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    buf = poison(to_layout(torch.empty(32, 384, 32, 32, dtype=torch.bfloat16, device="cuda"), layout))
+    with torch.no_grad():
+        ops.bn_mish(case.x, case.weight, case.bias, case.running_mean.clone(), case.running_var.clone(), True,
+                    residual=case.residual, out=buf[:, 128:256], backend="triton")
+    assert torch.equal(buf[:, 128:256], first["y"].detach())
+    assert buf[:, :128].isnan().all() and buf[:, 256:].isnan().all()
+
+
+@pytest.mark.gpu
+def test_gpu_past_2_to_the_31_elements():
+    """2.1e9 elements (int64 offsets): statistics vs torch and y at the far end vs the formula."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.randn(1, 2, 32768, 32769, dtype=torch.bfloat16, device="cuda")
+    y = ops.bn_mish(x, None, None, None, None, True, backend="triton")
+    for c in range(2):
+        var, mean = torch.var_mean(x[0, c].float(), unbiased=False)
+        tail = x[0, c, -1, -64:].float()
+        expected = F.mish((tail - mean) / torch.sqrt(var + 1e-5))
+        torch.testing.assert_close(y[0, c, -1, -64:].float(), expected, rtol=1e-2, atol=1e-2)
+    del x, y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), BatchNormMish2d(32)).cuda()
+    model[1].backend = "triton"
+    x = torch.randn(8, 16, 32, 32, device="cuda")
+    expected = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
