@@ -1,10 +1,19 @@
-"""Timing helpers shared by every benchmark: medians over repeats, CUDA events on the GPU."""
+"""Timing helpers shared by every benchmark: medians over repeats, CUDA events on the GPU, the machine's
+description, time budgets and the classification of "this backend cannot run here" errors."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import re
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,33 +30,55 @@ class Timing:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+_sync = sync  # old private name
+
+
+def _one_sample(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one ``fn()``: CUDA events on CUDA devices, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(samples: list[float]) -> Timing:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+    return Timing(statistics.median(samples), q[0], q[3], len(samples))
+
+
 def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20) -> Timing:
     """Median and 20th/80th percentiles of ``fn()`` in milliseconds (CUDA events on CUDA devices)."""
+    return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, warmup: int = 3,
+                     repeats: int = 20) -> dict[str, Timing]:
+    """:func:`time_fn` of several functions, one call of each per round, round after round, so that load
+    from other processes (a shared CPU) or clock changes hit them alike; their ratios are then fair."""
     device = torch.device(device)
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
-    return Timing(statistics.median(samples), q[0], q[3], repeats)
+        for name, fn in fns.items():
+            samples[name].append(_one_sample(fn, device))
+    return {name: _summary(s) for name, s in samples.items()}
 
 
 def copy_time(num_bytes: int, device: torch.device | str, warmup: int = 3, repeats: int = 20) -> Timing:
@@ -59,4 +90,151 @@ def copy_time(num_bytes: int, device: torch.device | str, warmup: int = 3, repea
 
 
 def gbps(num_bytes: int, ms: float) -> float:
+    """Bytes moved per millisecond, in GB/s (1e9 bytes)."""
     return num_bytes / ms / 1e6
+
+
+def tflops(flops: float, ms: float) -> float:
+    """Floating-point operations per millisecond, in TFLOP/s."""
+    return flops / ms / 1e9
+
+
+def matmul_tflops(device: torch.device | str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Measured rate of an ``n x n x n`` matrix product on random data (the arithmetic ceiling)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = time_fn(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return tflops(2.0 * n ** 3, timing.median_ms)
+
+
+# --------------------------------------------------------------------------------------------- the machine
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """Folder name for a device's results: ``cpu``, or the GPU's name in lower case (``nvidia-h100-80gb-hbm3``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, without importing it (None when absent)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """What the numbers were measured on: device, library versions, date."""
+    device = torch.device(device)
+    env = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "device_slug": device_slug(device),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "timm": package_version("timm"),
+        "torchvision": package_version("torchvision"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            sm_count=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return env
+
+
+# ------------------------------------------------------------------------------------------ budgets, errors
+
+
+class CaseTimeout(Exception):
+    """A single benchmark case ran past the time it was given."""
+
+
+class Deadline:
+    """A wall-clock budget for a whole suite (``None``: unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def allows(self, seconds: float) -> bool:
+        """Whether ``seconds`` more still fit in the budget."""
+        return self.remaining() >= seconds
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`CaseTimeout` in the main thread after ``seconds`` (POSIX; a no-op elsewhere).
+
+    Used to stop a ``torch.compile`` that would blow the suite's budget; the interrupted case is recorded
+    as an error and the suite goes on.
+    """
+    usable = (
+        hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        and seconds != float("inf") and seconds > 0
+    )
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise CaseTimeout(f"stopped after {seconds:.0f} s (time budget)")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def skip_reason(exc: BaseException) -> str | None:
+    """The reason to record as SKIP when ``exc`` says a backend cannot run here; None for a real failure."""
+    from cspmirror.backends import BackendUnavailableError
+
+    if isinstance(exc, (BackendUnavailableError, ImportError, NotImplementedError)):
+        return f"{type(exc).__name__}: {exc}".strip()
+    return None
+
+
+def short_error(exc: BaseException, limit: int = 240) -> str:
+    """One line naming ``exc``, cut to ``limit`` characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,93 @@
+"""``cspmirror check`` on tiny shapes, and the benchmark runner's ``--quick`` mode on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cspmirror import backends, cli
+from cspmirror import ops as cspmirror_ops
+from cspmirror.commands import check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_check_reference_against_itself_passes(tmp_path, capsys):
+    """The machinery on every case: the reference checked as a 'fast' backend passes, exit code 0."""
+    out = tmp_path / "check.json"
+    code = cli.main(["check", "--device", "cpu", "--backends", "reference", "--no-bench", "--json", str(out),
+                     "--seed", "1"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert data["counts"]["FAIL"] == 0
+    assert data["counts"]["PASS"] == len(data["results"]) > len(check.CHECKS)
+    assert {r["direction"] for r in data["results"]} == {"fwd", "bwd"}
+    assert "PASS" in text and "mirror_split" in text and "conv_bn_mish" in text
+
+
+def test_check_fails_a_wrong_backend(monkeypatch, capsys):
+    """A backend that returns slightly wrong numbers FAILs, exit code 1; one that raises
+    NotImplementedError is a SKIP, not a failure."""
+    real = cspmirror_ops.implementation
+
+    def broken(op: str, backend: str, device: torch.device):
+        fn = real(op, "reference", device)
+        if backend != "extension":
+            return real(op, backend, device)
+        if op == "conv_bn_mish":
+            raise NotImplementedError("no conv here")
+        if op == "mirror_split":
+            return lambda *a, **k: fn(*a, **k) * (1 + 1e-3)
+        return fn
+
+    monkeypatch.setattr(cspmirror_ops, "implementation", broken)
+    monkeypatch.setattr(backends, "extension_status",
+                        lambda: backends.BackendStatus("extension", True, "test double"))
+    code = cli.main(["check", "--device", "cpu", "--backends", "extension", "--dtypes", "fp32", "--no-bench",
+                     "--only", "mirror_split W"])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+    code = cli.main(["check", "--device", "cpu", "--backends", "extension", "--dtypes", "fp32", "--no-bench",
+                     "--only", "conv_bn_mish 1x1"])
+    text = capsys.readouterr().out
+    assert code == 0 and "SKIP" in text and "no conv here" in text
+
+
+def test_check_short_benchmark(capsys):
+    code = cli.main(["check", "--device", "cpu", "--backends", "reference", "--dtypes", "fp32",
+                     "--only", "mirror_fuse 2 parts"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "Short benchmark" in text and "reference ms" in text
+
+
+def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
+    """``python -m bench --quick`` on the CPU: each suite (cut to one small case) writes JSON, then the
+    combined JSON, CSV, markdown and PNG charts, naming the device and versions."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("matplotlib")
+    from bench import runner
+
+    common = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-compile"]
+    ops = ["--suite", "ops", "--only", "mirror_split", "--variants", "reference,copy"]
+    assert runner.main([*ops, *common, "--no-report"]) == 0
+    assert runner.main(["--suite", "models", "--only", "infer reference", *common, "--no-report"]) == 0
+    assert not (tmp_path / "results.md").exists()
+    assert runner.main(["--suite", "compare", "--only", "cspmirrornet_tiny", *common]) == 0
+    for name in ("ops.json", "models.json", "compare.json", "results.json", "ops.csv", "models.csv",
+                 "compare.csv", "results.md", "ops_roofline.png", "models.png", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = json.loads((tmp_path / "results.json").read_text())
+    ops_rows = [r for r in results["ops"]["rows"] if r["status"] == "ok"]
+    assert {r["variant"] for r in ops_rows} == {"reference", "copy"}
+    assert all(r["gbps"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in ops_rows)
+    model_rows = [r for r in results["models"]["rows"] if r["status"] == "ok"]
+    assert model_rows and all(r["images_per_s"] > 0 for r in model_rows)
+    (tiny,) = results["compare"]["rows"]
+    assert tiny["status"] == "ok" and tiny["params_m"] > 0 and tiny["gmacs_256"] > 0 and tiny["act_mib"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert torch.__version__ in md and "cpu" in md
