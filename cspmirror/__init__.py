@@ -3,7 +3,11 @@
 ``import cspmirror`` needs only torch: Triton and the C++/CUDA extension load lazily, on first use.
 """
 
-from . import ops
+from . import (
+    _checkout,  # noqa: F401  (first: makes cspmirror.kernels importable from a checkout)
+    ops,
+)
+from .accelerate import accelerate
 from .backends import BackendUnavailableError, all_statuses
 from .checkpoint import load_checkpoint
 from .fuse import fold_bn, fuse_for_inference, set_backend
@@ -29,8 +33,8 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "BackendUnavailableError", "all_statuses", "load_checkpoint", "fold_bn", "fuse_for_inference",
-    "set_backend", "BatchNormMish2d", "ConvBNMish", "CSPMirrorStage", "MirrorFuse", "MirrorSplit",
+    "ops", "accelerate", "BackendUnavailableError", "all_statuses", "load_checkpoint", "fold_bn",
+    "fuse_for_inference", "set_backend", "BatchNormMish2d", "ConvBNMish", "CSPMirrorStage", "MirrorFuse", "MirrorSplit",
     "MishedDenseBlock", "CSPMirrorNet", "CSPMirrorNetConfig", "StageConfig", "cspmirrornet53",
     "cspmirrornet_s", "cspmirrornet_tiny", "get_model", "list_models", "__version__",
 ]

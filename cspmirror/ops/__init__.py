@@ -37,11 +37,28 @@ _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("mirror_split", "extension"): "cspmirror.ops.extension",
     ("mirror_fuse", "extension"): "cspmirror.ops.extension",
     ("bn_mish", "extension"): "cspmirror.ops.extension",
+    ("conv_bn_mish", "extension"): "cspmirror.ops.extension",
 }
 
 
+_RESOLVED: dict[tuple[str, str, str, int | None], Callable] = {}  # (op, backend, device type, device index)
+
+
 def implementation(op: str, backend: str, device: torch.device) -> Callable:
-    """The function that runs ``op`` on ``device`` for ``backend`` (after resolving "auto")."""
+    """The function that runs ``op`` on ``device`` for ``backend`` (after resolving "auto").
+
+    Successful look-ups are cached: a warm call is a dict look-up that ``torch.compile(fullgraph=True)``
+    traces without a graph break (the first, cold look-up imports modules, which breaks the graph:
+    :func:`cspmirror.accelerate` warms the cache for a model's ops and device).
+    """
+    key = (op, backend, device.type, device.index)  # plain constants, which every Dynamo version hashes
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _load_implementation(op, backend, device)
+    return fn
+
+
+def _load_implementation(op: str, backend: str, device: torch.device) -> Callable:
     concrete = backends.resolve(backend, device)
     if backend == "auto" and (op, concrete) not in _IMPLEMENTATIONS:
         concrete = "reference"
@@ -150,9 +167,21 @@ def conv_bn_mish(
         x: [N, C_in, H, W]. weight: [C_out, C_in, k, k] with k in (1, 3). bias: [C_out].
         stride: 1 or 2. residual / out: [N, C_out, H_out, W_out].
     """
+    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        # Under torch.autocast this op behaves like conv2d: its inputs run in the autocast dtype.
+        x, weight, bias, residual = _autocast_cast(torch.get_autocast_dtype(x.device.type), x, weight, bias, residual)
     x = _validate.check_conv_args(x, weight, bias, stride, residual, out)
     fn = implementation("conv_bn_mish", backend, x.device)
     return fn(x, weight, bias, int(stride), residual, out=out)
+
+
+def _autocast_cast(dtype: torch.dtype, *tensors: object) -> tuple:
+    """Cast the floating-point tensors among ``tensors`` to ``dtype`` (float64 and non-tensors stay), as
+    autocast casts the inputs of a lower-precision op such as conv2d."""
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
 
 
 __all__ = ["mirror_split", "mirror_fuse", "bn_mish", "conv_bn_mish", "implementation"]

@@ -1,0 +1,393 @@
+"""cspmirror.accelerate: backend switching in place, whole-model parity (SPEC §4), torch.compile, autocast,
+channels_last.
+
+The Triton tests run in Triton's CPU interpreter here (cspmirrornet_tiny at 32x32, batch 2) and compiled on the
+GPU, where the tests marked ``gpu`` add cspmirrornet53 and the rest of the dtype x mode x layout matrix. Each
+interpreted forward + backward of the model takes seconds, so the CPU runs a covering subset: fp32 and bf16,
+train and eval, contiguous and channels_last each appear at least once. They skip only when Triton cannot run
+here or a Triton op module is not written yet; once it exists, an import error in it fails them.
+
+Inputs are 32x32: at 16x16 the last stage's BatchNorm sees 2-4 values per channel in training, and even
+PyTorch's own fp32 model is then 3e-3 away from float64 (ill-conditioned batch statistics), so SPEC §4's fp32
+bound could not tell a right kernel from a wrong one.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from helpers import assert_within_spec, rel_err, triton_or_skip
+
+import cspmirror
+from cspmirror import ops
+from cspmirror.accelerate import OPS, backend_of, ops_used
+from cspmirror.backends import BackendUnavailableError
+
+FP32_TOL = 1e-4  # SPEC §4, whole model: logits rel <= 1e-4 in fp32 (used for features and gradients too)
+CL = torch.channels_last
+CF = torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """SPEC §4's fp32 bounds are for tf32 off (PyTorch's default lets cuDNN convolutions use tf32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _tiny(**kwargs) -> cspmirror.CSPMirrorNet:
+    """cspmirrornet_tiny with 1000 classes: logits that project the features on 1000 random directions measure
+    their error as steadily as the features do (with 10 classes the bf16 error ratio of two correct backends
+    swings past SPEC §4's factor 2 by chance)."""
+    return cspmirror.cspmirrornet_tiny(**kwargs)
+
+
+def _input(device: torch.device | str, size: int = 32, batch: int = 2,
+           layout: torch.memory_format = CF) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
+
+
+def _triton_ready() -> None:
+    """Skip unless the Triton backend can run here and every Triton op module exists."""
+    triton_or_skip()
+    missing = sorted({
+        name for (op, backend), name in ops._IMPLEMENTATIONS.items()
+        if backend == "triton" and importlib.util.find_spec(name) is None
+    })
+    if missing:
+        pytest.skip(f"Triton op modules not written yet: {', '.join(missing)}")
+
+
+def _copy(model: torch.nn.Module, backend: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy of ``model`` (same weights, buffers and memory format) in ``dtype``, on ``backend``."""
+    clone = copy.deepcopy(model)
+    if dtype is not None:
+        clone = clone.to(dtype)
+    return cspmirror.accelerate(clone, backend)
+
+
+def _outputs(model: cspmirror.CSPMirrorNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Logits and every feature level (what ``features_only`` returns) of ``model`` on ``x``."""
+    levels = model.forward_intermediates(x)
+    return [model.forward_head(levels[-1]), *levels]
+
+
+def _compile_backend(device: torch.device | str) -> str:
+    # Inductor on the CPU compiles C++ for minutes; aot_eager still runs Dynamo (fullgraph=True: no graph break)
+    # and AOTAutograd through the custom ops' fake and autograd registrations, then the same kernels.
+    return "inductor" if torch.device(device).type == "cuda" else "aot_eager"
+
+
+def _run(model: cspmirror.CSPMirrorNet, x: torch.Tensor, cotangents: list[torch.Tensor] | None,
+         compile_backend: str | None = None):
+    """:func:`_outputs` of ``model`` on ``x`` cast to the model's dtype, and each parameter's gradient of
+    ``sum_i <out_i, cotangent_i>`` when ``cotangents`` is given; through ``torch.compile(fullgraph=True)`` with
+    ``compile_backend`` when given."""
+    dtype = next(model.parameters()).dtype
+    forward = _outputs if compile_backend is None else torch.compile(
+        _outputs, fullgraph=True, backend=compile_backend)
+    outs = forward(model, x.to(dtype))
+    grads = {}
+    if cotangents is not None:
+        model.zero_grad(set_to_none=True)
+        loss = sum((o * c.to(o.dtype)).float().sum() for o, c in zip(outs, cotangents, strict=True))
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+    return [o.detach() for o in outs], grads
+
+
+def _cotangents(model: cspmirror.CSPMirrorNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Random float64 cotangents shaped like ``model``'s outputs (found on a throwaway copy, so that no
+    running statistic of ``model`` moves)."""
+    with torch.no_grad():
+        outs, _ = _run(copy.deepcopy(model), x, None)
+    return [torch.randn(o.shape, dtype=torch.float64, device=o.device) for o in outs]
+
+
+def _names(model: cspmirror.CSPMirrorNet) -> list[str]:
+    return ["logits"] + [f"level {i} ({info['module']})" for i, info in enumerate(model.feature_info)]
+
+
+def _assert_lowp_within(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, what: str) -> None:
+    """SPEC §4's low-precision rule for outputs of any storage dtype (autocast gives fp32 gradients)."""
+    err, bound = rel_err(out, ref64), 2 * rel_err(torch_lowp, ref64) + 1e-6
+    assert err <= bound, f"{what}: rel err {err:.3g} > 2 x PyTorch's {bound / 2:.3g} (+1e-6)"
+
+
+def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.dtype,
+                   backward: bool = True, compile_backend: str | None = None) -> None:
+    """Triton vs reference backend on ``model``'s weights, both against the float64 reference model (SPEC §4):
+    logits, every feature level, every parameter gradient and, in training, the BatchNorm running statistics.
+    With ``x`` in channels_last, every feature level must come out in channels_last too. With
+    ``compile_backend``, the Triton model runs through ``torch.compile(fullgraph=True)``."""
+    ref64 = _copy(model, "reference", torch.float64)
+    cotangents = _cotangents(ref64, x) if backward else None
+    outs64, grads64 = _run(ref64, x, cotangents)
+    lowp = dtype != torch.float32
+    ref = _copy(model, "reference", dtype) if lowp else None
+    tri = _copy(model, "triton", dtype)
+    outs_t, grads_t = _run(tri, x, cotangents, compile_backend)
+    outs_r, grads_r = _run(ref, x, cotangents) if lowp else (None, None)
+    channels_last = x.is_contiguous(memory_format=CL) and not x.is_contiguous()
+    for i, name in enumerate(_names(model)):
+        assert outs_t[i].dtype == dtype, f"{name}: dtype {outs_t[i].dtype}"
+        if channels_last and i > 0:
+            assert outs_t[i].is_contiguous(memory_format=CL), f"{name} lost channels_last"
+        assert_within_spec(outs_t[i], outs64[i], outs_r[i] if lowp else None, FP32_TOL, what=name)
+    for name, g64 in grads64.items():
+        assert grads_t[name] is not None, f"no gradient for {name}"
+        assert_within_spec(grads_t[name], g64, grads_r[name] if lowp else None, FP32_TOL, what=f"grad {name}")
+    if model.training:
+        bufs64, bufs_t = dict(ref64.named_buffers()), dict(tri.named_buffers())
+        bufs_r = dict(ref.named_buffers()) if lowp else None
+        for name, b64 in bufs64.items():
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(bufs_t[name].cpu(), b64.cpu()), name
+            else:
+                assert_within_spec(bufs_t[name], b64, bufs_r[name] if lowp else None, FP32_TOL, what=name)
+
+
+def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial running statistics, so that eval mode and BN folding are exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+# ------------------------------------------------------------------------ accelerate itself (any machine)
+
+
+def test_accelerate_switches_every_module_in_place_and_keeps_weights():
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert backend_of(model) == "auto"
+    out = cspmirror.accelerate(model, "reference")
+    assert out is model
+    assert backend_of(model) == "reference"
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_accelerate_rejects_unknown_backend_by_name():
+    model = _tiny()
+    with pytest.raises(ValueError, match="backend"):
+        cspmirror.accelerate(model, "cuda")
+    assert backend_of(model) == "auto"
+
+
+def test_accelerate_raises_when_backend_cannot_run_and_leaves_model(monkeypatch):
+    model = _tiny()  # on the CPU, where Triton runs only in its interpreter
+    # Not TRITON_INTERPRET=0: triton (imported first here, maybe) must see the real setting (SPEC §5).
+    monkeypatch.setattr(cspmirror.backends, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(ops, "_RESOLVED", {})  # forget look-ups made under the interpreter
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        cspmirror.accelerate(model, "triton")
+    assert backend_of(model) == "auto"
+
+
+def test_ops_used_follows_fusion():
+    model = _tiny()
+    assert ops_used(model) == ("mirror_split", "mirror_fuse", "bn_mish")
+    cspmirror.fuse_for_inference(model)
+    assert ops_used(model) == ("mirror_split", "mirror_fuse", "conv_bn_mish")
+    assert set(ops_used(model)) <= set(OPS)
+
+
+def test_accelerate_works_through_wrappers():
+    inner = _tiny()
+    wrapper = torch.nn.Sequential(inner)
+    cspmirror.accelerate(wrapper, "reference")
+    assert backend_of(inner) == "reference"
+
+
+def _runnable_backends(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A copy of ``model`` on each backend that can run it here."""
+    copies = {}
+    for backend in ("auto", "reference", "triton", "extension"):
+        try:
+            copies[backend] = cspmirror.accelerate(copy.deepcopy(model), backend)
+        except BackendUnavailableError:
+            continue
+    return copies
+
+
+def test_state_dict_is_backend_independent(tmp_path):
+    """Keys never depend on the backend; a checkpoint saved under one backend loads under another."""
+    copies = _runnable_backends(_randomise_bn(_tiny()).eval())
+    assert {"auto", "reference"} <= copies.keys()
+    keys = {backend: list(m.state_dict()) for backend, m in copies.items()}
+    assert all(k == keys["reference"] for k in keys.values()), keys.keys()
+    saved_backend = sorted(copies.keys() - {"reference", "auto"} or {"auto"})[0]
+    path = tmp_path / "ckpt.pth"
+    torch.save(copies[saved_backend].state_dict(), path)
+    loaded = cspmirror.load_checkpoint(cspmirror.accelerate(_tiny().eval(), "reference"), path)
+    assert backend_of(loaded) == "reference"
+    x = _input("cpu", size=16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), copies["reference"](x)), f"saved under {saved_backend}"
+
+
+@pytest.mark.parametrize("order", ["accelerate_then_fuse", "fuse_then_accelerate"])
+def test_fuse_for_inference_composes_with_accelerate(order):
+    x = _input("cpu")
+    model = _tiny().eval()
+    with torch.no_grad():
+        expected = cspmirror.fuse_for_inference(copy.deepcopy(model), backend="reference")(x)
+    if order == "accelerate_then_fuse":
+        model = cspmirror.fuse_for_inference(cspmirror.accelerate(model, "reference"))
+    else:
+        model = cspmirror.accelerate(cspmirror.fuse_for_inference(model), "reference")
+    assert backend_of(model) == "reference"
+    assert "conv_bn_mish" in ops_used(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_bn_mish_under_autocast_runs_in_the_autocast_dtype(dtype):
+    """The autocast policy of conv_bn_mish is conv2d's: fp32 inputs run in the autocast dtype."""
+    x, w, b = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+    res = torch.randn(2, 6, 5, 5)
+    with torch.autocast("cpu", dtype=dtype):
+        y = ops.conv_bn_mish(x, w, b, 1, res, backend="reference")
+    expected = ops.conv_bn_mish(x.to(dtype), w.to(dtype), b.to(dtype), 1, res.to(dtype), backend="reference")
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+    x64 = x.double()
+    with torch.autocast("cpu", dtype=dtype):  # float64 is not autocast, as for conv2d
+        assert ops.conv_bn_mish(x64, w.double(), b.double(), backend="reference").dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------- Triton vs reference
+
+GPU = pytest.mark.gpu
+# (dtype, train, layout, compiled). Each interpreted run of the model takes seconds, so the CPU runs the first
+# three, which cover fp32 and bf16, train and eval, both layouts, and torch.compile(fullgraph=True) in training
+# (with the fused model's and autocast's tests below: bf16 inference too); the GPU runs them all.
+PARITY_CASES = [
+    pytest.param(torch.float32, True, CF, True, id="fp32-train-compiled"),
+    pytest.param(torch.float32, False, CL, False, id="fp32-eval-channels_last"),
+    pytest.param(torch.bfloat16, True, CL, False, id="bf16-train-channels_last"),
+    pytest.param(torch.bfloat16, False, CF, False, id="bf16-eval", marks=GPU),
+    pytest.param(torch.float32, True, CF, False, id="fp32-train", marks=GPU),
+    pytest.param(torch.float32, True, CL, False, id="fp32-train-channels_last", marks=GPU),
+    pytest.param(torch.float32, False, CF, True, id="fp32-eval-compiled", marks=GPU),
+    pytest.param(torch.bfloat16, True, CF, True, id="bf16-train-compiled", marks=GPU),
+    pytest.param(torch.bfloat16, False, CL, False, id="bf16-eval-channels_last", marks=GPU),
+]
+
+
+@pytest.mark.parametrize(("dtype", "train", "layout", "compiled"), PARITY_CASES)
+def test_whole_model_parity_triton_vs_reference(device, dtype, train, layout, compiled):
+    _triton_ready()
+    torch._dynamo.reset()
+    model = _randomise_bn(_tiny()).to(device).to(memory_format=layout).train(train)
+    _assert_parity(model, _input(device, layout=layout), dtype,
+                   compile_backend=_compile_backend(device) if compiled else None)
+
+
+@pytest.mark.parametrize(("dtype", "compiled"), [  # bf16 conv_bn_mish runs on the CPU in the autocast test
+    pytest.param(torch.float32, True, id="fp32-compiled"),
+    pytest.param(torch.float32, False, id="fp32", marks=GPU),
+    pytest.param(torch.bfloat16, False, id="bf16", marks=GPU),
+])
+def test_fused_model_parity_triton_vs_reference(device, dtype, compiled):
+    _triton_ready()
+    torch._dynamo.reset()
+    model = cspmirror.fuse_for_inference(_randomise_bn(_tiny()).to(device))
+    with torch.no_grad():  # eval mode is well conditioned at 16x16, and the interpreted conv costs per pixel
+        _assert_parity(model, _input(device, size=16), dtype, backward=False,
+                       compile_backend=_compile_backend(device) if compiled else None)
+
+
+@pytest.mark.parametrize("mode", ["train", "fused"])
+def test_autocast_bf16_parity_triton_vs_reference(device, mode):
+    """Under autocast both backends give the same dtypes (bf16 activations, fp32 gradients) and Triton is
+    within 2x of the reference backend's own error (SPEC §4)."""
+    _triton_ready()
+    model = _randomise_bn(_tiny()).to(device)
+    if mode == "fused":
+        cspmirror.fuse_for_inference(model)
+    x = _input(device, size=32 if mode == "train" else 16)
+    backward = mode == "train"
+    ref64 = _copy(model, "reference", torch.float64)
+    cotangents = _cotangents(ref64, x) if backward else None
+    outs64, grads64 = _run(ref64, x, cotangents)
+    results = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast(device.type, dtype=torch.bfloat16), torch.set_grad_enabled(backward):
+            results[backend] = _run(_copy(model, backend), x, cotangents)
+    (outs_r, grads_r), (outs_t, grads_t) = results["reference"], results["triton"]
+    for i, name in enumerate(_names(model)):
+        assert outs_t[i].dtype == outs_r[i].dtype == torch.bfloat16, f"{name}: {outs_t[i].dtype}"
+        _assert_lowp_within(outs_t[i], outs64[i], outs_r[i], name)
+    for name, g64 in grads64.items():
+        assert grads_t[name].dtype == grads_r[name].dtype == torch.float32, name
+        _assert_lowp_within(grads_t[name], g64, grads_r[name], f"grad {name}")
+
+
+def test_compile_fullgraph_reference_backend():
+    """The ops' backend dispatch traces without a graph break (the compiled Triton cases need the same)."""
+    torch._dynamo.reset()
+    model = cspmirror.accelerate(_randomise_bn(_tiny()).eval(), "reference")
+    x = _input("cpu")
+    with torch.no_grad():
+        eager, _ = _run(model, x, None)
+        compiled, _ = _run(model, x, None, compile_backend="aot_eager")
+    for e, c, name in zip(eager, compiled, _names(model), strict=True):
+        assert_within_spec(c, e.double(), None, FP32_TOL, what=name)
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+
+@GPU
+@pytest.mark.parametrize(("dtype", "train", "layout", "compiled"), [
+    pytest.param(torch.float32, True, CF, False, id="fp32-train"),
+    pytest.param(torch.float32, True, CF, True, id="fp32-train-inductor"),
+    pytest.param(torch.float32, False, CL, False, id="fp32-eval-channels_last"),
+    pytest.param(torch.bfloat16, True, CL, False, id="bf16-train-channels_last"),
+    pytest.param(torch.bfloat16, False, CF, False, id="bf16-eval"),
+])
+def test_cspmirrornet53_parity_triton_vs_reference_gpu(dtype, train, layout, compiled):
+    """At 128x128 the last stage (4x4) still gives training BatchNorm enough values to be well conditioned."""
+    _triton_ready()
+    torch._dynamo.reset()
+    model = _randomise_bn(cspmirror.cspmirrornet53()).cuda().to(memory_format=layout).train(train)
+    _assert_parity(model, _input("cuda", size=128, layout=layout), dtype,
+                   compile_backend="inductor" if compiled else None)
+
+
+@GPU
+def test_cspmirrornet53_fused_inductor_gpu():
+    _triton_ready()
+    torch._dynamo.reset()
+    model = cspmirror.fuse_for_inference(_randomise_bn(cspmirror.cspmirrornet53()).cuda())
+    with torch.no_grad():
+        _assert_parity(model, _input("cuda", size=128), torch.float32, backward=False, compile_backend="inductor")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_gpu_dtypes_match_reference(dtype):
+    _triton_ready()
+    model = _randomise_bn(cspmirror.cspmirrornet53()).cuda().train()
+    x = _input("cuda", size=128)
+    outs = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast("cuda", dtype=dtype):
+            outs[backend] = _copy(model, backend)(x)
+    assert outs["triton"].dtype == outs["reference"].dtype == dtype
+    with torch.no_grad():
+        out64 = _copy(model, "reference", torch.float64)(x.double())
+    _assert_lowp_within(outs["triton"], out64, outs["reference"], "logits")

@@ -1,0 +1,93 @@
+"""Deployment (cspmirror.integrations.export): torch.export and ONNX of the fused model, onnxruntime check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+
+import cspmirror
+from cspmirror.accelerate import backend_of, ops_used
+from cspmirror.integrations import export
+
+
+def _features_model() -> cspmirror.CSPMirrorNet:
+    return cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 3, 4)).eval()
+
+
+def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial running statistics, so that BN folding is part of what is exported."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_prepare_for_export_fuses_a_copy_on_the_reference_backend():
+    model = cspmirror.cspmirrornet_tiny(num_classes=10).train()
+    prepared = export.prepare_for_export(model)
+    assert prepared is not model and not prepared.training
+    assert backend_of(prepared) == "reference" and "conv_bn_mish" in ops_used(prepared)
+    assert model.training and backend_of(model) == "auto" and "bn_mish" in ops_used(model)
+
+
+@pytest.mark.parametrize("bad", [torch.randn(3, 32, 32), "x"])
+def test_export_rejects_a_bad_example_input(bad):
+    with pytest.raises(ValueError, match="example_input"):
+        export.export_program(cspmirror.cspmirrornet_tiny(), bad)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """A features_only model (BN statistics randomised) and its torch.export program (dynamic batch)."""
+    torch.manual_seed(0)
+    model = _randomise_bn(_features_model())
+    return model, export.export_program(model, torch.randn(2, 3, 32, 32))
+
+
+def test_torch_export_with_dynamic_batch(exported):
+    model, program = exported
+    assert isinstance(program, torch.export.ExportedProgram)
+    reference = export.prepare_for_export(model)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            outs, expected = program.module()(x), reference(x)
+        assert [tuple(o.shape) for o in outs] == [(batch, 64, 8, 8), (batch, 128, 4, 4), (batch, 256, 2, 2)]
+        for o, e in zip(outs, expected, strict=True):
+            assert rel_err(o, e) <= 1e-6
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("cspmirror" in t for t in targets), "the reference graph must hold standard aten ops only"
+
+
+@pytest.fixture(scope="module")
+def onnx_file(exported, tmp_path_factory):
+    """The ONNX file of the exported program (written once for the module: the export takes a while)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model, program = exported
+    return model, export.export_onnx(program, torch.randn(2, 3, 32, 32), tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+def test_onnx_export_matches_onnxruntime(onnx_file):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model, path = onnx_file
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["x"] and len(graph.output) == 3
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        assert export.check_onnx(path, model, x) <= 1e-4
+        shapes = [tuple(o.shape) for o in export.onnxruntime_outputs(path, x)]
+        assert shapes == [(batch, 64, 8, 8), (batch, 128, 4, 4), (batch, 256, 2, 2)]
+
+
+def test_check_onnx_fails_for_other_weights(onnx_file):
+    pytest.importorskip("onnxruntime")
+    _, path = onnx_file
+    torch.manual_seed(1)  # the fixture's model was drawn with seed 0
+    other = _randomise_bn(_features_model())
+    with pytest.raises(RuntimeError, match="differs"):
+        export.check_onnx(path, other, torch.randn(2, 3, 32, 32))
