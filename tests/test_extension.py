@@ -1,0 +1,614 @@
+"""The C++/CUDA extension backend vs the reference (SPEC §4).
+
+mirror_split / mirror_fuse bit for bit (sign of zero included), forward and backward; bn_mish forward and every
+gradient within SPEC §4, running statistics vs ``nn.BatchNorm2d``, ``out=`` channel slices, determinism;
+conv_bn_mish; opcheck and torch.compile; a fused cspmirrornet_tiny; and a compile-only check of the CUDA
+sources with nvcc. The library is built once per session (skipped, with the reason, when it cannot be) and
+runs with every output it allocates NaN-poisoned. CUDA variants are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, rel_err, to_layout
+
+import cspmirror
+from cspmirror import ops
+from cspmirror.layers import BatchNormMish2d
+from cspmirror.ops import reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+LOW = (torch.float16, torch.bfloat16)
+FWD_TOL, BWD_TOL = 1e-5, 1e-4  # SPEC §4, fp32 vs the float64 reference
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+        torch.bfloat16: torch.int16}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """``torch.ops.cspmirror_ext``, built (once) or skipped with the reason; outputs are NaN-poisoned."""
+    from cspmirror.ops import extension
+
+    status = extension.status()
+    if not status.available:
+        pytest.skip(f"extension unavailable: {status.reason}")
+    library = extension.load()
+    previous = library.set_poison_outputs(True)
+    yield library
+    library.set_poison_outputs(previous)
+
+
+def assert_bitwise(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same shape, dtype and bits (so -0.0 vs +0.0 counts as a difference)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    as_bits = BITS[out.dtype]
+    assert torch.equal(out.cpu().contiguous().view(as_bits), ref.cpu().contiguous().view(as_bits))
+
+
+def with_negative_zeros(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with about a tenth of its entries replaced by -0.0 (the reference turns lone ones into +0.0)."""
+    return t.masked_fill(torch.rand(t.shape, device=t.device) < 0.1, -0.0)
+
+
+def random(shape, dtype, layout, device) -> torch.Tensor:
+    return to_layout(with_negative_zeros(torch.randn(shape)).to(device=device, dtype=dtype), layout)
+
+
+def test_status_never_builds(tmp_path):
+    """status() in a fresh process says what would happen and compiles nothing."""
+    code = ("from cspmirror.ops import extension; s = extension.status(); "
+            "print(s.available, s.reason); assert extension._loaded['lib'] is None")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not built yet" in done.stdout or "prebuilt" in done.stdout or "False" in done.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_loaded_status_names_the_build(lib):
+    from cspmirror.ops import extension
+
+    status = extension.status()
+    assert status.available and "cpu" in status.reason
+    assert "cpu" in extension.build_info()
+
+
+# --- mirror_split / mirror_fuse ------------------------------------------------------------------------------
+
+SPLIT_GRID = [  # (shape, overlap, axis, mirror)
+    ((2, 3, 4, 7), 0.25, -1, True),
+    ((2, 3, 4, 8), 0.25, -1, False),
+    ((1, 2, 3, 1), 0.25, -1, True),  # L = 1
+    ((1, 2, 1, 3), 0.5, -2, True),
+    ((2, 2, 5, 6), 0.0, -1, True),
+    ((2, 2, 5, 6), 1.0, -1, True),
+    ((1, 3, 9, 4), 1.0, -2, False),
+    ((3, 1, 6, 5), 0.0, -2, True),  # C = 1
+    ((2, 5, 3, 9), 0.75, -2, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,overlap,axis,mirror", SPLIT_GRID, ids=str)
+def test_split_bitwise(lib, shape, overlap, axis, mirror, dtype, layout, device):
+    x = random(shape, dtype, layout, device).requires_grad_()
+    y = ops.mirror_split(x, overlap, axis, mirror, backend="extension")
+    expected = reference.mirror_split(x, overlap, axis, mirror)
+    assert_bitwise(y, expected)
+    assert y.stride() == expected.stride()
+    g = random(y.shape, dtype, layout, device)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(expected, x, g)
+    assert torch.equal(gx, gx_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,overlap,axis,mirror", SPLIT_GRID, ids=str)
+def test_fuse_bitwise(lib, shape, overlap, axis, mirror, dtype, layout, reduce, device):
+    width = reference.mirror_split(torch.zeros(shape), overlap, axis, mirror).shape[axis]
+    n, _, h, w = shape
+    spatial = (h, width) if axis == -1 else (width, w)
+    parts = [random((2 * n, c, *spatial), dtype, layout, device).requires_grad_() for c in (2, 3)]
+    length = shape[axis]
+    out = ops.mirror_fuse(parts, length, overlap, axis, mirror, reduce, backend="extension")
+    expected = reference.mirror_fuse(parts, length, overlap, axis, mirror, reduce)
+    assert_bitwise(out, expected)
+    assert out.stride() == expected.stride()
+    g = random(out.shape, dtype, layout, device)
+    grads = torch.autograd.grad(out, parts, g)
+    grads_ref = torch.autograd.grad(expected, parts, g)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_fuse_of_strided_views(lib, device):
+    """Inputs dense in neither layout (channel slices of channels_last buffers) give the reference's output."""
+    for layout in LAYOUTS:  # channel slices: read in place (NCHW) or copied first (channels_last)
+        buf = to_layout(with_negative_zeros(torch.randn(4, 9, 5, 7, device=device)), layout)
+        for axis in (-1, -2):
+            x = buf[:, 2:6]
+            assert_bitwise(ops.mirror_split(x, 0.5, axis, backend="extension"), reference.mirror_split(x, 0.5, axis))
+        parts = [buf[:, :3, :, :6], buf[:, 4:, :, 1:]]  # [4, C_i, 5, 6]: the model fuses slices like these
+        for reduce in ("sum", "mean"):
+            out = ops.mirror_fuse(parts, 7, 0.5, reduce=reduce, backend="extension")
+            assert_bitwise(out, reference.mirror_fuse(parts, 7, 0.5, reduce=reduce))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_fuse_propagate_nan(lib, device):
+    x = torch.randn(1, 2, 3, 6, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    y = ops.mirror_split(x, 0.5, backend="extension")
+    assert torch.equal(y.isnan(), reference.mirror_split(x, 0.5).isnan())
+    out = ops.mirror_fuse([y], 6, 0.5, backend="extension")
+    assert torch.equal(out.isnan(), x.isnan())
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_gradcheck_mirror_ops(lib, mirror, reduce, axis):
+    """First and second derivatives (the backward ops' own autograd) in float64."""
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    split = lambda t: ops.mirror_split(t, 0.5, axis, mirror, backend="extension")  # noqa: E731
+    assert torch.autograd.gradcheck(split, (x,))
+    assert torch.autograd.gradgradcheck(split, (x,))
+    parts = (torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True))
+
+    def fuse(a, b):
+        return ops.mirror_fuse([a, b], 5, 0.5, axis, mirror, reduce, backend="extension")
+
+    assert torch.autograd.gradcheck(fuse, parts)
+    assert torch.autograd.gradgradcheck(fuse, parts)
+
+
+# --- bn_mish -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    residual: torch.Tensor | None
+    grad: torch.Tensor
+    training: bool
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+
+def make_case(shape, dtype=torch.float32, layout=torch.contiguous_format, device="cpu", *, training=True,
+              residual=True, affine=True, running=True, param_dtype=None, loc=0.5, scale=2.0) -> Case:
+    c = shape[1]
+
+    def vec(t):
+        return t.to(device=device, dtype=param_dtype or dtype)
+
+    def like_x(t):
+        return to_layout(t.to(device=device, dtype=dtype), layout)
+
+    return Case(
+        x=like_x(torch.randn(shape) * scale + loc),
+        weight=vec(torch.rand(c) + 0.5) if affine else None,
+        bias=vec(torch.randn(c) * 0.5) if affine else None,
+        running_mean=vec(torch.randn(c) * 0.1 + loc) if running else None,
+        running_var=vec((torch.rand(c) + 0.5) * scale**2) if running else None,
+        residual=like_x(torch.randn(shape)) if residual else None,
+        grad=like_x(torch.randn(shape)),
+        training=training,
+    )
+
+
+def run(case: Case, backend: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> dict:
+    """Forward and backward on fresh copies of the case's tensors (cast to ``dtype`` when given): y, the
+    gradients dx, dweight, dbias, dresidual, and the updated running statistics."""
+
+    def copy_of(t, grad=False):
+        if t is None:
+            return None
+        t = t.detach().to(dtype) if dtype is not None else t.detach().clone()
+        return t.requires_grad_(grad)
+
+    leaves = {name: copy_of(getattr(case, name), True) for name in ("x", "weight", "bias", "residual")}
+    rm, rv = copy_of(case.running_mean), copy_of(case.running_var)
+    y = ops.bn_mish(leaves["x"], leaves["weight"], leaves["bias"], rm, rv, case.training, case.momentum,
+                    case.eps, leaves["residual"], out=out, backend=backend)
+    wanted = {k: t for k, t in leaves.items() if t is not None}
+    grads = torch.autograd.grad(y, list(wanted.values()), case.grad.to(y.dtype))
+    result = {"y": y, **{f"d{k}": g for k, g in zip(wanted, grads, strict=True)}}
+    if rm is not None:
+        result.update(running_mean=rm, running_var=rv)
+    return result
+
+
+def check_case(case: Case) -> dict:
+    """Extension vs the float64 reference within SPEC §4 (fp16/bf16: vs PyTorch's own error)."""
+    got = run(case, "extension")
+    ref = run(case, "reference", torch.float64)
+    lowp = run(case, "reference") if case.x.dtype in LOW else None
+    assert got.keys() == ref.keys()
+    for name, value in got.items():
+        tol = BWD_TOL if name.startswith("d") else FWD_TOL
+        assert_within_spec(value, ref[name], None if lowp is None else lowp[name], tol, what=name)
+    assert got["y"].dtype == case.x.dtype and got["dx"].dtype == case.x.dtype
+    return got
+
+
+BN_SHAPES = [  # (shape, with residual)
+    ((2, 3, 5, 7), True),
+    ((3, 1, 2, 3), False),  # C = 1
+    ((4, 5, 1, 1), True),  # H = W = 1
+    ((4, 4, 48, 48), True),  # several fp32 flushes per plane, several row blocks in channels_last
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,residual", BN_SHAPES, ids=str)
+def test_bn_mish_matches_reference(lib, shape, residual, dtype, layout, training, device):
+    case = make_case(shape, dtype, layout, device, training=training, residual=residual)
+    got = check_case(case)
+    assert got["y"].stride() == case.x.stride() and got["dx"].stride() == case.x.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_bn_mish_fp32_parameters_with_low_precision_input(lib, dtype, training, device):
+    case = make_case((2, 4, 3, 5), dtype, torch.channels_last, device, training=training,
+                     param_dtype=torch.float32)
+    got = check_case(case)
+    assert got["dweight"].dtype == got["running_mean"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_mish_without_affine_or_running_stats(lib, training, device):
+    check_case(make_case((2, 3, 4, 5), device=device, affine=False, running=not training, training=training))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_mish_float64(lib, device):
+    check_case(make_case((2, 3, 4, 5), torch.float64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bn_mish_large_mean_and_magnitude(lib, layout, device):
+    """|mean| >> std (the variance must not cancel) and |z| up to 1e4 (Mish must not overflow to NaN)."""
+    check_case(make_case((2, 3, 6, 7), layout=layout, device=device, loc=3000.0, scale=1.0))
+    case = make_case((2, 3, 6, 7), layout=layout, device=device, training=False, scale=1e4)
+    case.running_var = torch.full_like(case.running_var, 1.0)
+    check_case(case)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_match_batchnorm2d(lib, momentum):
+    c = 4
+    ours = BatchNormMish2d(c, momentum=momentum)
+    ours.backend = "extension"
+    theirs = nn.BatchNorm2d(c, momentum=momentum)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    for step in range(4):
+        x = to_layout(torch.randn(3, c, 5, 6) * (step + 1) + step, LAYOUTS[step % 2])
+        residual = torch.randn_like(x)
+        torch.testing.assert_close(ours(x, residual), F.mish(theirs(x)) + residual)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key, rtol=1e-6, atol=1e-7)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, c, 3, 3)
+    torch.testing.assert_close(ours(x), F.mish(theirs(x)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bn_mish_out_channel_slice(lib, layout, grad, training, device):
+    """out= a channel slice (odd offset) of a NaN buffer: exactly the slice is written, y is out."""
+    case = make_case((2, 3, 4, 5), layout=layout, device=device, training=training)
+    expected = run(case, "extension")
+    buf = poison(to_layout(torch.empty(2, 8, 4, 5, device=device), layout))
+    out = buf[:, 3:6]
+    if grad:
+        got = run(case, "extension", out=out)
+        for name in ("dx", "dweight", "dbias", "dresidual"):
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    else:
+        with torch.no_grad():
+            got = {"y": ops.bn_mish(case.x, case.weight, case.bias, case.running_mean, case.running_var,
+                                    training, residual=case.residual, out=out, backend="extension")}
+    assert got["y"] is out
+    torch.testing.assert_close(out, expected["y"].detach(), rtol=0, atol=0)
+    assert buf[:, :3].isnan().all() and buf[:, 6:].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_residual_read_through_strides(lib, layout, device):
+    """A residual that is a channel slice (read in place) or transposed (copied) gives the dense result."""
+    case = make_case((2, 3, 4, 5), layout=layout, device=device, training=False)
+    buf = to_layout(torch.randn(2, 7, 4, 5, device=device), layout)
+    odd = torch.randn(2, 3, 5, 4, device=device).transpose(2, 3)
+    w = torch.randn(3, 3, 3, 3, device=device) / 5
+    for residual in (buf[:, 2:5], odd):
+        dense = residual.contiguous(memory_format=layout)
+        with torch.no_grad():
+            for training in (True, False):
+                args = (case.x, case.weight, case.bias, case.running_mean, case.running_var, training)
+                got = ops.bn_mish(*args, residual=residual, backend="extension")
+                torch.testing.assert_close(got, ops.bn_mish(*args, residual=dense, backend="extension"),
+                                           rtol=0, atol=0)
+            got = ops.conv_bn_mish(case.x, w, None, 1, residual, backend="extension")
+            torch.testing.assert_close(got, ops.conv_bn_mish(case.x, w, None, 1, dense, backend="extension"),
+                                       rtol=0, atol=0)
+
+
+def test_bn_mish_out_with_odd_strides(lib):
+    """An out= whose strides fit neither walk is written through a temporary."""
+    case = make_case((2, 3, 5, 4), residual=False)
+    out = poison(torch.empty(2, 3, 4, 5)).transpose(2, 3)
+    with torch.no_grad():
+        y = ops.bn_mish(case.x, case.weight, case.bias, None, None, True, out=out, backend="extension")
+        expected = ops.bn_mish(case.x, case.weight, case.bias, None, None, True, backend="extension")
+    assert y is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bn_mish_is_deterministic_for_any_thread_count(lib, layout):
+    case = make_case((3, 6, 20, 30), layout=layout)
+    first = run(case, "extension")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(case, "extension")
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in first.items():
+        assert_bitwise(value.detach(), single[name].detach())
+
+
+# --- conv_bn_mish --------------------------------------------------------------------------------------------
+
+CONV_CASES = [(1, 1), (1, 3), (2, 3), (2, 1)]  # (stride, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stride,k", CONV_CASES, ids=str)
+def test_conv_bn_mish_matches_reference(lib, stride, k, dtype, layout, device):
+    x = to_layout(torch.randn(2, 5, 9, 7), layout).to(device=device, dtype=dtype)
+    w = (torch.randn(6, 5, k, k) / (5 * k * k) ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(6).to(device=device, dtype=dtype)
+    shape = (2, 6, (9 - 1) // stride + 1, (7 - 1) // stride + 1)
+    residual = to_layout(torch.randn(shape), layout).to(device=device, dtype=dtype)
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        got = ops.conv_bn_mish(x, w, b, stride, residual, backend="extension")
+        ref = reference.conv_bn_mish(x.double(), w.double(), b.double(), stride, residual.double())
+        lowp = reference.conv_bn_mish(x, w, b, stride, residual) if dtype in LOW else None
+    assert_within_spec(got, ref, lowp, 1e-4, what="conv_bn_mish")
+    assert got.dtype == dtype and got.is_contiguous(memory_format=layout)
+    buf = poison(to_layout(torch.empty(2, 9, *shape[2:], device=device, dtype=dtype), layout))
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
+        y = ops.conv_bn_mish(x, w, b, stride, residual, out=buf[:, 1:7], backend="extension")
+    if y.is_cuda:
+        # cuDNN may pick another algorithm for a strided output (seen on an H100): same bound, not same bits.
+        assert_within_spec(y, ref, lowp, 1e-4, what="conv_bn_mish out=")
+    else:
+        torch.testing.assert_close(y, got, rtol=0, atol=0)
+    assert buf[:, :1].isnan().all() and buf[:, 7:].isnan().all()
+
+
+def test_conv_bn_mish_gradients(lib):
+    """The inference op still differentiates (recomputing through ATen's backward ops)."""
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(1, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b, r: ops.conv_bn_mish(x, w, b, 2, r, backend="extension")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+
+
+# --- opcheck, torch.compile ----------------------------------------------------------------------------------
+
+def opcheck_samples(lib, device):
+    t = lambda *s, **kw: torch.randn(*s, device=device, **kw)  # noqa: E731
+    x, cl = t(2, 3, 4, 6), t(2, 3, 4, 6).contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = t(3).abs() + 0.5, t(3), t(3), t(3).abs() + 0.5
+    parts = [t(4, 2, 4, 4), t(4, 1, 4, 4)]
+    grad = lambda *s: t(*s)  # noqa: E731
+    return [
+        (lib.mirror_split.default, (x.requires_grad_(), 4, -1, True)),
+        (lib.mirror_split.default, (cl, 3, -2, False)),
+        (lib.mirror_fuse.default, ([p.requires_grad_() for p in parts], 6, -1, True, True)),
+        (lib.mirror_fuse_backward.default, (grad(2, 3, 4, 6).requires_grad_(), [2, 1], 4, -1, True, True)),
+        (lib.bn_mish_train.default, (t(2, 3, 4, 6, requires_grad=True), w.requires_grad_(), b, 1e-5,
+                                     t(2, 3, 4, 6))),
+        (lib.bn_mish_train.default, (cl, None, None, 1e-5, None)),
+        (lib.bn_mish_train_out.default, (x.detach(), w.detach(), b, 1e-5, None, torch.empty_like(x))),
+        (lib.bn_mish_eval.default, (t(2, 3, 4, 6, requires_grad=True), w.detach(), b, rm, rv, 1e-5, None)),
+        (lib.bn_mish_eval_out.default, (x.detach(), w.detach(), b, rm, rv, 1e-5, None, torch.empty_like(x))),
+        (lib.bn_mish_backward.default, (grad(2, 3, 4, 6), x.detach(), w.detach(), b, rm, rv, 1e-5, True, True)),
+        (lib.bn_mish_backward.default, (grad(2, 3, 4, 6), cl, None, None, rm, rv, 1e-5, False, False)),
+        (lib.bn_update_running_stats.default, (rm.clone(), rv.clone(), t(3), t(3).abs(), 0.1, 48)),
+        (lib.conv_bn_mish.default, (x.detach().requires_grad_(), t(5, 3, 3, 3), t(5), 2, None)),
+        (lib.conv_bn_mish.default, (cl, t(5, 3, 1, 1), None, 1, t(2, 5, 4, 6))),
+        (lib.conv_bn_mish_out.default, (x.detach(), t(5, 3, 3, 3), t(5), 1, None, t(2, 5, 4, 6))),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(lib, device):
+    for op, args in opcheck_samples(lib, device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(lib, device):
+    """Split, train-mode bn_mish (running stats updated in the graph) and fuse compile without graph breaks."""
+    from cspmirror.ops import extension
+
+    def step(x, weight, bias, running_mean, running_var):
+        p = extension.mirror_split(x, 0.25, -1, True)
+        y = extension.bn_mish(p, weight, bias, running_mean, running_var, True, 0.1, 1e-5, p)
+        return extension.mirror_fuse([y, p], x.shape[-1], 0.25, -1, True, "sum")
+
+    def inputs():
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 4, 7, device=device, requires_grad=True)
+        return x, torch.rand(3, device=device) + 0.5, torch.randn(3, device=device), \
+            torch.zeros(3, device=device), torch.ones(3, device=device)
+
+    eager_in, compiled_in = inputs(), inputs()
+    eager = step(*eager_in)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled_in)
+    torch.testing.assert_close(compiled, eager)
+    eager.sum().backward()
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled_in[0].grad, eager_in[0].grad)
+    torch.testing.assert_close(compiled_in[3], eager_in[3])
+    torch.testing.assert_close(compiled_in[4], eager_in[4])
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+def randomize_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_fused_tiny_model_matches_reference(lib, layout, device):
+    model = cspmirror.cspmirrornet_tiny(num_classes=10).to(device)
+    randomize_bn(model)
+    model.eval()
+    x = to_layout(torch.randn(2, 3, 32, 32, device=device), layout)
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
+        ref = model(x)  # unfused, reference backend
+        fused = cspmirror.fuse_for_inference(copy.deepcopy(model), backend="extension")
+        got = fused(x)
+    assert rel_err(got, ref) <= 1e-4
+
+
+def test_tiny_model_training_step_matches_reference(lib):
+    torch.manual_seed(3)
+    model = cspmirror.cspmirrornet_tiny(num_classes=10)
+    randomize_bn(model)
+    ours = cspmirror.set_backend(copy.deepcopy(model), "extension")
+    x = torch.randn(2, 3, 32, 32)
+    losses = [m(x).logsumexp(1).sum() for m in (model, ours)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[1], losses[0]) <= 1e-5
+    for (name, p_ref), p in zip(model.named_parameters(), ours.parameters(), strict=True):
+        assert rel_err(p.grad, p_ref.grad) <= 1e-3, name
+    for (name, b_ref), b in zip(model.named_buffers(), ours.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- GPU: realistic sizes and 64-bit offsets -----------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_gpu_realistic_shapes(lib, layout):
+    """Many reduction blocks per channel (NCHW) and many row blocks (channels_last) on the GPU."""
+    check_case(make_case((8, 64, 56, 56), layout=layout, device="cuda"))
+    check_case(make_case((8, 64, 56, 56), torch.bfloat16, layout=layout, device="cuda"))
+    x = random((8, 128, 28, 28), torch.float16, layout, "cuda")
+    assert_bitwise(ops.mirror_split(x, backend="extension"), reference.mirror_split(x))
+    parts = [random((16, 64, 28, 17), torch.float16, layout, "cuda") for _ in range(2)]
+    assert_bitwise(ops.mirror_fuse(parts, 28, backend="extension"), reference.mirror_fuse(parts, 28))
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets(lib):
+    """Tensors past 2**31 elements take the 64-bit index path (about 13 GB of GPU memory)."""
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GB of free GPU memory")
+    small = torch.randn(1, 4, 1024, 1025, device="cuda", dtype=torch.float16)
+    big = small.expand(512, -1, -1, -1).contiguous()  # 2.15e9 elements
+    assert big.numel() > 2**31
+    y = ops.mirror_split(big, 0.25, -1, True, backend="extension")
+    expected = reference.mirror_split(small, 0.25, -1, True)
+    assert_bitwise(y[511:512], expected[:1])
+    assert_bitwise(y[1023:], expected[1:])
+    del y
+    with torch.no_grad():
+        y = ops.bn_mish(big, None, None, None, None, True, backend="extension")
+        y_small = ops.bn_mish(small, None, None, None, None, True, backend="extension")
+    torch.testing.assert_close(y[-1:], y_small, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y[:1], y_small, rtol=2e-3, atol=2e-3)
+
+
+# --- the CUDA sources compile (no GPU needed) ----------------------------------------------------------------
+
+def _cuda_include_paths() -> list[str]:
+    from torch.utils import cpp_extension
+
+    try:
+        paths = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # older torch: include_paths(cuda: bool)
+        paths = cpp_extension.include_paths(cuda=True)
+    return [*paths, sysconfig.get_paths()["include"]]
+
+
+@pytest.mark.slow
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """Compile csrc/cuda_kernels.cu to an sm_90 object with torch's headers, so the CUDA code cannot rot
+    unseen on machines without a GPU (about 70 s of CPU time: marked slow)."""
+    from torch.utils import cpp_extension
+
+    from cspmirror.ops import extension
+
+    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and str(Path(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    if not nvcc or not Path(nvcc).is_file():
+        pytest.skip("nvcc not found")
+    csrc = extension.csrc_dir()
+    if csrc is None:
+        pytest.skip("csrc/ is not part of this install")
+    std = "-std=c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "-std=c++17"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [nvcc, "-c", str(csrc / "cuda_kernels.cu"), "-o", str(tmp_path / "cuda_kernels.o"), std, "-O3",
+               "-gencode", "arch=compute_90,code=sm_90", "--compiler-options", "-fPIC",
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *getattr(cpp_extension, "COMMON_NVCC_FLAGS", []),
+               *(f"-I{p}" for p in _cuda_include_paths()), "-DCSPMIRROR_WITH_CUDA"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "cuda_kernels.o").stat().st_size > 0
+    print(f"nvcc compiled cuda_kernels.cu in {time.perf_counter() - start:.0f} s", file=sys.stderr)
