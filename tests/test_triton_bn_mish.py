@@ -8,21 +8,20 @@ realistic sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, rel_err, to_layout, triton_or_skip
+from bn_cases import LOW, check_bn_case, make_case, run
+from helpers import DTYPES, LAYOUTS, poison, rel_err, to_layout, triton_or_skip
 
 import cspmirror
 from cspmirror import ops
 from cspmirror.layers import BatchNormMish2d, MishedDenseBlock
 
 HAS_CUDA = torch.cuda.is_available()
-FWD_TOL, BWD_TOL = 1e-5, 1e-4  # SPEC §4, fp32 vs the float64 reference
-LOW = [torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
@@ -51,76 +50,7 @@ def small_tiles(kernels, monkeypatch):
 
 # --- cases ---------------------------------------------------------------------------------------------------
 
-@dataclass
-class Case:
-    x: torch.Tensor
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    residual: torch.Tensor | None
-    grad: torch.Tensor
-    training: bool
-    momentum: float = 0.1
-    eps: float = 1e-5
-
-
-def make_case(shape, dtype=torch.float32, layout=torch.contiguous_format, device="cpu", *, training=True,
-              residual=True, affine=True, running=True, param_dtype=None, loc=0.5, scale=2.0) -> Case:
-    c = shape[1]
-    param_dtype = param_dtype or dtype
-
-    def vec(t):
-        return t.to(device=device, dtype=param_dtype)
-
-    x = to_layout((torch.randn(shape) * scale + loc).to(device=device, dtype=dtype), layout)
-    return Case(
-        x=x,
-        weight=vec(torch.rand(c) + 0.5) if affine else None,
-        bias=vec(torch.randn(c) * 0.5) if affine else None,
-        running_mean=vec(torch.randn(c) * 0.1) if running else None,
-        running_var=vec(torch.rand(c) + 0.5) if running else None,
-        residual=to_layout(torch.randn(shape).to(device=device, dtype=dtype), layout) if residual else None,
-        grad=to_layout(torch.randn(shape).to(device=device, dtype=dtype), layout),
-        training=training,
-    )
-
-
-def run(case: Case, backend: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> dict:
-    """Forward and backward on copies of the case's tensors (cast to ``dtype`` when given).
-
-    Returns y, the gradients (dx, dweight, dbias, dresidual) and the updated running statistics."""
-
-    def copy(t, grad=False):
-        if t is None:
-            return None
-        t = t.detach().to(dtype) if dtype is not None else t.detach().clone()
-        return t.requires_grad_(grad)
-
-    leaves = {name: copy(getattr(case, name), True) for name in ("x", "weight", "bias", "residual")}
-    rm, rv = copy(case.running_mean), copy(case.running_var)
-    y = ops.bn_mish(leaves["x"], leaves["weight"], leaves["bias"], rm, rv, case.training, case.momentum,
-                    case.eps, leaves["residual"], out=out, backend=backend)
-    wanted = {k: t for k, t in leaves.items() if t is not None}
-    grads = torch.autograd.grad(y, list(wanted.values()), case.grad.to(y.dtype))
-    result = {"y": y, **{f"d{k}": g for k, g in zip(wanted, grads, strict=True)}}
-    if rm is not None:
-        result.update(running_mean=rm, running_var=rv)
-    return result
-
-
-def check_case(case: Case) -> dict:
-    """Triton vs the float64 reference within SPEC §4 (low precision: vs PyTorch's own error); returns the
-    Triton results."""
-    got = run(case, "triton")
-    ref = run(case, "reference", torch.float64)
-    lowp = run(case, "reference") if case.x.dtype in LOW else None
-    assert got.keys() == ref.keys()
-    for name, value in got.items():
-        tol = BWD_TOL if name.startswith("d") else FWD_TOL
-        assert_within_spec(value, ref[name], None if lowp is None else lowp[name], tol, what=name)
-    assert got["y"].dtype == case.x.dtype and got["dx"].dtype == case.x.dtype
-    return got
+check_case = functools.partial(check_bn_case, backend="triton")
 
 
 SHAPES = [  # (shape, with residual)
