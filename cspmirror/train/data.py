@@ -120,7 +120,24 @@ def _read_pickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
-class CIFAR10Batches(Dataset):
+class _InMemoryImages(Dataset):
+    """Images held as one uint8 tensor ``images`` [n, 3, H, W] with ``targets`` [n]; items are (image, label)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    transform: Callable | None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+class CIFAR10Batches(_InMemoryImages):
     """CIFAR-10 from its pickled batches: ``train=True`` reads data_batch_1..5, else test_batch.
 
     Items are (uint8 [3, 32, 32], int label), with ``transform`` applied to the image.
@@ -145,14 +162,6 @@ class CIFAR10Batches(Dataset):
         self.classes = list(_read_pickle(folder / CIFAR10_META)["label_names"])
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -162,7 +171,7 @@ _PALETTE = ((230, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40),
             (200, 60, 220), (40, 210, 210), (240, 140, 30), (250, 250, 250))
 
 
-class SyntheticPatterns(Dataset):
+class SyntheticPatterns(_InMemoryImages):
     """A small learnable task: on a noisy grey background, a square patch whose colour is the class.
 
     The patch (side ``size // 2``) sits at a random position, so the task needs colour, not position.
@@ -188,14 +197,6 @@ class SyntheticPatterns(Dataset):
         self.classes = [f"class{i}" for i in range(num_classes)]
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
 
 
 # --------------------------------------------------------------------------------------------- transforms
