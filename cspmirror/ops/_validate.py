@@ -81,6 +81,8 @@ def check_fuse_args(
         raise TypeError("parts must be a non-empty list of 4-D tensors [2N, C_i, H, P]")
     parts = [check_tensor(p, f"parts[{i}]") for i, p in enumerate(parts)]
     overlap, axis, reduce = check_overlap(overlap), check_axis(axis), check_reduce(reduce)
+    if isinstance(length, torch.Tensor) and length.numel() == 1 and not length.is_floating_point():
+        length = int(length)  # a size recorded by torch.jit.trace: the traced graph keeps that size
     if isinstance(length, bool) or not isinstance(length, int):
         raise TypeError(f"length must be an int, got {type(length).__name__}")
     if length < 1:
