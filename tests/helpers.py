@@ -48,3 +48,17 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 def to_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     return x.contiguous(memory_format=layout)
+
+
+@torch.no_grad()
+def randomize_bn(model: torch.nn.Module, affine: bool = True) -> torch.nn.Module:
+    """Non-trivial BatchNorm running statistics (and, with ``affine``, scale and shift), so that eval mode and
+    BN folding are really exercised. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model

@@ -19,7 +19,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import assert_within_spec, rel_err, triton_or_skip
+from helpers import assert_within_spec, randomize_bn, rel_err, triton_or_skip
 
 import cspmirror
 from cspmirror import ops
@@ -153,15 +153,6 @@ def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.
                 assert_within_spec(bufs_t[name], b64, bufs_r[name] if lowp else None, FP32_TOL, what=name)
 
 
-def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial running statistics, so that eval mode and BN folding are exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
-
 
 # ------------------------------------------------------------------------ accelerate itself (any machine)
 
@@ -223,7 +214,7 @@ def _runnable_backends(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def test_state_dict_is_backend_independent(tmp_path):
     """Keys never depend on the backend; a checkpoint saved under one backend loads under another."""
-    copies = _runnable_backends(_randomise_bn(_tiny()).eval())
+    copies = _runnable_backends(randomize_bn(_tiny(), affine=False).eval())
     assert {"auto", "reference"} <= copies.keys()
     keys = {backend: list(m.state_dict()) for backend, m in copies.items()}
     assert all(k == keys["reference"] for k in keys.values()), keys.keys()
@@ -291,7 +282,7 @@ PARITY_CASES = [
 def test_whole_model_parity_triton_vs_reference(device, dtype, train, layout, compiled):
     _triton_ready()
     torch._dynamo.reset()
-    model = _randomise_bn(_tiny()).to(device).to(memory_format=layout).train(train)
+    model = randomize_bn(_tiny(), affine=False).to(device).to(memory_format=layout).train(train)
     _assert_parity(model, _input(device, layout=layout), dtype,
                    compile_backend=_compile_backend(device) if compiled else None)
 
@@ -304,7 +295,7 @@ def test_whole_model_parity_triton_vs_reference(device, dtype, train, layout, co
 def test_fused_model_parity_triton_vs_reference(device, dtype, compiled):
     _triton_ready()
     torch._dynamo.reset()
-    model = cspmirror.fuse_for_inference(_randomise_bn(_tiny()).to(device))
+    model = cspmirror.fuse_for_inference(randomize_bn(_tiny(), affine=False).to(device))
     with torch.no_grad():  # eval mode is well conditioned at 16x16, and the interpreted conv costs per pixel
         _assert_parity(model, _input(device, size=16), dtype, backward=False,
                        compile_backend=_compile_backend(device) if compiled else None)
@@ -315,7 +306,7 @@ def test_autocast_bf16_parity_triton_vs_reference(device, mode):
     """Under autocast both backends give the same dtypes (bf16 activations, fp32 gradients) and Triton is
     within 2x of the reference backend's own error (SPEC §4)."""
     _triton_ready()
-    model = _randomise_bn(_tiny()).to(device)
+    model = randomize_bn(_tiny(), affine=False).to(device)
     if mode == "fused":
         cspmirror.fuse_for_inference(model)
     x = _input(device, size=32 if mode == "train" else 16)
@@ -339,7 +330,7 @@ def test_autocast_bf16_parity_triton_vs_reference(device, mode):
 def test_compile_fullgraph_reference_backend():
     """The ops' backend dispatch traces without a graph break (the compiled Triton cases need the same)."""
     torch._dynamo.reset()
-    model = cspmirror.accelerate(_randomise_bn(_tiny()).eval(), "reference")
+    model = cspmirror.accelerate(randomize_bn(_tiny(), affine=False).eval(), "reference")
     x = _input("cpu")
     with torch.no_grad():
         eager, _ = _run(model, x, None)
@@ -363,7 +354,7 @@ def test_cspmirrornet53_parity_triton_vs_reference_gpu(dtype, train, layout, com
     """At 128x128 the last stage (4x4) still gives training BatchNorm enough values to be well conditioned."""
     _triton_ready()
     torch._dynamo.reset()
-    model = _randomise_bn(cspmirror.cspmirrornet53()).cuda().to(memory_format=layout).train(train)
+    model = randomize_bn(cspmirror.cspmirrornet53(), affine=False).cuda().to(memory_format=layout).train(train)
     _assert_parity(model, _input("cuda", size=128, layout=layout), dtype,
                    compile_backend="inductor" if compiled else None)
 
@@ -372,7 +363,7 @@ def test_cspmirrornet53_parity_triton_vs_reference_gpu(dtype, train, layout, com
 def test_cspmirrornet53_fused_inductor_gpu():
     _triton_ready()
     torch._dynamo.reset()
-    model = cspmirror.fuse_for_inference(_randomise_bn(cspmirror.cspmirrornet53()).cuda())
+    model = cspmirror.fuse_for_inference(randomize_bn(cspmirror.cspmirrornet53(), affine=False).cuda())
     with torch.no_grad():
         _assert_parity(model, _input("cuda", size=128), torch.float32, backward=False, compile_backend="inductor")
 
@@ -381,7 +372,7 @@ def test_cspmirrornet53_fused_inductor_gpu():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_autocast_gpu_dtypes_match_reference(dtype):
     _triton_ready()
-    model = _randomise_bn(cspmirror.cspmirrornet53()).cuda().train()
+    model = randomize_bn(cspmirror.cspmirrornet53(), affine=False).cuda().train()
     x = _input("cuda", size=128)
     outs = {}
     for backend in ("reference", "triton"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import randomize_bn, rel_err
 
 import cspmirror
 from cspmirror.accelerate import backend_of, ops_used
@@ -14,14 +14,6 @@ from cspmirror.integrations import export
 def _features_model() -> cspmirror.CSPMirrorNet:
     return cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 3, 4)).eval()
 
-
-def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial running statistics, so that BN folding is part of what is exported."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def test_prepare_for_export_fuses_a_copy_on_the_reference_backend():
@@ -42,7 +34,7 @@ def test_export_rejects_a_bad_example_input(bad):
 def exported():
     """A features_only model (BN statistics randomised) and its torch.export program (dynamic batch)."""
     torch.manual_seed(0)
-    model = _randomise_bn(_features_model())
+    model = randomize_bn(_features_model(), affine=False)
     return model, export.export_program(model, torch.randn(2, 3, 32, 32))
 
 
@@ -88,6 +80,6 @@ def test_check_onnx_fails_for_other_weights(onnx_file):
     pytest.importorskip("onnxruntime")
     _, path = onnx_file
     torch.manual_seed(1)  # the fixture's model was drawn with seed 0
-    other = _randomise_bn(_features_model())
+    other = randomize_bn(_features_model(), affine=False)
     with pytest.raises(RuntimeError, match="differs"):
         export.check_onnx(path, other, torch.randn(2, 3, 32, 32))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bn_cases import LOW, check_bn_case, make_case, run
-from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, rel_err, to_layout
+from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, randomize_bn, rel_err, to_layout
 
 import cspmirror
 from cspmirror import ops
@@ -431,15 +431,6 @@ def test_torch_compile_fullgraph(lib, device):
 
 
 # --- the model -----------------------------------------------------------------------------------------------
-
-def randomize_bn(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

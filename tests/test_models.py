@@ -6,22 +6,13 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_bn
 
 import cspmirror
 from cspmirror.models import MODEL_CONFIGS
 
 FAMILY = cspmirror.list_models()
 
-
-def randomize_bn(model: torch.nn.Module) -> None:
-    """Give every BN non-trivial statistics and affine terms, so fusion is really exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
 
 
 def test_family_is_registered():

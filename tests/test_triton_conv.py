@@ -5,7 +5,16 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, assert_within_spec, poison, rel_err, to_layout, triton_or_skip
+from helpers import (
+    DTYPES,
+    LAYOUTS,
+    assert_within_spec,
+    poison,
+    randomize_bn,
+    rel_err,
+    to_layout,
+    triton_or_skip,
+)
 
 import cspmirror
 from cspmirror import ops
@@ -326,20 +335,11 @@ def test_compile_fullgraph(device):
 
 # --- the whole model ---------------------------------------------------------------------------------------
 
-def _randomize_bn(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-
 
 def test_fused_tiny_model(device, monkeypatch, tc):
     """cspmirrornet_tiny, eval, fused on backend="triton": every conv runs the implicit GEMM; logits match."""
     model = cspmirror.cspmirrornet_tiny(num_classes=10).to(device).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     unfused = copy.deepcopy(model)
     cspmirror.fuse_for_inference(model, backend="triton")
     if importlib.util.find_spec("cspmirror.ops.triton_mirror") is None:  # not built yet: isolate the conv
