@@ -33,13 +33,18 @@ SHAPE = (8, 128, 56, 56)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, dict]:
-    """Median, 20th and 80th percentile (ms) of each function, timed in alternation."""
+    """Median, 20th and 80th percentile (ms) of each function, timed in alternation.
+
+    Every other round runs the candidates in reverse order: what one candidate leaves in the caches (or
+    evicts from them) then falls on each of the others alike, instead of always on the one after it.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_index in range(rounds):
+        for name, fn in (order if round_index % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
@@ -123,7 +128,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"- CPU: {env['device_name']}; torch {env['torch']}; Python {env['python']}; {env['date']}",
         "- The machine was shared with other engineers' jobs while this ran: candidates were timed interleaved,",
-        "  round after round, and medians are reported; the ratios are the signal, absolute times are noisy.",
+        "  round after round (in reverse order every other round), and medians are reported; the ratios are the",
+        "  signal, absolute times are noisy.",
         "",
         "| case | candidate | median ms | p20-p80 ms | speed-up vs reference | target |",
         "|---|---|---:|---:|---:|---|",

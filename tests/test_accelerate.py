@@ -19,14 +19,14 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import assert_within_spec, randomize_bn, rel_err, triton_or_skip
+from helpers import assert_within_spec, assert_within_torch_error, randomize_bn, triton_or_skip
 
 import cspmirror
 from cspmirror import ops
 from cspmirror.accelerate import OPS, backend_of, ops_used
 from cspmirror.backends import BackendUnavailableError
 
-FP32_TOL = 1e-4  # SPEC §4, whole model: logits rel <= 1e-4 in fp32 (used for features and gradients too)
+FP32_TOL = 1e-4  # SPEC §4, whole model: logits rel <= 1e-4 in fp32 (features too; gradients: see _assert_parity)
 CL = torch.channels_last
 CF = torch.contiguous_format
 
@@ -114,26 +114,21 @@ def _names(model: cspmirror.CSPMirrorNet) -> list[str]:
     return ["logits"] + [f"level {i} ({info['module']})" for i, info in enumerate(model.feature_info)]
 
 
-def _assert_lowp_within(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, what: str) -> None:
-    """SPEC §4's low-precision rule for outputs of any storage dtype (autocast gives fp32 gradients)."""
-    err, bound = rel_err(out, ref64), 2 * rel_err(torch_lowp, ref64) + 1e-6
-    assert err <= bound, f"{what}: rel err {err:.3g} > 2 x PyTorch's {bound / 2:.3g} (+1e-6)"
-
-
 def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.dtype,
                    backward: bool = True, compile_backend: str | None = None) -> None:
     """Triton vs reference backend on ``model``'s weights, both against the float64 reference model (SPEC §4):
     logits, every feature level, every parameter gradient and, in training, the BatchNorm running statistics.
-    With ``x`` in channels_last, every feature level must come out in channels_last too. With
-    ``compile_backend``, the Triton model runs through ``torch.compile(fullgraph=True)``."""
+    Gradients in fp32, which SPEC §4 gives no whole-model bound for, must be within 1e-4 or 2x the reference
+    backend's own fp32 error. With ``x`` in channels_last, every feature level must come out in channels_last
+    too. With ``compile_backend``, the Triton model runs through ``torch.compile(fullgraph=True)``."""
     ref64 = _copy(model, "reference", torch.float64)
     cotangents = _cotangents(ref64, x) if backward else None
     outs64, grads64 = _run(ref64, x, cotangents)
     lowp = dtype != torch.float32
-    ref = _copy(model, "reference", dtype) if lowp else None
     tri = _copy(model, "triton", dtype)
     outs_t, grads_t = _run(tri, x, cotangents, compile_backend)
-    outs_r, grads_r = _run(ref, x, cotangents) if lowp else (None, None)
+    ref = _copy(model, "reference", dtype)
+    outs_r, grads_r = _run(ref, x, cotangents)
     channels_last = x.is_contiguous(memory_format=CL) and not x.is_contiguous()
     for i, name in enumerate(_names(model)):
         assert outs_t[i].dtype == dtype, f"{name}: dtype {outs_t[i].dtype}"
@@ -142,7 +137,8 @@ def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.
         assert_within_spec(outs_t[i], outs64[i], outs_r[i] if lowp else None, FP32_TOL, what=name)
     for name, g64 in grads64.items():
         assert grads_t[name] is not None, f"no gradient for {name}"
-        assert_within_spec(grads_t[name], g64, grads_r[name] if lowp else None, FP32_TOL, what=f"grad {name}")
+        assert_within_torch_error(grads_t[name], g64, grads_r[name], floor=0.0 if lowp else FP32_TOL,
+                                  what=f"grad {name}")
     if model.training:
         bufs64, bufs_t = dict(ref64.named_buffers()), dict(tri.named_buffers())
         bufs_r = dict(ref.named_buffers()) if lowp else None
@@ -321,10 +317,10 @@ def test_autocast_bf16_parity_triton_vs_reference(device, mode):
     (outs_r, grads_r), (outs_t, grads_t) = results["reference"], results["triton"]
     for i, name in enumerate(_names(model)):
         assert outs_t[i].dtype == outs_r[i].dtype == torch.bfloat16, f"{name}: {outs_t[i].dtype}"
-        _assert_lowp_within(outs_t[i], outs64[i], outs_r[i], name)
+        assert_within_torch_error(outs_t[i], outs64[i], outs_r[i], what=name)
     for name, g64 in grads64.items():
         assert grads_t[name].dtype == grads_r[name].dtype == torch.float32, name
-        _assert_lowp_within(grads_t[name], g64, grads_r[name], f"grad {name}")
+        assert_within_torch_error(grads_t[name], g64, grads_r[name], what=f"grad {name}")
 
 
 def test_compile_fullgraph_reference_backend():
@@ -381,4 +377,4 @@ def test_autocast_gpu_dtypes_match_reference(dtype):
     assert outs["triton"].dtype == outs["reference"].dtype == dtype
     with torch.no_grad():
         out64 = _copy(model, "reference", torch.float64)(x.double())
-    _assert_lowp_within(outs["triton"], out64, outs["reference"], "logits")
+    assert_within_torch_error(outs["triton"], out64, outs["reference"], what="logits")
