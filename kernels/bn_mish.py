@@ -41,6 +41,7 @@ import triton.language as tl
 from cspmirror.backends import triton_interpreted
 
 from .activations import mish
+from .launch import cdiv, next_power_of_2
 
 INTERPRETED = triton_interpreted()
 INTERPRETED_BF16_FIX = tl.constexpr(INTERPRETED)
@@ -348,7 +349,7 @@ class Plan:
 
     @property
     def c_blocks(self) -> int:
-        return triton.cdiv(self.c, self.block_c)
+        return cdiv(self.c, self.block_c)
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
         strides = view_strides(t, self.merge_n)
@@ -357,32 +358,46 @@ class Plan:
 
     def splits(self, device: torch.device) -> tuple[int, int]:
         """(programs, tiles per program) along the tiles of a channel block, for a reduction."""
-        target = target_programs(device)
-        ipp = triton.cdiv(self.items, max(1, min(self.items, triton.cdiv(target, self.c_blocks))))
-        return triton.cdiv(self.items, ipp), ipp
+        # At most the target in all (rounding up would start a second, mostly idle wave of programs).
+        splits = max(1, min(self.items, target_programs(device) // self.c_blocks))
+        ipp = cdiv(self.items, splits)
+        return cdiv(self.items, ipp), ipp
 
 
 def make_plan(x: torch.Tensor, others: Sequence[torch.Tensor | None] = ()) -> Plan | None:
-    """A plan in which ``x`` and every tensor of ``others`` (None skipped) fit, or None."""
-    tensors = [t for t in (x, *others) if t is not None]
+    """A plan in which ``x`` and every tensor of ``others`` (None skipped) fit, or None. Cached on shapes
+    and strides: for small tensors the host-side cost of a call is what a user waits for."""
+    layouts = tuple((tuple(t.shape), t.stride()) for t in (x, *others) if t is not None)
+    return _cached_plan(layouts, INT32_LIMIT)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], int32_limit: int) -> Plan | None:
+    """:func:`make_plan` of tensors given as (shape, strides), ``x`` first."""
+    tensors = [torch.empty_strided(shape, stride, device="meta") for shape, stride in layouts]
     for merge_n in (True, False):
         if all(view_strides(t, merge_n) is not None for t in tensors):
-            return _plan(x, merge_n, tensors)
+            return _plan(tensors[0], merge_n, tensors, int32_limit)
     return None
 
 
-def _plan(x: torch.Tensor, merge_n: bool, tensors: Sequence[torch.Tensor]) -> Plan:
+def _plan(x: torch.Tensor, merge_n: bool, tensors: Sequence[torch.Tensor], int32_limit: int) -> Plan:
     n, c, h, w = x.shape
     a, b = (1, n * h * w) if merge_n else (n, h * w)
     if view_strides(x, merge_n)[1] == 1 and c > 1:  # channels innermost
-        block_c = min(triton.next_power_of_2(c), BLOCK_C_CONTIGUOUS)
-        block_b = min(triton.next_power_of_2(b), TILE // block_c)
+        block_c = min(next_power_of_2(c), BLOCK_C_CONTIGUOUS)
+        block_b = min(next_power_of_2(b), TILE // block_c)
     else:
-        block_b = min(triton.next_power_of_2(b), TILE)
-        block_c = min(triton.next_power_of_2(c), TILE // block_b)
-    nbb = triton.cdiv(b, block_b)
-    reach = max(_max_offset(t) for t in tensors) + TILE * max(max(t.stride()) for t in tensors)
-    return Plan(merge_n, c, b, block_c, block_b, nbb, a * nbb, reach > INT32_LIMIT)
+        block_b = min(next_power_of_2(b), TILE)
+        block_c = min(next_power_of_2(c), TILE // block_b)
+    nbb = cdiv(b, block_b)
+    # The largest offset any lane computes, masked lanes of the padded tile included (int32 arithmetic must
+    # hold it, each term too).
+    padded = (a, cdiv(c, block_c) * block_c, nbb * block_b)
+    reach = max(sum((extent - 1) * abs(stride) for extent, stride in zip(padded, view_strides(t, merge_n),
+                                                                          strict=True))
+                for t in tensors)
+    return Plan(merge_n, c, b, block_c, block_b, nbb, a * nbb, reach > int32_limit)
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -501,7 +516,7 @@ def batch_stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var:
             x, pshift, poff, pm2, c, plan.b, plan.nbb, plan.items, ipp, *plan.strides(x),
             BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
         )
-        _stats_finalize_kernel[(triton.cdiv(c, FINALIZE_BLOCK),)](
+        _stats_finalize_kernel[(cdiv(c, FINALIZE_BLOCK),)](
             pshift, poff, pm2, mean, var, running_mean, running_var,
             c, plan.b, plan.nbb, plan.items, ipp, splits, x.numel() // c, float(momentum),
             BLOCK_B=plan.block_b, BLOCK=FINALIZE_BLOCK,
@@ -570,7 +585,7 @@ def _reduce_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Te
     partials = new_fp32(2, splits, c, device=x.device)
     _launch_backward(plan, dy, x, dx, args, None, partials, splits, ipp)
     sum_g, sum_gx = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
-    _sum_partials_kernel[(triton.cdiv(c, FINALIZE_BLOCK),)](
+    _sum_partials_kernel[(cdiv(c, FINALIZE_BLOCK),)](
         partials[0], partials[1], sum_g, sum_gx, c, splits, BLOCK=FINALIZE_BLOCK,
     )
     return sum_g, sum_gx

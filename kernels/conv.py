@@ -22,6 +22,7 @@ import triton.language as tl
 from cspmirror.backends import triton_interpreted
 
 from .activations import mish
+from .launch import cdiv, next_power_of_2
 
 INTERPRETED = triton_interpreted()
 # Output pixels (GEMM rows) and weight offsets are int32 in the implicit GEMM; element offsets are int64.
@@ -58,12 +59,12 @@ _FMA_TILE = 128 * 64 * 32  # exact fp32 (ieee) runs on FMA units: big tiles only
 def _fits(config: triton.Config, k_size: int, m: int, c_in: int, c_out: int, ieee: bool) -> bool:
     meta = config.kwargs
     block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    n_pow2 = triton.next_power_of_2(c_out)
+    n_pow2 = next_power_of_2(c_out)
     return ((k_size == 1 or config.num_warps <= 4)
             and (block_m >= 128 or m < _BIG_M)
-            and block_m <= max(64, triton.next_power_of_2(m))
+            and block_m <= max(64, next_power_of_2(m))
             and min(64, n_pow2) <= block_n <= max(32, n_pow2)
-            and block_k <= max(32, triton.next_power_of_2(c_in))
+            and block_k <= max(32, next_power_of_2(c_in))
             and (not ieee or block_m * block_n * block_k <= _FMA_TILE))
 
 
@@ -232,7 +233,7 @@ def conv_mish(x: torch.Tensor, w_packed: torch.Tensor, bias: torch.Tensor | None
                          f"({w_packed.numel()} elements) must each stay below {MAX_GEMM_ROWS}")
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
 
     precision = "tf32" if (tf32 or x.dtype != torch.float32) else "ieee"
     _conv_mish_kernel[grid](
@@ -257,9 +258,9 @@ def mish_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Te
     """
     batch, c, h, w = y.shape
     m = batch * h * w
-    block_n = min(128, max(16, triton.next_power_of_2(c)))
+    block_n = min(128, max(16, next_power_of_2(c)))
     block_m = 4096 // block_n
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_n))
+    grid = (cdiv(m, block_m), cdiv(c, block_n))
     _mish_epilogue_kernel[grid](
         y, bias, residual, out, m, c, h * w, w,
         *_strides(y), *_strides(residual), *_strides(out),

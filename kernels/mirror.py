@@ -2,14 +2,16 @@
 
 Both kernels walk their OUTPUT in its physical order: dim 0 is the batch, dims 1..3 are the output's other
 dims sorted by stride (d3 is the contiguous one: W for NCHW, C for channels_last). Each program owns one
-batch index (and, for the split, one part) and one [B1, B2, B3] tile of dims 1..3, so there is no
-per-element division; the input is read through its own strides (permuted into the same order), and the
-flip and the overlap are index arithmetic on whichever of dims 1..3 is the split axis (``SPLIT_DIM``).
-Loads and stores along d3 vectorise where strides allow (see ``ALIGN``); the mirrored part's loads along
-a contiguous split axis (NCHW, axis=-1) run backwards and stay scalar, but coalesced.
+batch index and one [B1, B2, B3] tile of dims 1..3, so there is no per-element division; the input is read
+through its own strides (permuted into the same order), and the flip and the overlap are index arithmetic on
+whichever of dims 1..3 is the split axis (``SPLIT_DIM``). Loads and stores along d3 vectorise where strides
+allow (see ``ALIGN``). Dim 3 is indexed in groups of ALIGN lanes: a mirrored read along a contiguous split
+axis (NCHW, axis=-1) reads each group forwards, vectorised, and flips it in registers (``tl.flip`` over a
+dim that one thread holds), where an element-wise backwards read would be scalar.
 
-- split: ``y[n] = x[n]`` read at ``j`` (part 1), at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2). One
-  read and one write per element; ``HALVE`` halves the overlap (the adjoint of ``reduce="mean"``).
+- split: ``y[n] = x[n]`` read at ``j`` (part 1) and at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2);
+  one program writes the tile of both parts, so the overlap's second read comes from the cache. One read and
+  one write per element; ``HALVE`` halves the overlap (the adjoint of ``reduce="mean"``).
 - fuse: ``out[n, l] = (0 + z1[n, l]) + z2[n, l']`` with each term present only where that part covers
   ``l``; every part element is read once and every output element written once (no zero fill, no cat,
   no flip copy). One launch per part, into its channel slice of the output: parts may differ in strides
@@ -23,7 +25,8 @@ does, so the results are bit-identical to :mod:`cspmirror.ops.reference`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -31,20 +34,27 @@ import triton.language as tl
 
 from cspmirror.backends import triton_interpreted
 
+from .launch import cdiv, next_power_of_2
+
 _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _tile(t1, t2, t3, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, INT64: tl.constexpr):
-    """Indices of tile (t1, t2, t3), shaped [B1, 1, 1], [1, B2, 1], [1, 1, B3] to broadcast together."""
+def _tile(t1, t2, t3, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+    """Indices of tile (t1, t2, t3) as 4-D tensors that broadcast together: i1 [B1, 1, 1, 1], i2 [1, B2, 1, 1],
+    and dim 3 in groups of V lanes, ``i3 = group + lane`` with group [1, 1, B3 / V, 1] (multiples of V) and
+    lane [1, 1, 1, V]. Keeping the two apart lets a mirrored read along dim 3 be written as a forward
+    (vectorisable) read of each group, flipped in registers (see :func:`_mirrored_load`)."""
     i1 = t1 * B1 + tl.arange(0, B1)
     i2 = t2 * B2 + tl.arange(0, B2)
-    i3 = t3 * B3 + tl.arange(0, B3)
+    group = t3 * B3 + tl.arange(0, B3 // V) * V
+    lane = tl.arange(0, V)
     if INT64:
         i1 = i1.to(tl.int64)
         i2 = i2.to(tl.int64)
-        i3 = i3.to(tl.int64)
-    return i1[:, None, None], i2[None, :, None], i3[None, None, :]
+        group = group.to(tl.int64)
+        lane = lane.to(tl.int64)
+    return i1[:, None, None, None], i2[None, :, None, None], group[None, None, :, None], lane[None, None, None, :]
 
 
 @triton.jit
@@ -100,15 +110,9 @@ def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(tiles1, tiles2, tiles3, PARTS: tl.constexpr, INT64: tl.constexpr):
-    """(batch index, part, t1, t2, t3) of this program; the part varies fastest, then the innermost tile.
-
-    With the part innermost, the two programs that read the same input rows (split: part 1 and part 2 of
-    one tile) run side by side, so the overlap is read from DRAM once and from L2 the second time.
-    """
+def _program_tile(tiles1, tiles2, tiles3, INT64: tl.constexpr):
+    """(batch index, t1, t2, t3) of this program; the innermost tile varies fastest."""
     pid = tl.program_id(0)
-    part = pid % PARTS
-    pid = pid // PARTS
     t3 = pid % tiles3
     pid = pid // tiles3
     t2 = pid % tiles2
@@ -117,21 +121,58 @@ def _program_tile(tiles1, tiles2, tiles3, PARTS: tl.constexpr, INT64: tl.constex
     n = pid // tiles1
     if INT64:
         n = n.to(tl.int64)
-    return n, part, t1, t2, t3
+    return n, t1, t2, t3
 
 
 @triton.jit
-def _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, start, length, width,
+def _flip_lanes(v, V: tl.constexpr):
+    """``v`` [B1, B2, G, V] reversed along its last dim (V a power of two): reversing the lane index means
+    complementing each of its bits, one split/join swap per bit. One thread holds the V lanes, so on the GPU
+    these are register moves; ``tl.flip`` would do the same there, but it reduces with a custom combine,
+    which crawls in the interpreter."""
+    B1: tl.constexpr = v.shape[0]
+    B2: tl.constexpr = v.shape[1]
+    G: tl.constexpr = v.shape[2]
+    for k in tl.static_range(V.bit_length() - 1):
+        w = tl.permute(tl.reshape(v, [B1, B2, G * (V >> (k + 1)), 2, 1 << k]), [0, 1, 2, 4, 3])
+        low, high = tl.split(w)
+        v = tl.reshape(tl.permute(tl.join(high, low), [0, 1, 2, 4, 3]), [B1, B2, G, V])
+    return v
+
+
+@triton.jit
+def _mirrored_load(base, i1, i2, group, lane, s1, s2, s3, start, mask, SPLIT_DIM: tl.constexpr, V: tl.constexpr):
+    """Load ``base`` at split-axis index ``start - j`` for each tile position (j its split-axis index), 0 where
+    masked.
+
+    Along dim 3 (the contiguous one) a backwards read would be scalar; instead each group of V lanes reads
+    its V elements forwards, from ``start - (group + V - 1)`` on, and flips them in registers. ``mask`` must
+    be uniform over each group (the launcher makes V divide L and P).
+    """
+    if SPLIT_DIM == 3:
+        ahead = (start - (V - 1)) - group + lane
+        v = tl.load(base + (i1 * s1 + i2 * s2 + ahead * s3), mask=mask, other=0.0)
+        v = _flip_lanes(v, V)
+    else:
+        i3 = group + lane
+        j = _pick(i1, i2, i3, SPLIT_DIM)
+        v = tl.load(base + _offsets(i1, i2, i3, s1, s2, s3, start - j, SPLIT_DIM), mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, start, length, width,
                 FLIP: tl.constexpr, SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr,
-                SOFT_BF16: tl.constexpr):
+                SOFT_BF16: tl.constexpr, V: tl.constexpr):
     """Copy one tile of one part: ``y = x`` read at ``start + j`` (or ``start - j`` when FLIP)."""
+    i3 = group + lane
     j = _pick(i1, i2, i3, SPLIT_DIM)
-    # Separate constexpr branches keep ``start + j`` visibly contiguous, so unflipped loads vectorise.
     if FLIP:
+        v = _mirrored_load(x_base, i1, i2, group, lane, xs1, xs2, xs3, start, mask, SPLIT_DIM, V)
         src = start - j
     else:
         src = start + j
-    v = tl.load(x_base + _offsets(i1, i2, i3, xs1, xs2, xs3, src, SPLIT_DIM), mask=mask)
+        v = tl.load(x_base + _offsets(i1, i2, i3, xs1, xs2, xs3, src, SPLIT_DIM), mask=mask)
     if HALVE:
         in_overlap = (src >= length - width) & (src < width)
         v = tl.where(in_overlap, _round(_widen(v, COMPUTE, SOFT_BF16) * 0.5, v.dtype, SOFT_BF16), v)
@@ -165,21 +206,22 @@ def mirror_split_kernel(
     if SPLIT_DIM == 3:
         length *= ALIGN
         width *= ALIGN
-    n, part, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, 2, INT64)
-    i1, i2, i3 = _tile(t1, t2, t3, B1, B2, B3, INT64)
+    n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
+    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, ALIGN, INT64)
+    i3 = group + lane
     mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
     x_base = x_ptr + n * xs0
-    y_ptrs = y_ptr + (n + part * n_half) * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
-    if part == 0:
-        _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, 0, length, width,
-                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
+    y_ptrs = y_ptr + n * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
+    # Both parts of the tile in one program: the overlap's second read hits the cache.
+    _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, 0, length, width,
+                False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
+    y_ptrs += n_half * ys0
+    if MIRROR:
+        _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - 1, length, width,
+                    True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
     else:
-        if MIRROR:
-            _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, length - 1, length, width,
-                        True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
-        else:
-            _split_part(x_base, y_ptrs, mask, i1, i2, i3, xs1, xs2, xs3, length - width, length, width,
-                        False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16)
+        _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - width, length, width,
+                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
 
 
 @triton.jit
@@ -205,20 +247,23 @@ def mirror_fuse_kernel(
     if SPLIT_DIM == 3:
         length *= ALIGN
         width *= ALIGN
-    n, _, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, 1, INT64)
-    i1, i2, i3 = _tile(t1, t2, t3, B1, B2, B3, INT64)
+    n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
+    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, ALIGN, INT64)
+    i3 = group + lane
     mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
     pos = _pick(i1, i2, i3, SPLIT_DIM)
     in_first = pos < width
     in_second = pos >= length - width
-    if MIRROR:
-        src2 = (length - 1) - pos
-    else:
-        src2 = pos - (length - width)
     a = tl.load(p_ptr + n * ps0 + _offsets(i1, i2, i3, ps1, ps2, ps3, pos, SPLIT_DIM),
                 mask=mask & in_first, other=0.0)
-    b = tl.load(p_ptr + (n + n_half) * ps0 + _offsets(i1, i2, i3, ps1, ps2, ps3, src2, SPLIT_DIM),
-                mask=mask & in_second, other=0.0)
+    second_base = p_ptr + (n + n_half) * ps0
+    if MIRROR:
+        b = _mirrored_load(second_base, i1, i2, group, lane, ps1, ps2, ps3, length - 1, mask & in_second,
+                           SPLIT_DIM, ALIGN)
+    else:
+        src2 = pos - (length - width)
+        b = tl.load(second_base + _offsets(i1, i2, i3, ps1, ps2, ps3, src2, SPLIT_DIM),
+                    mask=mask & in_second, other=0.0)
     a = _widen(a, COMPUTE, SOFT_BF16)
     b = _widen(b, COMPUTE, SOFT_BF16)
     # The reference adds both parts into zeros: (0 + a) + b, rounded to the dtype once. The "0 +" is not
@@ -248,23 +293,26 @@ class _Plan:
     int64: bool
     soft_bf16: bool
     num_warps: int
+    args: tuple[int, ...]  # the kernels' integer arguments after ``n_half``
+    meta: dict = field(hash=False)  # their constexpr and launch options
+    grid: tuple[int]
 
 
-def _physical_order(t: torch.Tensor) -> list[int]:
+def _physical_order(stride: tuple[int, ...]) -> list[int]:
     """Dims of a 4-D tensor, batch first, the others by decreasing stride (ties keep NCHW order)."""
-    return [0] + sorted((1, 2, 3), key=lambda d: -t.stride(d))
+    return [0] + sorted((1, 2, 3), key=lambda d: -stride[d])
 
 
-def _strides(t: torch.Tensor, order: list[int]) -> list[int]:
-    """``t``'s strides in ``order``; size-1 dims get stride 0 (never stepped, and it keeps ALIGN large)."""
-    return [t.stride(d) if t.shape[d] > 1 else 0 for d in order]
+def _strides(shape: tuple[int, ...], stride: tuple[int, ...], order: list[int]) -> list[int]:
+    """Strides in ``order``; size-1 dims get stride 0 (never stepped, and it keeps ALIGN large)."""
+    return [stride[d] if shape[d] > 1 else 0 for d in order]
 
 
 def _blocks(sizes: list[int], max_elems: int) -> tuple[int, int, int]:
     """Power-of-two tile [B1, B2, B3] of at most ``max_elems`` elements, filled from the innermost dim."""
-    b3 = min(triton.next_power_of_2(sizes[2]), max_elems)
-    b2 = min(triton.next_power_of_2(sizes[1]), max(1, max_elems // b3))
-    b1 = min(triton.next_power_of_2(sizes[0]), max(1, max_elems // (b3 * b2)))
+    b3 = min(next_power_of_2(sizes[2]), max_elems)
+    b2 = min(next_power_of_2(sizes[1]), max(1, max_elems // b3))
+    b1 = min(next_power_of_2(sizes[0]), max(1, max_elems // (b3 * b2)))
     return b1, b2, b3
 
 
@@ -284,44 +332,50 @@ def _span(extents: list[int], strides: list[int]) -> int:
 
 def _plan(inp: torch.Tensor, out: torch.Tensor, axis: int, batch: int, length: int, width: int,
           force_int64: bool) -> _Plan:
-    order = _physical_order(out)
-    sizes = [out.shape[d] for d in order[1:]]
-    in_strides, out_strides = _strides(inp, order), _strides(out, order)
-    split_dim = order.index(axis % 4)
-    interpreted = triton_interpreted()
+    """The launch plan of one call. Cached on shapes and strides: for small tensors the host-side cost of a
+    call is what a user waits for, and working the plan out again costs more than the launch itself."""
+    return _cached_plan(tuple(inp.shape), inp.stride(), tuple(out.shape), out.stride(), inp.dtype,
+                        inp.element_size(), axis % 4, batch, length, width, force_int64, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shape: tuple[int, ...],
+                 out_stride: tuple[int, ...], dtype: torch.dtype, element_size: int, axis: int, batch: int,
+                 length: int, width: int, force_int64: bool, interpreted: bool) -> _Plan:
+    order = _physical_order(out_stride)
+    sizes = [out_shape[d] for d in order[1:]]
+    in_strides, out_strides = _strides(in_shape, in_stride, order), _strides(out_shape, out_stride, order)
+    split_dim = order.index(axis)
     # ~16 elements per thread on the GPU; big tiles in the interpreter, where each program costs Python time.
-    max_elems = 8192 if interpreted else max(1024, 8192 // inp.element_size())
+    max_elems = 8192 if interpreted else max(1024, 8192 // element_size)
     blocks = _blocks(sizes, max_elems)
-    tiles = tuple(triton.cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
+    tiles = tuple(cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
     row_values = in_strides[:3] + out_strides[:3] + [sizes[2]]
     if split_dim == 3:
         row_values += [length, width]
-    align = _pow2_divisor(row_values, max(1, 16 // inp.element_size()))
+    a = _pow2_divisor(row_values, max(1, 16 // element_size))
     padded = [2 * batch] + [t * b for t, b in zip(tiles, blocks, strict=True)]
     # On the split axis the input index is start +- j with |start| < L, in masked lanes too.
     in_extents = list(padded)
     in_extents[split_dim] += length
     int64 = force_int64 or max(_span(in_extents, in_strides), _span(padded, out_strides)) > _INT32_MAX
     num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // 512))
-    soft_bf16 = interpreted and inp.dtype == torch.bfloat16
-    return _Plan(tuple(sizes), tuple(in_strides), tuple(out_strides), split_dim, blocks, tiles, align,
-                 int64, soft_bf16, num_warps)
+    soft_bf16 = interpreted and dtype == torch.bfloat16
+    # Row quantities are passed divided by ALIGN (the kernels multiply them back; see mirror_split_kernel).
+    row = [length // a, width // a] if split_dim == 3 else [length, width]
+    args = (row + sizes[:2] + [sizes[2] // a] + [s // a for s in in_strides[:3]] + [in_strides[3]]
+            + [s // a for s in out_strides[:3]] + [out_strides[3]] + list(tiles))
+    meta = dict(SPLIT_DIM=split_dim, ALIGN=a, INT64=int64, SOFT_BF16=soft_bf16, B1=blocks[0], B2=blocks[1],
+                B3=blocks[2], num_warps=num_warps)
+    programs = batch * tiles[0] * tiles[1] * tiles[2]
+    if programs > _INT32_MAX:
+        raise ValueError(f"tensor too large for the mirror kernels ({programs} tiles)")
+    return _Plan(tuple(sizes), tuple(in_strides), tuple(out_strides), split_dim, blocks, tiles, a, int64,
+                 soft_bf16, num_warps, tuple(args), meta, (programs,))
 
 
 def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _launch_args(plan: _Plan, length: int, width: int) -> tuple[list[int], dict]:
-    a = plan.align
-    row = [length // a, width // a] if plan.split_dim == 3 else [length, width]
-    args = (row + list(plan.sizes[:2]) + [plan.sizes[2] // a]
-            + [s // a for s in plan.in_strides[:3]] + [plan.in_strides[3]]
-            + [s // a for s in plan.out_strides[:3]] + [plan.out_strides[3]]
-            + list(plan.tiles))
-    meta = dict(SPLIT_DIM=plan.split_dim, ALIGN=a, INT64=plan.int64, SOFT_BF16=plan.soft_bf16, B1=plan.blocks[0],
-                B2=plan.blocks[1], B3=plan.blocks[2], num_warps=plan.num_warps)
-    return args, meta
 
 
 def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -329,13 +383,6 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
-
-
-def _grid(batch: int, plan: _Plan) -> tuple[int]:
-    programs = batch * plan.tiles[0] * plan.tiles[1] * plan.tiles[2]
-    if programs > _INT32_MAX:
-        raise ValueError(f"tensor too large for the mirror kernels ({programs} tiles)")
-    return (programs,)
 
 
 def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
@@ -351,10 +398,10 @@ def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, 
     """
     n = x.shape[0]
     plan = _plan(x, y, axis, n, length, width, force_int64)
-    args, meta = _launch_args(plan, length, width)
     with _on_device(x):
-        mirror_split_kernel[_grid(2 * n, plan)](
-            x, y, n, *args, MIRROR=bool(mirror), HALVE=bool(halve), COMPUTE=_compute_dtype(x.dtype), **meta)
+        mirror_split_kernel[plan.grid](
+            x, y, n, *plan.args, MIRROR=bool(mirror), HALVE=bool(halve), COMPUTE=_compute_dtype(x.dtype),
+            **plan.meta)
 
 
 def fuse_part(part: torch.Tensor, out: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
@@ -368,8 +415,7 @@ def fuse_part(part: torch.Tensor, out: torch.Tensor, length: int, width: int, ax
     """
     n = out.shape[0]
     plan = _plan(part, out, axis, n, length, width, force_int64)
-    args, meta = _launch_args(plan, length, width)
     with _on_device(part):
-        mirror_fuse_kernel[_grid(n, plan)](
-            part, out, n, *args, MIRROR=bool(mirror), MEAN=bool(mean), COMPUTE=_compute_dtype(part.dtype),
-            **meta)
+        mirror_fuse_kernel[plan.grid](
+            part, out, n, *plan.args, MIRROR=bool(mirror), MEAN=bool(mean), COMPUTE=_compute_dtype(part.dtype),
+            **plan.meta)

@@ -183,6 +183,35 @@ def test_split_copies_bits(device: torch.device) -> None:
     assert torch.equal(out.view(torch.int32), reference.mirror_split(x, 0.25, -1, True).view(torch.int32))
 
 
+@pytest.mark.parametrize(("shape", "overlap", "dtype"), [
+    *[pytest.param((1, 2, 3, 64), 0.25, dtype, id=f"W64-{dtype}") for dtype in DTYPES],
+    pytest.param((1, 1, 1, 16384), 0.25, torch.float32, id="two-tiles-along-W"),  # tiles of 8192 interpreted
+])
+def test_vectorised_mirrored_reads(shape: list[int], overlap: float, dtype: torch.dtype,
+                                   device: torch.device) -> None:
+    """NCHW, axis=-1, with L and P multiples of the vector width: the mirrored part is read in forward
+    groups of ALIGN lanes flipped in registers (also across several tiles along W); split and fuse, sum and
+    mean, forward and backward, bit-exact."""
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    length, width = shape[-1], split_width(shape[-1], overlap)
+    y = torch.empty(split_shape(shape, -1, overlap), device=device, dtype=dtype)
+    plan = kernels._plan(x, y, -1, shape[0], length, width, False)
+    assert plan.split_dim == 3 and plan.align > 1, plan  # the path this test is for
+    for reduce in ("sum", "mean"):
+        ref = reference.mirror_split(x, overlap, -1, True)
+        poison_next_alloc(ref)
+        out = ops.mirror_split(x, overlap, -1, True, backend="triton")
+        assert_bit_exact(out, ref, "split")
+        grad = torch.randn_like(ref)
+        fused_ref = reference.mirror_fuse([grad], length, overlap, -1, True, reduce)
+        poison_next_alloc(fused_ref)
+        assert_bit_exact(ops.mirror_fuse([grad], length, overlap, -1, True, reduce, backend="triton"), fused_ref,
+                         f"fuse {reduce}")
+    (ref_grad,) = torch.autograd.grad(reference.mirror_split(x, overlap, -1, True), x, grad)
+    (out_grad,) = torch.autograd.grad(ops.mirror_split(x, overlap, -1, True, backend="triton"), x, grad)
+    assert_bit_exact(out_grad, ref_grad, "split backward")
+
+
 @pytest.mark.parametrize("force_int64", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_launchers_write_only_their_output(layout: torch.memory_format, force_int64: bool,

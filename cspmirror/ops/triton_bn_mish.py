@@ -33,6 +33,7 @@ import torch
 from cspmirror.kernels import bn_mish as kernels
 
 from . import reference
+from ._eager import EagerOp
 
 _APPLY_ARGS = ("Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
                "bool training")
@@ -68,16 +69,16 @@ def bn_mish(
         return reference.bn_mish(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                  residual, out=out)
     if training:
-        mean, var = torch.ops.cspmirror.bn_stats_triton(x.detach(), running_mean, running_var, momentum)
+        mean, var = _bn_stats(x.detach(), running_mean, running_var, momentum)
     else:
         mean, var = running_mean, running_var
     args = (x, mean, var, weight, bias, residual, eps, training)
     if out is None:
-        return torch.ops.cspmirror.bn_mish_apply_triton(*args)
+        return _apply(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, residual, out)):
-        return out.copy_(torch.ops.cspmirror.bn_mish_apply_triton(*args))
-    torch.ops.cspmirror.bn_mish_apply_triton_out(*args, out)
+        return out.copy_(_apply(*args))
+    _apply_out(*args, out)
     return out
 
 
@@ -92,13 +93,15 @@ def _stats_like(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
 
 # --- forward ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(
-    "cspmirror::bn_stats_triton", mutates_args=("running_mean", "running_var"),
+def _bn_stats_impl(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                   momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.batch_stats(x, running_mean, running_var, momentum)
+
+
+_bn_stats_op = torch.library.custom_op(
+    "cspmirror::bn_stats_triton", _bn_stats_impl, mutates_args=("running_mean", "running_var"),
     schema="(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor)",
 )
-def _bn_stats_op(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                 momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.batch_stats(x, running_mean, running_var, momentum)
 
 
 @_bn_stats_op.register_fake
@@ -106,14 +109,16 @@ def _(x, running_mean, running_var, momentum):
     return _stats_like(x), _stats_like(x)
 
 
-@torch.library.custom_op("cspmirror::bn_mish_apply_triton", mutates_args=(),
-                         schema=f"({_APPLY_ARGS}) -> Tensor")
-def _apply_op(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-              bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool
-              ) -> torch.Tensor:
+def _apply_impl(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool
+                ) -> torch.Tensor:
     y = new_like(x)
     kernels.apply(x, mean, var, eps, weight, bias, residual, y)
     return y
+
+
+_apply_op = torch.library.custom_op("cspmirror::bn_mish_apply_triton", _apply_impl, mutates_args=(),
+                                    schema=f"({_APPLY_ARGS}) -> Tensor")
 
 
 @_apply_op.register_fake
@@ -132,8 +137,8 @@ def _backward(ctx, grad: torch.Tensor):
     need_x, _, _, need_w, need_b, need_residual = ctx.needs_input_grad[:6]
     grad_x = grad_w = grad_b = None
     if need_x or need_w or need_b:
-        dx, sum_g, sum_gx = torch.ops.cspmirror.bn_mish_backward_triton(
-            grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x, need_w or need_b)
+        dx, sum_g, sum_gx = _backward_fused(grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x,
+                                            need_w or need_b)
         grad_x = dx if need_x else None
         grad_w = sum_gx.to(weight.dtype) if need_w else None
         grad_b = sum_g.to(bias.dtype) if need_b else None
@@ -143,12 +148,14 @@ def _backward(ctx, grad: torch.Tensor):
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("cspmirror::bn_mish_apply_triton_out", mutates_args=("out",),
-                         schema=f"({_APPLY_ARGS}, Tensor(a!) out) -> ()")
-def _apply_out_op(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-                  bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool,
-                  out: torch.Tensor) -> None:
+def _apply_out_impl(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool,
+                    out: torch.Tensor) -> None:
     kernels.apply(x, mean, var, eps, weight, bias, residual, out)
+
+
+_apply_out_op = torch.library.custom_op("cspmirror::bn_mish_apply_triton_out", _apply_out_impl,
+                                        mutates_args=("out",), schema=f"({_APPLY_ARGS}, Tensor(a!) out) -> ()")
 
 
 @_apply_out_op.register_fake
@@ -158,14 +165,9 @@ def _(x, mean, var, weight, bias, residual, eps, training, out):
 
 # --- backward -----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(
-    "cspmirror::bn_mish_backward_triton", mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
-           "bool training, bool need_dx, bool need_sums) -> (Tensor, Tensor, Tensor)",
-)
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, training: bool,
-                 need_dx: bool, need_sums: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, training: bool,
+                   need_dx: bool, need_sums: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx [N, C, H, W] (empty [0] unless ``need_dx``); sum_g, sum_gx fp32 [C] (empty [0] when neither
     ``training`` nor ``need_sums``)."""
     dx = new_like(x) if need_dx else x.new_empty(0)
@@ -175,8 +177,23 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: tor
     return dx, sums[0], sums[1]
 
 
+_backward_op = torch.library.custom_op(
+    "cspmirror::bn_mish_backward_triton", _backward_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+           "bool training, bool need_dx, bool need_sums) -> (Tensor, Tensor, Tensor)",
+)
+
+
 @_backward_op.register_fake
 def _(dy, x, mean, var, weight, bias, eps, training, need_dx, need_sums):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     size = None if (training or need_sums) else 0
     return dx, _stats_like(x, size), _stats_like(x, size)
+
+
+# What :func:`bn_mish` and the backward call: the registered ops, or in plain eager mode the same code without
+# the custom-op dispatch (see :mod:`._eager`).
+_bn_stats = EagerOp(_bn_stats_op, _bn_stats_impl, mutates=(1, 2))
+_apply = EagerOp(_apply_op, _apply_impl, _setup_context, _backward)
+_apply_out = EagerOp(_apply_out_op, _apply_out_impl, mutates=(8,))
+_backward_fused = EagerOp(_backward_op, _backward_impl)

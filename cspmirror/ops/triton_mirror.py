@@ -21,6 +21,7 @@ import torch
 
 from .. import backends
 from ..kernels import mirror as kernels
+from ._eager import EagerOp
 from ._validate import split_width
 from .reference import _memory_format
 
@@ -65,14 +66,16 @@ def _fuse_shape(parts: Sequence[torch.Tensor], length: int, axis: int) -> list[i
 # ------------------------------------------------------------------------------------------- mirror_split
 
 
-@torch.library.custom_op("cspmirror::mirror_split", mutates_args=())
-def _split_op(x: torch.Tensor, overlap: float, axis: int, mirror: bool, reduce: str,
-              channels_last: bool) -> torch.Tensor:
+def _split_impl(x: torch.Tensor, overlap: float, axis: int, mirror: bool, reduce: str,
+                channels_last: bool) -> torch.Tensor:
     _require_triton(x.device)
     y = _empty(_split_shape(x, overlap, axis), x, channels_last)
     length = x.shape[axis]
     kernels.split(x, y, length, split_width(length, overlap), axis, mirror, halve=reduce == "mean")
     return y
+
+
+_split_op = torch.library.custom_op("cspmirror::mirror_split", _split_impl, mutates_args=())
 
 
 @_split_op.register_fake
@@ -87,7 +90,7 @@ def _split_setup_context(ctx, inputs, output) -> None:
 
 def _split_backward(ctx, grad: torch.Tensor):
     length, overlap, axis, mirror, reduce, channels_last = ctx.args
-    grad_x = _fuse_op([grad], length, overlap, axis, mirror, reduce, channels_last)
+    grad_x = _fuse([grad], length, overlap, axis, mirror, reduce, channels_last)
     return grad_x, None, None, None, None, None
 
 
@@ -97,9 +100,8 @@ _split_op.register_autograd(_split_backward, setup_context=_split_setup_context)
 # -------------------------------------------------------------------------------------------- mirror_fuse
 
 
-@torch.library.custom_op("cspmirror::mirror_fuse", mutates_args=())
-def _fuse_op(parts: list[torch.Tensor], length: int, overlap: float, axis: int, mirror: bool, reduce: str,
-             channels_last: bool) -> torch.Tensor:
+def _fuse_impl(parts: list[torch.Tensor], length: int, overlap: float, axis: int, mirror: bool, reduce: str,
+               channels_last: bool) -> torch.Tensor:
     first = parts[0]
     _require_triton(first.device)
     out = _empty(_fuse_shape(parts, length, axis), first, channels_last)
@@ -111,6 +113,9 @@ def _fuse_op(parts: list[torch.Tensor], length: int, overlap: float, axis: int, 
                           mean=reduce == "mean")
         start += channels
     return out
+
+
+_fuse_op = torch.library.custom_op("cspmirror::mirror_fuse", _fuse_impl, mutates_args=())
 
 
 @_fuse_op.register_fake
@@ -129,12 +134,17 @@ def _fuse_backward(ctx, grad: torch.Tensor):
     overlap, axis, mirror, reduce = ctx.args
     grads, start = [], 0
     for channels, channels_last in zip(ctx.channels, ctx.channels_last, strict=True):
-        grads.append(_split_op(grad.narrow(1, start, channels), overlap, axis, mirror, reduce, channels_last))
+        grads.append(_split(grad.narrow(1, start, channels), overlap, axis, mirror, reduce, channels_last))
         start += channels
     return grads, None, None, None, None, None, None
 
 
 _fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup_context)
+
+# What the public functions and the backwards call: the registered ops, or in plain eager mode the same code
+# without the custom-op dispatch (see :mod:`._eager`).
+_split = EagerOp(_split_op, _split_impl, _split_setup_context, _split_backward)
+_fuse = EagerOp(_fuse_op, _fuse_impl, _fuse_setup_context, _fuse_backward)
 
 
 # ------------------------------------------------------------------------------------------ public entry
@@ -145,7 +155,7 @@ def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror:
 
     Raises :class:`cspmirror.backends.BackendUnavailableError` when Triton cannot run on x's device.
     """
-    return _split_op(x, overlap, axis, mirror, "sum", _is_channels_last(x))
+    return _split(x, overlap, axis, mirror, "sum", _is_channels_last(x))
 
 
 def mirror_fuse(parts: Sequence[torch.Tensor], length: int, overlap: float = 0.25, axis: int = -1,
@@ -156,7 +166,7 @@ def mirror_fuse(parts: Sequence[torch.Tensor], length: int, overlap: float = 0.2
     Raises :class:`cspmirror.backends.BackendUnavailableError` when Triton cannot run on the parts' device.
     """
     parts = list(parts)
-    return _fuse_op(parts, length, overlap, axis, mirror, reduce, _is_channels_last(parts[0]))
+    return _fuse(parts, length, overlap, axis, mirror, reduce, _is_channels_last(parts[0]))
 
 
 __all__ = ["mirror_split", "mirror_fuse"]
