@@ -81,6 +81,34 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device 
     return {name: _summary(s) for name, s in samples.items()}
 
 
+def graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object] | None:
+    """``fn`` captured in a CUDA graph, as the callable that replays it; None off CUDA or when ``fn`` cannot
+    be captured (a host sync, a CPU tensor, ...).
+
+    Timing the replay gives the device time of ``fn``'s kernels alone: an eager call's CUDA-event time also
+    holds its host-side cost whenever the GPU waits for the next launch. Warm-up runs on a side stream first,
+    as capture requires (allocator, cuBLAS / cuDNN workspaces, lazy initialisation).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - not capturable: the caller keeps the eager timing only
+        torch.cuda.synchronize(device)
+        return None
+    return graph.replay
+
+
 def copy_time(num_bytes: int, device: torch.device | str, warmup: int = 3, repeats: int = 20) -> Timing:
     """Time of a device copy reading and writing ``num_bytes // 2`` bytes each (the same traffic)."""
     n = max(num_bytes // 2, 1)

@@ -99,11 +99,31 @@ def run_direction(case: OpCase, work: Workload, direction: str, variants: list[s
     try:
         with harness.time_limit(deadline.remaining()):
             timings = harness.time_interleaved(ready, s.device, s.warmup, s.repeats)
-        return [timed_row(rows[v], timings[v]) if v in ready else rows[v] for v in variants]
+        timed = {v: timed_row(rows[v], timings[v]) for v in ready}
+        add_graph_times(timed, ready, s, deadline)
+        return [timed.get(v, rows[v]) for v in variants]
     except harness.CaseTimeout as exc:
         return [{**rows[v], "status": "error", "reason": str(exc)} if v in ready else rows[v] for v in variants]
     except Exception:  # noqa: BLE001 - one variant failed in a later call: time each alone to find which
         return [time_alone(rows[v], ready[v], s, deadline) if v in ready else rows[v] for v in variants]
+
+
+def add_graph_times(rows: dict[str, dict], fns: dict[str, Callable[[], object]], s: OpsSettings,
+                    deadline: harness.Deadline) -> None:
+    """On CUDA, add ``graph_ms`` to each row whose function can be captured in a CUDA graph: the median
+    device time of its kernels, replays timed interleaved as the eager calls were. Best effort: a failure
+    leaves the eager timings alone."""
+    if s.device.type != "cuda":
+        return
+    try:
+        with harness.time_limit(deadline.remaining()):
+            replays = {v: harness.graph_replay(fn, s.device) for v, fn in fns.items()}
+            replays = {v: r for v, r in replays.items() if r is not None}
+            timings = harness.time_interleaved(replays, s.device, s.warmup, s.repeats)
+    except Exception:  # noqa: BLE001
+        return
+    for v, timing in timings.items():
+        rows[v]["graph_ms"] = timing.median_ms
 
 
 def time_alone(row: dict, fn: Callable[[], object], s: OpsSettings, deadline: harness.Deadline) -> dict:
@@ -129,6 +149,12 @@ def derive(rows: list[dict]) -> list[dict]:
             r["frac_copy"] = copy["median_ms"] / ms if copy else None
             r["vs_compile"] = comp["median_ms"] / ms if comp and timed else None
             r["vs_eager"] = eager["median_ms"] / ms if eager and timed else None
+            # The same ratios between device times (CUDA graph replays: no host-side cost in them).
+            graph = r.get("graph_ms")
+            if graph:
+                r["frac_copy_graph"] = copy["graph_ms"] / graph if copy and copy.get("graph_ms") else None
+                r["vs_compile_graph"] = (comp["graph_ms"] / graph if comp and comp.get("graph_ms") and timed
+                                         else None)
     return rows
 
 

@@ -91,3 +91,21 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     assert tiny["status"] == "ok" and tiny["params_m"] > 0 and tiny["gmacs_256"] > 0 and tiny["act_mib"] > 0
     md = (tmp_path / "results.md").read_text()
     assert torch.__version__ in md and "cpu" in md
+
+
+def test_report_targets_on_device_time(monkeypatch):
+    """Rows that carry CUDA-graph device times get the same targets on them, beside the eager ones."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import ops_suite, report
+
+    def row(variant: str, eager_ms: float, graph_ms: float) -> dict:
+        return {"suite": "ops", "op": "mirror_split", "shape": "64x256x64x64", "direction": "fwd",
+                "variant": variant, "dtype": "bfloat16", "status": "ok", "median_ms": eager_ms,
+                "p20_ms": eager_ms, "p80_ms": eager_ms, "graph_ms": graph_ms}
+
+    rows = ops_suite.derive([row("copy", 0.10, 0.09), row("compile", 0.30, 0.20), row("triton", 0.40, 0.10)])
+    targets = {(t["metric"], t["measured"]) for t in report.target_rows(rows)}
+    assert ("of copy bandwidth", 0.25) in targets
+    assert ("of copy bandwidth, device time (CUDA graph)", 0.9) in {(m, round(v, 6)) for m, v in targets}
+    assert ("speed-up vs torch.compile, device time (CUDA graph)", 2.0) in targets
+    assert "of copy bw (graph)" in report.markdown_table(rows, report.OPS_COLUMNS)
