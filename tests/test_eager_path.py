@@ -68,3 +68,4 @@ def test_in_place_updates_bump_versions(device):
     ops.bn_mish(x, None, None, running_mean, running_var, True, out=out, backend="triton")
     assert running_mean._version > versions[0] and running_var._version > versions[1]
     assert out._version > versions[2]
+
