@@ -7,8 +7,11 @@ Cases (fp32, the issue's targets): ``mirror_split`` and ``mirror_fuse`` at [8, 1
 reference), ``bn_mish`` forward + backward in training mode at the same shape (>= 1.3x), and cspmirrornet53
 inference at batch 4, 224 x 224: the extension with BN folded (``fuse_for_inference(backend="extension")``)
 against the unfused reference model in eval mode (>= 1.25x), beside ``torch.compile`` of that reference and the
-reference with BN folded. The candidates of a case run interleaved, round after round, so that load from other
-processes on a shared machine hits them alike; medians and their ratios are reported.
+reference with BN folded. The split and fuse cases also time a copy of the same bytes (each input read once,
+each output written once): how close the extension comes to this machine's copy bandwidth, and so how much
+faster than the reference any implementation could be. The candidates of a case run interleaved, round after
+round, so that load from other processes on a shared machine hits them alike; medians and their ratios are
+reported.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import cspmirror
 from bench.harness import environment, time_limit
 from cspmirror import ops
 from cspmirror.ops import extension
+from cspmirror.ops._validate import split_width
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 SHAPE = (8, 128, 56, 56)
@@ -55,16 +59,29 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) 
     return out
 
 
+COPY = "copy (same bytes)"
+
+
+def copy_of(num_bytes: int) -> Callable[[], object]:
+    """A fresh-output copy that reads and writes ``num_bytes // 2`` bytes each: the op's memory traffic (each
+    input read once, each output written once) at the machine's copy bandwidth."""
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8).random_(0, 255)
+    return src.clone
+
+
 def split_case() -> dict[str, Callable[[], object]]:
     x = torch.randn(SHAPE)
-    return {b: (lambda b=b: ops.mirror_split(x, 0.25, -1, True, backend=b)) for b in ("reference", "extension")}
+    y_bytes = 2 * x.nbytes * split_width(SHAPE[-1], 0.25) // SHAPE[-1]
+    fns = {b: (lambda b=b: ops.mirror_split(x, 0.25, -1, True, backend=b)) for b in ("reference", "extension")}
+    return {**fns, COPY: copy_of(x.nbytes + y_bytes)}
 
 
 def fuse_case() -> dict[str, Callable[[], object]]:
     n, c, h, w = SHAPE
     parts = list(ops.mirror_split(torch.randn(n, c, h, w), 0.25).split(c // 2, dim=1))
-    return {b: (lambda b=b: ops.mirror_fuse(parts, w, 0.25, -1, True, "sum", backend=b))
-            for b in ("reference", "extension")}
+    fns = {b: (lambda b=b: ops.mirror_fuse(parts, w, 0.25, -1, True, "sum", backend=b))
+           for b in ("reference", "extension")}
+    return {**fns, COPY: copy_of(sum(p.nbytes for p in parts) + 4 * n * c * h * w)}
 
 
 def bn_mish_case() -> dict[str, Callable[[], object]]:
@@ -131,16 +148,18 @@ def write_markdown(report: dict, path: Path) -> None:
         "  round after round (in reverse order every other round), and medians are reported; the ratios are the",
         "  signal, absolute times are noisy.",
         "",
-        "| case | candidate | median ms | p20-p80 ms | speed-up vs reference | target |",
-        "|---|---|---:|---:|---:|---|",
+        "| case | candidate | median ms | p20-p80 ms | speed-up vs reference | target | of copy bandwidth |",
+        "|---|---|---:|---:|---:|---|---:|",
     ]
     for case, result in report["cases"].items():
+        copy = result["times"].get(COPY)
         for name, t in result["times"].items():
-            ratio = result["speedup"].get(name)
+            ratio = result["speedup"].get(name) if name != COPY else None
             target = result.get("target", "") if name.startswith("extension") else ""
+            of_copy = f"{copy['median_ms'] / t['median_ms']:.0%}" if copy and name != COPY else ""
             lines.append(
                 f"| {case} | {name} | {t['median_ms']:.2f} | {t['p20_ms']:.2f}-{t['p80_ms']:.2f} | "
-                f"{'' if ratio is None else f'{ratio:.2f}x'} | {target} |"
+                f"{'' if ratio is None else f'{ratio:.2f}x'} | {target} | {of_copy} |"
             )
     for case, result in report["cases"].items():
         if result.get("notes"):
