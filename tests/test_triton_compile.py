@@ -1,0 +1,115 @@
+"""The Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
+
+The interpreter checks what the kernels compute, not whether the compiler accepts them (layouts, reshapes,
+splits and joins, vector widths). Here the launchers run on CPU tensors with ``JITFunction.run`` replaced by an
+ahead-of-time compile for sm_90, specialised exactly as a launch would be (alignment and divisibility of the
+arguments), down to a cubin. Checked: every kernel compiles, the mirror kernels' loads and stores at the
+benchmark layout are all 16-byte vectors (the mirrored part too), and nothing spills to local memory.
+
+The test session runs Triton's interpreter (conftest), under which ``@triton.jit`` gives interpreted functions
+and the launchers plan for the interpreter; so the compile runs in a fresh process without it (this file,
+run as a script). It uses Triton's launch binder, an internal API: skipped where that differs, and where a
+GPU runs the real kernels anyway (the ``gpu`` tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HOPPER = ("cuda", 90, 32)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class InternalsDiffer(Exception):
+    """Triton's launch binder is not the one this file was written against."""
+
+
+def _compile(kernel, args: tuple, kwargs: dict):
+    """Compile ``kernel`` for sm_90 as a launch with ``args`` / ``kwargs`` would specialise it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget(*HOPPER)
+    backend = make_backend(target)
+    kwargs = {"debug": False, **kwargs}
+    try:
+        from triton.runtime.jit import create_function_from_signature
+
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise InternalsDiffer(f"{type(exc).__name__}: {exc}") from exc
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _report() -> dict:
+    """Run the launchers with compiling launches; {kernel: [{cubin, memory ops, spills}] per launch}."""
+    import torch
+    from cspmirror.kernels import bn_mish, mirror
+    from triton.runtime.jit import JITFunction
+
+    launches: dict[str, list[dict]] = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = _compile(self, args, kwargs)
+        ptx = kernel.asm["ptx"]
+        launches.setdefault(self.__name__, []).append({
+            "cubin": "cubin" in kernel.asm,
+            "memory_ops": sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx))),
+            "spills": bool(re.search(r"\b(?:ld|st)\.local", ptx)),
+        })
+
+    JITFunction.run = run
+    bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
+    for dtype in (torch.float32, torch.bfloat16):  # W = 64, P = 40: 16-byte rows in both dtypes
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.empty(2, 8, 4, 64, dtype=dtype).contiguous(memory_format=layout)
+            y = torch.empty(4, 8, 4, 40, dtype=dtype).contiguous(memory_format=layout)
+            mirror.split(x, y, 64, 40, -1, True, halve=False)
+            mirror.fuse_part(y, torch.empty_like(x), 64, 40, -1, True, mean=True)
+    x = torch.empty(4, 16, 8, 8, dtype=torch.bfloat16)
+    ones, zeros = torch.ones(16), torch.zeros(16)
+    mean, var = bn_mish.batch_stats(x, zeros.clone(), ones.clone(), 0.1)
+    bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
+    bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, True, torch.empty_like(x), True)
+    return launches
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the real kernels (the gpu tests)")
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    done = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    launches = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"mirror_split_kernel", "mirror_fuse_kernel", "_stats_kernel", "_stats_finalize_kernel",
+            "_apply_kernel", "_backward_kernel", "_sum_partials_kernel"} <= set(launches)
+    for name, runs in launches.items():
+        for r in runs:
+            assert r["cubin"] and not r["spills"], (name, r)
+            if name.startswith("mirror_"):  # no scalar access, the mirrored reads included
+                assert set(r["memory_ops"]) <= {"ld.global.v4.b32", "st.global.v4.b32"}, (name, r)
+
+
+if __name__ == "__main__":
+    try:
+        result = _report()
+    except InternalsDiffer as exc:
+        print(f"Triton's launch binder differs here: {exc}")
+        sys.exit(3)
+    print(json.dumps(result))
