@@ -52,7 +52,7 @@ def _cases() -> dict[str, Callable[[str], Callable[[], object]]]:
 
     n, c, h, w = SHAPE
     x = torch.randn(SHAPE, requires_grad=True)
-    weight, bias = torch.rand(c).add_(0.5).requires_grad_(), torch.randn(c).requires_grad_()
+    weight, bias = torch.nn.Parameter(torch.rand(c) + 0.5), torch.nn.Parameter(torch.randn(c))  # as in a model
     running = (torch.zeros(c), torch.ones(c))
     y = ops.mirror_split(x.detach())
     parts = [y[:, : c // 2].clone().requires_grad_(), y[:, c // 2:].clone().requires_grad_()]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .ops import _validate
+from .ops import _validate, recompute
 
 
 class BackendMixin:
@@ -50,20 +50,30 @@ class ConvBNMish(nn.Module, BackendMixin):
     :func:`cspmirror.ops.conv_bn_mish`.
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1,
+                 recompute_input: bool = False):
         super().__init__()
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size}")
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, bias=False)
         self.bn: nn.Module = BatchNormMish2d(c_out)
         self.fused = False
+        # Training memory: where the input is a fused bn_mish output, let the conv's backward recompute it
+        # rather than keep it (cspmirror.ops.recompute; the conv module's own hooks are then bypassed).
+        self.recompute_input = recompute_input
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused:
             return ops.conv_bn_mish(x, self.conv.weight, self.conv.bias, self.conv.stride[0], residual,
                                     out=out, backend=self.backend)
-        return self.bn(self.conv(x), residual, out)
+        recipe = recompute.input_recipe(x) if self.recompute_input else None
+        if recipe is None:
+            h = self.conv(x)
+        else:
+            h = recompute.conv2d_on_recomputed(x, self.conv.weight, self.conv.stride[0], self.conv.padding[0],
+                                               recipe)
+        return self.bn(h, residual, out)
 
     @torch.no_grad()
     def fuse(self) -> ConvBNMish:
@@ -93,7 +103,8 @@ class MishedDenseBlock(nn.Module):
             raise ValueError(f"MishedDenseBlock needs an even channel count, got {channels}")
         hidden = channels // 2
         self.conv1 = ConvBNMish(channels, hidden, 1)
-        self.conv2 = ConvBNMish(hidden, hidden, 3)
+        # x1 feeds conv2 and the concatenation: conv2's backward recomputes it instead of keeping it.
+        self.conv2 = ConvBNMish(hidden, hidden, 3, recompute_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

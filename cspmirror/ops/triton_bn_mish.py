@@ -28,6 +28,8 @@ per-program partials that a second small kernel adds in a fixed order (no atomic
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cspmirror.kernels import bn_mish as kernels
@@ -127,8 +129,8 @@ def _(x, mean, var, weight, bias, residual, eps, training):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, mean, var, weight, bias, _, eps, training = inputs
-    ctx.eps, ctx.training = eps, training
+    x, mean, var, weight, bias, residual, eps, training = inputs
+    ctx.eps, ctx.training, ctx.residual_free = eps, training, residual is None
     ctx.save_for_backward(x, mean, var, weight, bias)
 
 
@@ -197,3 +199,20 @@ _bn_stats = EagerOp(_bn_stats_op, _bn_stats_impl, mutates=(1, 2))
 _apply = EagerOp(_apply_op, _apply_impl, _setup_context, _backward)
 _apply_out = EagerOp(_apply_out_op, _apply_out_impl, mutates=(8,))
 _backward_fused = EagerOp(_backward_op, _backward_impl)
+
+
+def recompute_recipe(y: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """For ``y`` exactly as the eager fast path of :func:`bn_mish` returned it (autograd recording, no
+    residual): a function that recomputes it bit for bit, with the same kernel, from what the op saved for its
+    own backward (input, mean, var, weight, bias); None for anything else. Used by
+    :func:`cspmirror.ops.recompute.conv2d_recomputing_input`."""
+    node = y.grad_fn
+    if (_apply.function is None or not isinstance(node, _apply.function._backward_cls) or y._base is not None
+            or not node.residual_free):
+        return None
+
+    def recompute() -> torch.Tensor:
+        x, mean, var, weight, bias = node.saved_tensors
+        return _apply_impl(x, mean, var, weight, bias, None, node.eps, node.training)
+
+    return recompute
