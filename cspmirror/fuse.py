@@ -57,3 +57,17 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         if isinstance(module, BackendMixin):
             module.backend = backend
     return model
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Trade compute for training memory, in place: with ``enabled``, every ConvBNMish whose input is a fused
+    ``bn_mish`` output (Triton backend, eager) recomputes that input in its backward instead of keeping it
+    (one elementwise pass each; :mod:`cspmirror.ops.recompute`), so a stack of them keeps one activation per
+    layer instead of two. ``False`` turns it off everywhere; by default only each dense block's second conv
+    recomputes (its input is also kept by nothing else)."""
+    from .layers import ConvBNMish
+
+    for module in model.modules():
+        if isinstance(module, ConvBNMish):
+            module.recompute_input = enabled
+    return model

@@ -61,10 +61,13 @@ class SavedStorages:
 
 
 @functools.cache
-def saved(kind: str, backend: str) -> SavedStorages:
-    """What one forward of ``build(kind)`` on ``backend`` saves (the interpreter is slow: computed once)."""
+def saved(kind: str, backend: str, recompute: bool | None = None) -> SavedStorages:
+    """What one forward of ``build(kind)`` on ``backend`` saves (the interpreter is slow: computed once);
+    ``recompute``: :func:`cspmirror.set_recompute` first, unless None (the default settings)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = cspmirror.set_backend(build(kind).to(device), backend)
+    if recompute is not None:
+        cspmirror.set_recompute(model, recompute)
     x = torch.randn(SHAPE, device=device, requires_grad=True)
     with SavedStorages(model) as storages:
         y = model(x)
@@ -126,3 +129,12 @@ def test_recomputed_input_gives_the_same_gradients():
         x = torch.randn(SHAPE, device=device, generator=torch.Generator(device).manual_seed(1), requires_grad=True)
         grads.append(torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()]))
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_set_recompute_keeps_one_activation_per_layer():
+    """With recompute on everywhere, a stack of 3 ConvBNMish keeps its input and the 3 bn_mish inputs (4 of the
+    reference's 9); off everywhere, a dense block keeps x1 again (3 half-size activations)."""
+    on = saved("cbm_stack", "triton", True)
+    assert on.activations(ACTIVATION) == 4
+    off = saved("dense_block", "triton", False)
+    assert (off.activations(ACTIVATION), off.activations(ACTIVATION // 2)) == (1, 3)
