@@ -12,7 +12,7 @@ from cspmirror import ops
 
 triton_or_skip()
 
-from cspmirror.ops import triton_bn_mish, triton_mirror  # noqa: E402  (imports triton)
+from cspmirror.ops import triton_bn_mish, triton_conv, triton_mirror  # noqa: E402  (imports triton)
 
 
 class _RecordOps(TorchDispatchMode):
@@ -33,7 +33,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, eager_op) -> None:
 
 def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
     for eager_op in (triton_mirror._split, triton_mirror._fuse, triton_bn_mish._bn_stats, triton_bn_mish._apply,
-                     triton_bn_mish._backward_fused):
+                     triton_bn_mish._backward_fused, triton_conv._conv, triton_conv._conv_out):
         _forbid(monkeypatch, eager_op)
     x = torch.randn(2, 4, 3, 6, device=device, requires_grad=True)
     y = ops.mirror_split(x, backend="triton")
@@ -46,6 +46,11 @@ def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
                            w, None, None, None, True, backend="reference")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert x.grad is not None and w.grad is not None
+    conv_w = torch.randn(5, 4, 3, 3, device=device)
+    with torch.no_grad():
+        y = ops.conv_bn_mish(z, conv_w, None, backend="triton")
+        ops.conv_bn_mish(z, conv_w, None, out=torch.empty_like(y), backend="triton")
+    torch.testing.assert_close(y, ops.conv_bn_mish(z, conv_w, None, backend="reference"), rtol=1e-4, atol=1e-4)
 
 
 def test_modes_see_the_registered_ops(device):

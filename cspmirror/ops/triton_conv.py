@@ -37,6 +37,7 @@ from cspmirror.kernels import conv as kernels
 
 from .. import backends
 from . import reference
+from ._eager import EagerOp
 from ._validate import conv_output_shape
 
 PATHS = ("auto", "triton", "cudnn")
@@ -66,14 +67,14 @@ def conv_bn_mish(
     """
     path = check_path("auto" if path is None else path, "path")
     if out is None:
-        return torch.ops.cspmirror.conv_bn_mish(x, weight, bias, stride, residual, path)
+        return _conv(x, weight, bias, stride, residual, path)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, residual, out)):
         raise RuntimeError(
             "conv_bn_mish with out= is inference-only on backend='triton': its inputs require grad. "
             "Run it under torch.no_grad() / torch.inference_mode(), or call it without out="
         )
-    torch.ops.cspmirror.conv_bn_mish_out(x, weight, bias, stride, residual, out, path)
+    _conv_out(x, weight, bias, stride, residual, out, path)
     return out
 
 
@@ -253,15 +254,17 @@ def _forward_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # --- op registration ----------------------------------------------------------------------------------------
 
-@torch.library.custom_op(
-    "cspmirror::conv_bn_mish", mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? residual, str path) -> Tensor",
-)
-def _conv_bn_mish_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                     residual: torch.Tensor | None, path: str) -> torch.Tensor:
+def _conv_bn_mish_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                       residual: torch.Tensor | None, path: str) -> torch.Tensor:
     out = _new_output(x, weight, stride)
     _forward_into(x, weight, bias, stride, residual, out, path)
     return out
+
+
+_conv_bn_mish_op = torch.library.custom_op(
+    "cspmirror::conv_bn_mish", _conv_bn_mish_impl, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? residual, str path) -> Tensor",
+)
 
 
 @_conv_bn_mish_op.register_fake
@@ -292,16 +295,24 @@ def _backward(ctx, grad: torch.Tensor):
 _conv_bn_mish_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(
-    "cspmirror::conv_bn_mish_out", mutates_args=("out",),
+def _conv_bn_mish_out_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                           residual: torch.Tensor | None, out: torch.Tensor, path: str) -> None:
+    _forward_into(x, weight, bias, stride, residual, out, path)
+
+
+_conv_bn_mish_out_op = torch.library.custom_op(
+    "cspmirror::conv_bn_mish_out", _conv_bn_mish_out_impl, mutates_args=("out",),
     schema="(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? residual, Tensor(a!) out, "
            "str path) -> ()",
 )
-def _conv_bn_mish_out_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                         residual: torch.Tensor | None, out: torch.Tensor, path: str) -> None:
-    _forward_into(x, weight, bias, stride, residual, out, path)
 
 
 @_conv_bn_mish_out_op.register_fake
 def _(x, weight, bias, stride, residual, out, path):
     return None
+
+
+# What :func:`conv_bn_mish` calls: the registered ops, or in plain eager mode the same code without the
+# custom-op dispatch (see :mod:`._eager`).
+_conv = EagerOp(_conv_bn_mish_op, _conv_bn_mish_impl, _setup_context, _backward)
+_conv_out = EagerOp(_conv_bn_mish_out_op, _conv_bn_mish_out_impl, mutates=(5,))
