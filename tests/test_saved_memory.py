@@ -120,7 +120,8 @@ def test_lone_dense_block_ratio():
 
 
 def test_recomputed_input_gives_the_same_gradients():
-    """conv2's backward on the recomputed x1 gives the very bits of the backward on the kept x1."""
+    """conv2's backward on the recomputed x1 gives the very bits of the backward on the kept x1 (on the CPU;
+    on a GPU up to cuDNN's own run-to-run differences)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     grads = []
     for recompute in (True, False):
@@ -128,7 +129,11 @@ def test_recomputed_input_gives_the_same_gradients():
         block.conv2.recompute_input = recompute
         x = torch.randn(SHAPE, device=device, generator=torch.Generator(device).manual_seed(1), requires_grad=True)
         grads.append(torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()]))
-    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    for a, b in zip(*grads, strict=True):
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:  # cuDNN's weight-gradient algorithms need not be deterministic from call to call
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_set_recompute_keeps_one_activation_per_layer():
