@@ -6,8 +6,8 @@ batch index and one [B1, B2, B3] tile of dims 1..3, so there is no per-element d
 through its own strides (permuted into the same order), and the flip and the overlap are index arithmetic on
 whichever of dims 1..3 is the split axis (``SPLIT_DIM``). Loads and stores along d3 vectorise where strides
 allow (see ``ALIGN``). Dim 3 is indexed in groups of ALIGN lanes: a mirrored read along a contiguous split
-axis (NCHW, axis=-1) reads each group forwards, vectorised, and flips it in registers (``tl.flip`` over a
-dim that one thread holds), where an element-wise backwards read would be scalar.
+axis (NCHW, axis=-1) reads each group forwards, vectorised, and reverses it in registers (:func:`_flip_lanes`),
+where an element-wise backwards read would be scalar.
 
 - split: ``y[n] = x[n]`` read at ``j`` (part 1) and at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2);
   one program writes the tile of both parts, so the overlap's second read comes from the cache. One read and
