@@ -125,6 +125,17 @@ def _program_tile(tiles1, tiles2, tiles3, INT64: tl.constexpr):
 
 
 @triton.jit
+def _program_indices(tiles1, tiles2, tiles3, size1, size2, size3, B1: tl.constexpr, B2: tl.constexpr,
+                     B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+    """This program's batch index, its tile's indices (see :func:`_tile`) and the mask of the tile's
+    positions inside sizes 1..3."""
+    n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
+    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, V, INT64)
+    mask = (i1 < size1) & (i2 < size2) & (group + lane < size3)
+    return n, i1, i2, group, lane, mask
+
+
+@triton.jit
 def _flip_lanes(v, V: tl.constexpr):
     """``v`` [B1, B2, G, V] reversed along its last dim (V a power of two): reversing the lane index means
     complementing each of its bits, one split/join swap per bit. One thread holds the V lanes, so on the GPU
@@ -206,10 +217,9 @@ def mirror_split_kernel(
     if SPLIT_DIM == 3:
         length *= ALIGN
         width *= ALIGN
-    n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
-    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, ALIGN, INT64)
+    n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
+                                                    B1, B2, B3, ALIGN, INT64)
     i3 = group + lane
-    mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
     x_base = x_ptr + n * xs0
     y_ptrs = y_ptr + n * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
     # Both parts of the tile in one program: the overlap's second read hits the cache.
@@ -247,10 +257,9 @@ def mirror_fuse_kernel(
     if SPLIT_DIM == 3:
         length *= ALIGN
         width *= ALIGN
-    n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
-    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, ALIGN, INT64)
+    n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
+                                                    B1, B2, B3, ALIGN, INT64)
     i3 = group + lane
-    mask = (i1 < size1) & (i2 < size2) & (i3 < size3)
     pos = _pick(i1, i2, i3, SPLIT_DIM)
     in_first = pos < width
     in_second = pos >= length - width
