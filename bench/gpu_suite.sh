@@ -10,8 +10,8 @@
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
 #   PYTHON=python3           the interpreter that has torch
 #
-# OUTDIR receives at most 7 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
-# check's JSON, pytest's JUnit XML), summary.md, log.txt, results.json and the three PNG charts.
+# OUTDIR receives at most 8 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
+# check's JSON, pytest's JUnit XML), summary.md, log.txt, results.json and the four PNG charts.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -150,6 +150,7 @@ step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pyt
 
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@"
 step ops "$(cap 100)" "exec $SUITE --suite ops"
+step bn_groups "$(cap 30)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step models "$(cap 80)" "exec $SUITE --suite models"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
 
@@ -161,7 +162,7 @@ say "suite done in $(( $(date +%s) - START ))s"
 
 tar czf "$OUTDIR/results.tar.gz" -C "$WORK" .
 cp "$WORK/summary.md" "$OUTDIR/" 2>/dev/null || echo "(no summary: see log.txt)" > "$OUTDIR/summary.md"
-for f in results.json ops_roofline.png models.png compare.png; do
+for f in results.json ops_roofline.png models.png compare.png bn_groups.png; do
   if [ -f "$RES/$f" ]; then cp "$RES/$f" "$OUTDIR/"; fi
 done
 cp "$LOG" "$OUTDIR/log.txt"
@@ -169,6 +170,7 @@ cp "$LOG" "$OUTDIR/log.txt"
 # What the caller sees: the summary, then the step table again (the end of stdout is what survives).
 cat "$WORK/summary.md" 2>/dev/null
 echo
+cat "$RES/bn_groups.md" 2>/dev/null && echo
 echo "== steps (name, state, seconds, exit code) =="
 cat "$STEPS"
 echo "== files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"

@@ -9,28 +9,38 @@ larger stride.
 
 Passes over memory (x: the input, y: the output, dy / dx: their gradients):
 
-- training forward: ``_stats_kernel`` reads x once and writes per-program partials; ``_stats_finalize_kernel``
-  combines them in a fixed order (no atomics: deterministic) into the mean and biased variance and updates
-  the running statistics; ``_apply_kernel`` reads x (+ residual) and writes y.
+- training forward: a reduction pass reads x for per-program partial statistics; the last program of each
+  channel block to finish (an integer count) merges the block's partials, in a fixed order, into the mean and
+  biased variance (no floating-point atomics: deterministic); an elementwise pass then reads x (+ residual)
+  and writes y. ``_running_kernel`` updates the running statistics from the mean and variance.
 - eval forward: ``_apply_kernel`` only, from the running statistics.
-- training backward: ``_backward_kernel`` reads x and dy for the per-channel sums of ``g = dy * mish'(v)`` and
-  ``g * x_hat``; ``_sum_partials_kernel`` adds the partials in order; ``_backward_kernel`` reads x and dy again
-  and writes dx.
-- eval backward: one ``_backward_kernel`` pass writes dx and the partial sums for the weight and bias grads.
+- training backward: a reduction pass reads x and dy for per-program partial sums of ``g = dy * mish'(v)``
+  and ``g * x_hat`` (the last program of each channel block adds them up, in order), then an elementwise pass
+  reads x and dy again and writes dx.
+- eval backward: one ``_backward_kernel`` pass writes dx and the partial sums for the weight and bias grads
+  (``_sum_partials_kernel`` adds them).
 
-Mean and variance are passed as [C] tensors of any float dtype; every kernel derives
-``rstd = 1 / sqrt(var + eps)`` from them the same way. Everything is computed in fp32.
+The two training passes run **channel group by channel group, pipelined** (``_train_forward_kernel``,
+``_train_backward_kernel``): launch ``j`` runs the reduction of group ``j`` and the elementwise pass of group
+``j - 1`` side by side, in one grid. A group's channels are sized (:func:`group_budget`) so that what the
+elementwise pass reads again is still in the L2 cache from the launch before: DRAM then sees x once (plus
+dy once in backward), not twice, on tensors larger than the L2. Small tensors are one group: two launches.
+
+Mean and variance are fp32 [C]. The training forward's elementwise pass and the eval ``_apply_kernel`` run the
+same :func:`_apply_tiles` on them, so a forward recomputed from the saved mean and var is bit-identical to the
+training forward. Everything is computed in fp32.
 
 Statistics stay accurate for large means (|mean| >> std): each reduction program subtracts a shift (its first
 tile's mean) before summing, and reports the shift, its mean minus the shift and its M2 separately; the
-finalize step merges the programs with the parallel-variance formula around one shift. (A mean of 1e4 with
-std 1e-2 keeps a variance accurate to ~1e-7, where fp32 sums of x and x^2 are off by 1e5 times.)
+merge combines the programs with the parallel-variance formula around one shift. (A mean of 1e4 with std 1e-2
+keeps a variance accurate to ~1e-7, where fp32 sums of x and x^2 are off by 1e5 times.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,12 +60,17 @@ TILE = 4096
 NUM_WARPS = 8
 # Channels per tile when C is the contiguous axis (64 bf16 = one 128-byte line).
 BLOCK_C_CONTIGUOUS = 64
-# Reduction programs to aim for per SM (GPU) or in all (interpreter).
+# Programs to aim for per SM (GPU) or in all (interpreter), per pass of a launch.
 PROGRAMS_PER_SM = 8
 INTERPRETER_PROGRAMS = 4
-FINALIZE_BLOCK = 256
+VECTOR_BLOCK = 256  # channels per program of the [C]-vector kernels
 # Offsets beyond this need int64 index arithmetic.
 INT32_LIMIT = 2**31 - 1
+# Channel groups of the pipelined training passes: the bytes a group's second pass reads again, at most
+# L2 / L2_SHARE (a group's first pass, the next group's first pass and the writes share the L2 meanwhile).
+# CSPMIRROR_BN_GROUP_BYTES overrides it (0: one group), e.g. to sweep it in a benchmark.
+L2_SHARE = 4
+GROUP_BYTES_ENV = "CSPMIRROR_BN_GROUP_BYTES"
 
 
 # --- device code ---------------------------------------------------------------------------------------------
@@ -117,7 +132,7 @@ def _store(ptr, a, c, b, sa, sc, sb, mask, value):
 
 @triton.jit
 def _items_of(split, ipp, items):
-    """The tiles ``[start, end)`` of reduction program ``split``."""
+    """The tiles ``[start, end)`` of program ``split`` of its channel block."""
     start = split * ipp
     return start, tl.minimum(start + ipp, items)
 
@@ -130,32 +145,64 @@ def _count(start, end, nbb, B, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _role(pid, first_block, splits):
+    """(split, channel block) of program ``pid`` of a pass, counted from the pass's first program: the
+    ``splits`` programs of one channel block are adjacent."""
+    block = pid // splits
+    return pid - block * splits, first_block + block
+
+
+@triton.jit
+def _channel_offsets(pid_c, C, BLOCK_C: tl.constexpr):
+    offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs, offs < C
+
+
+@triton.jit
 def _channel(ptr, pid_c, C, BLOCK_C: tl.constexpr, default):
     """Per-channel fp32 vector [BLOCK_C, 1] of ``ptr`` (``default`` where ``ptr`` is absent)."""
-    offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs, mask = _channel_offsets(pid_c, C, BLOCK_C)
     if ptr is None:
         value = tl.full([BLOCK_C], default, tl.float32)
     else:
-        value = tl.load(ptr + offs, mask=offs < C, other=default).to(tl.float32)
+        value = tl.load(ptr + offs, mask=mask, other=default).to(tl.float32)
     return value[:, None]
 
 
 @triton.jit
-def _channel_rstd(var_ptr, pid_c, C, eps, BLOCK_C: tl.constexpr):
-    """``1 / sqrt(var + eps)`` [BLOCK_C, 1]: forward and backward compute it alike, from the same var."""
-    return 1.0 / tl.sqrt(_channel(var_ptr, pid_c, C, BLOCK_C, 1.0) + eps)
+def _rstd(var, eps):
+    """``1 / sqrt(var + eps)``: every kernel computes it alike, from the same fp32 var."""
+    return 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
-def _stats_kernel(
-    x_ptr, pshift_ptr, poff_ptr, pm2_ptr, C, B, nbb, items, ipp, sxa, sxc, sxb,
+def _last_to_finish(count_ptr, pid_c, splits):
+    """Whether this program is the last of channel block ``pid_c``'s ``splits`` programs to get here (an
+    integer count, so whoever it is, what it then computes is the same: deterministic). The barrier orders
+    all of this program's stores before its count; acq_rel makes every store counted before visible to the
+    last one."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr + pid_c, 1, sem="acq_rel") == splits - 1
+
+
+@triton.jit
+def _load_partial(ptrs, mask):
+    """Partials stored by other programs of the same launch: read from L2 (``.cg``), never from a stale L1
+    line (a line may hold the neighbouring channel block's partials, read before these were written)."""
+    return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+# --- training forward: statistics --------------------------------------------------------------------------
+
+@triton.jit
+def _stats_tiles(
+    x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, ipp, sxa, sxc, sxb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """Per program and channel, over the program's tiles: the shift (its first tile's mean), the mean minus
-    the shift, and M2 (the sum of squared deviations from the mean) -> [splits, C] each. Keeping the mean as
-    shift + offset keeps its low bits, which the merge of large means needs."""
-    split = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """Over program ``split``'s tiles of channel block ``pid_c``, per channel: the shift (its first tile's
+    mean), the mean minus the shift, and M2 (the sum of squared deviations from the mean) -> row ``split`` of
+    the [splits, C] partials. Keeping the mean as shift + offset keeps its low bits, which the merge of large
+    means needs."""
     start, end = _items_of(split, ipp, items)
     # Shift by the first tile's mean so that the fp32 sums below do not cancel for large means.
     a, c, b, mask = _tile(start, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
@@ -171,8 +218,7 @@ def _stats_kernel(
     n = _count(start, end, nbb, B, BLOCK_B).to(tl.float32)
     s1 = tl.sum(acc1, axis=1)
     s2 = tl.sum(acc2, axis=1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
     tl.store(pshift_ptr + split * C + offs_c, shift, mask=mask_c)
     tl.store(poff_ptr + split * C + offs_c, s1 / n, mask=mask_c)
     tl.store(pm2_ptr + split * C + offs_c, tl.maximum(s2 - s1 * (s1 / n), 0.0), mask=mask_c)
@@ -187,58 +233,42 @@ def _split_n(split, ipp, items, nbb, B, BLOCK_B: tl.constexpr):
 @triton.jit
 def _split_mean(pshift_ptr, poff_ptr, split, C, offs, mask, shift):
     """Program ``split``'s mean minus ``shift`` (shifts are close: their difference is exact, or nearly)."""
-    own = tl.load(pshift_ptr + split * C + offs, mask=mask, other=0.0)
-    return (own - shift) + tl.load(poff_ptr + split * C + offs, mask=mask, other=0.0)
+    own = _load_partial(pshift_ptr + split * C + offs, mask)
+    return (own - shift) + _load_partial(poff_ptr + split * C + offs, mask)
 
 
 @triton.jit
-def _stats_finalize_kernel(
-    pshift_ptr, poff_ptr, pm2_ptr, mean_ptr, var_ptr, rmean_ptr, rvar_ptr,
-    C, B, nbb, items, ipp, splits, n_total, momentum,
-    BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Merge the per-program statistics in order (parallel-variance formula, every mean relative to the first
-    program's shift): mean, biased var -> [C]; running stats updated in place."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < C
+def _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs, mask, C, B, nbb, items, ipp, splits, n_total,
+                 BLOCK_B: tl.constexpr):
+    """Mean and biased variance of channels ``offs`` from their ``splits`` partials, merged in order
+    (parallel-variance formula, every mean relative to the first program's shift)."""
     n = n_total.to(tl.float32)
-    shift = tl.load(pshift_ptr + offs, mask=mask, other=0.0)
-    acc = tl.zeros([BLOCK], tl.float32)
+    shift = _load_partial(pshift_ptr + offs, mask)
+    acc = tl.zeros(offs.shape, tl.float32)
     for s in range(splits):
         n_s = _split_n(s, ipp, items, nbb, B, BLOCK_B)
         acc += n_s * _split_mean(pshift_ptr, poff_ptr, s, C, offs, mask, shift)
     mean_rel = acc / n
-    m2 = tl.zeros([BLOCK], tl.float32)
+    m2 = tl.zeros(offs.shape, tl.float32)
     for s in range(splits):
         d = _split_mean(pshift_ptr, poff_ptr, s, C, offs, mask, shift) - mean_rel
         n_s = _split_n(s, ipp, items, nbb, B, BLOCK_B)
-        m2 += tl.load(pm2_ptr + s * C + offs, mask=mask, other=0.0) + n_s * d * d
-    mean = shift + mean_rel
-    tl.store(mean_ptr + offs, mean, mask=mask)
-    tl.store(var_ptr + offs, m2 / n, mask=mask)
-    if rmean_ptr is not None:
-        # nn.BatchNorm2d: running = (1 - momentum) * running + momentum * stat, unbiased variance.
-        rmean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        rvar = tl.load(rvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        rmean = momentum * mean + (1.0 - momentum) * rmean
-        rvar = momentum * (m2 / (n - 1.0)) + (1.0 - momentum) * rvar
-        tl.store(rmean_ptr + offs, _cast_for(rmean_ptr, rmean), mask=mask)
-        tl.store(rvar_ptr + offs, _cast_for(rvar_ptr, rvar), mask=mask)
+        m2 += _load_partial(pm2_ptr + s * C + offs, mask) + n_s * d * d
+    return shift + mean_rel, m2 / n
 
+
+# --- normalize + Mish --------------------------------------------------------------------------------------
 
 @triton.jit
-def _apply_kernel(
-    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-    C, B, nbb, items, ipp, eps,
+def _apply_tiles(
+    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """``y = mish((x - mean) * rstd * w + b) (+ residual)``, ``rstd = 1 / sqrt(var + eps)``, over tiles
-    [start, end) of this program."""
-    pid_c = tl.program_id(1)
-    start, end = _items_of(tl.program_id(0), ipp, items)
+    """``y = mish((x - mean) * rstd * w + b) (+ residual)`` over tiles [start, end) of channel block
+    ``pid_c``."""
     mean = _channel(mean_ptr, pid_c, C, BLOCK_C, 0.0)
-    scale = _channel_rstd(var_ptr, pid_c, C, eps, BLOCK_C) * _channel(w_ptr, pid_c, C, BLOCK_C, 1.0)
+    scale = _rstd(_channel(var_ptr, pid_c, C, BLOCK_C, 1.0), eps) * _channel(w_ptr, pid_c, C, BLOCK_C, 1.0)
     shift = _channel(b_ptr, pid_c, C, BLOCK_C, 0.0)
     for item in range(start, end):
         a, c, b, mask = _tile(item, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
@@ -250,29 +280,86 @@ def _apply_kernel(
 
 
 @triton.jit
-def _backward_kernel(
-    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, pg_ptr, pgx_ptr,
-    C, B, nbb, items, ipp, eps, inv_n,
+def _apply_kernel(
+    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, B, nbb, eps,
+    sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Eval forward: :func:`_apply_tiles` from given statistics, one tile per program (grid: tiles, blocks)."""
+    pid_c = tl.program_id(1)
+    item = tl.program_id(0)
+    _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, item, item + 1, C, B, nbb, eps,
+                 sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
+
+
+@triton.jit
+def _train_forward_kernel(
+    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pshift_ptr, poff_ptr, pm2_ptr, count_ptr,
+    C, B, nbb, items, eps, n_total,
+    stats_block, stats_splits, stats_ipp, stats_programs, apply_block, apply_splits, apply_ipp,
+    sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+):
+    """One launch of the pipelined training forward: programs ``[0, stats_programs)`` reduce one channel group
+    (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
+    var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`)."""
+    pid = tl.program_id(0)
+    if pid < stats_programs:
+        split, pid_c = _role(pid, stats_block, stats_splits)
+        _stats_tiles(x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, stats_ipp,
+                     sxa, sxc, sxb, BLOCK_C, BLOCK_B, IDX64)
+        if _last_to_finish(count_ptr, pid_c, stats_splits):
+            offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
+            mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, stats_ipp,
+                                     stats_splits, n_total, BLOCK_B)
+            tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+            tl.store(var_ptr + offs_c, var, mask=mask_c)
+    else:
+        split, pid_c = _role(pid - stats_programs, apply_block, apply_splits)
+        start, end = _items_of(split, apply_ipp, items)
+        _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
+                     sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
+
+
+@triton.jit
+def _running_kernel(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, C, n_total, momentum, BLOCK: tl.constexpr):
+    """``nn.BatchNorm2d``'s update, in place: ``running = (1 - momentum) * running + momentum * stat``, with
+    the unbiased variance."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    n = n_total.to(tl.float32)
+    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    unbiased = tl.load(var_ptr + offs, mask=mask, other=0.0) * n / (n - 1.0)
+    rmean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rvar = tl.load(rvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rmean = momentum * mean + (1.0 - momentum) * rmean
+    rvar = momentum * unbiased + (1.0 - momentum) * rvar
+    tl.store(rmean_ptr + offs, _cast_for(rmean_ptr, rmean), mask=mask)
+    tl.store(rvar_ptr + offs, _cast_for(rvar_ptr, rvar), mask=mask)
+
+
+# --- backward ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _backward_tiles(
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, mean_g, mean_gx,
+    split, pid_c, start, end, C, B, nbb, eps,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """With ``g = dy * mish'(v)``, ``v = x_hat * w + b``, ``x_hat = (x - mean) * rstd``:
+    """Over tiles [start, end) of channel block ``pid_c``, with ``g = dy * mish'(v)``, ``v = x_hat * w + b``,
+    ``x_hat = (x - mean) * rstd``:
 
-    - REDUCE: per-program sums of ``g`` and ``g * x_hat`` -> partials [splits, C];
-    - WRITE_DX: ``dx = w * rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` (TRAINING, from the finished sums
-      ``sum_g`` and ``sum_gx``) or ``dx = w * rstd * g`` (eval). dx has strides (sea, sec, seb).
+    - REDUCE: the sums of ``g`` and ``g * x_hat`` -> row ``split`` of the partials [splits, C];
+    - WRITE_DX: ``dx = w * rstd * (g - mean_g - x_hat * mean_gx)`` (TRAINING; ``mean_g``, ``mean_gx``: the
+      channel means of ``g`` and ``g * x_hat``, [BLOCK_C, 1]) or ``dx = w * rstd * g`` (eval). dx has
+      strides (sea, sec, seb).
     """
-    split = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    start, end = _items_of(split, ipp, items)
     mean = _channel(mean_ptr, pid_c, C, BLOCK_C, 0.0)
-    rstd = _channel_rstd(var_ptr, pid_c, C, eps, BLOCK_C)
+    rstd = _rstd(_channel(var_ptr, pid_c, C, BLOCK_C, 1.0), eps)
     w = _channel(w_ptr, pid_c, C, BLOCK_C, 1.0)
     bias = _channel(b_ptr, pid_c, C, BLOCK_C, 0.0)
-    if TRAINING:
-        mean_g = _channel(sum_g_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n
-        mean_gx = _channel(sum_gx_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n
     acc_g = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
     acc_gx = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
     for item in range(start, end):
@@ -288,22 +375,79 @@ def _backward_kernel(
                 g = g - mean_g - x_hat * mean_gx
             _store(dx_ptr, a, c, b, sea, sec, seb, mask, g * (w * rstd))
     if REDUCE:
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
+        offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
         tl.store(pg_ptr + split * C + offs_c, tl.sum(acc_g, axis=1), mask=mask_c)
         tl.store(pgx_ptr + split * C + offs_c, tl.sum(acc_gx, axis=1), mask=mask_c)
 
 
 @triton.jit
+def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits):
+    """Column sums of the partials [splits, C] at ``offs``, in order (deterministic)."""
+    acc_g = tl.zeros(offs.shape, tl.float32)
+    acc_gx = tl.zeros(offs.shape, tl.float32)
+    for s in range(splits):
+        acc_g += _load_partial(pg_ptr + s * C + offs, mask)
+        acc_gx += _load_partial(pgx_ptr + s * C + offs, mask)
+    return acc_g, acc_gx
+
+
+@triton.jit
+def _backward_kernel(
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr,
+    C, B, nbb, items, ipp, eps,
+    sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
+    REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+):
+    """:func:`_backward_tiles` without the batch-statistics terms (eval, or the sums alone), over program
+    ``(split, channel block)``'s tiles."""
+    split = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    start, end = _items_of(split, ipp, items)
+    _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
+                    split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
+                    REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64)
+
+
+@triton.jit
+def _train_backward_kernel(
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr,
+    C, B, nbb, items, eps, inv_n,
+    reduce_block, reduce_splits, reduce_ipp, reduce_programs, dx_block, dx_splits, dx_ipp,
+    sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+):
+    """One launch of the pipelined training backward: programs ``[0, reduce_programs)`` reduce one channel
+    group (the last program of each channel block adds its partials into ``sum_g`` and ``sum_gx``), the others
+    write dx of the group reduced by the launch before, with the training formula."""
+    pid = tl.program_id(0)
+    if pid < reduce_programs:
+        split, pid_c = _role(pid, reduce_block, reduce_splits)
+        start, end = _items_of(split, reduce_ipp, items)
+        _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
+                        split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
+                        True, False, False, BLOCK_C, BLOCK_B, IDX64)
+        if _last_to_finish(count_ptr, pid_c, reduce_splits):
+            offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
+            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits)
+            tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
+            tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
+    else:
+        split, pid_c = _role(pid - reduce_programs, dx_block, dx_splits)
+        start, end = _items_of(split, dx_ipp, items)
+        _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr,
+                        _channel(sum_g_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
+                        _channel(sum_gx_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
+                        split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
+                        False, True, True, BLOCK_C, BLOCK_B, IDX64)
+
+
+@triton.jit
 def _sum_partials_kernel(pg_ptr, pgx_ptr, sum_g_ptr, sum_gx_ptr, C, splits, BLOCK: tl.constexpr):
-    """Column sums of the partials [splits, C], in order (deterministic)."""
+    """:func:`_column_sums` of the partials [splits, C] -> sum_g, sum_gx [C]."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
-    acc_g = tl.zeros([BLOCK], tl.float32)
-    acc_gx = tl.zeros([BLOCK], tl.float32)
-    for s in range(splits):
-        acc_g += tl.load(pg_ptr + s * C + offs, mask=mask, other=0.0)
-        acc_gx += tl.load(pgx_ptr + s * C + offs, mask=mask, other=0.0)
+    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits)
     tl.store(sum_g_ptr + offs, acc_g, mask=mask)
     tl.store(sum_gx_ptr + offs, acc_gx, mask=mask)
 
@@ -356,12 +500,84 @@ class Plan:
         assert strides is not None, "tensor does not fit the plan"
         return strides
 
-    def splits(self, device: torch.device) -> tuple[int, int]:
-        """(programs, tiles per program) along the tiles of a channel block, for a reduction."""
+    @property
+    def block_elements(self) -> int:
+        """Elements of one channel block of the tensor (``A * B * BLOCK_C``)."""
+        return self.items // self.nbb * self.b * self.block_c
+
+    def splits(self, programs: int, blocks: int | None = None) -> tuple[int, int]:
+        """(programs, tiles per program) along the tiles of each channel block, when ``blocks`` channel
+        blocks (default: all) share about ``programs`` programs."""
         # At most the target in all (rounding up would start a second, mostly idle wave of programs).
-        splits = max(1, min(self.items, target_programs(device) // self.c_blocks))
+        splits = max(1, min(self.items, programs // (self.c_blocks if blocks is None else blocks)))
         ipp = cdiv(self.items, splits)
         return cdiv(self.items, ipp), ipp
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a pipelined launch over a channel group: channel blocks ``[first_block, first_block +
+    blocks)``, each walked by ``splits`` programs of ``ipp`` tiles."""
+
+    first_block: int
+    blocks: int
+    splits: int
+    ipp: int
+
+    @property
+    def programs(self) -> int:
+        return self.blocks * self.splits
+
+    def args(self) -> tuple[int, int, int]:
+        return self.first_block, self.splits, self.ipp
+
+
+NO_PASS = Pass(0, 0, 1, 1)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The launches of a pipelined training pass: launch ``j`` is (the reduction of group ``j``, the
+    elementwise pass of group ``j - 1``); ``rows``: the most partials per channel (the largest ``splits``)."""
+
+    launches: tuple[tuple[Pass, Pass], ...]
+    rows: int
+
+
+def pipeline(plan: Plan, device: torch.device, bytes_per_element: int) -> Pipeline:
+    """Channel groups of ``plan`` whose re-read bytes (``bytes_per_element`` per element: x, plus dy in
+    backward) fit :func:`group_budget`, and the launches that pipeline them."""
+    budget = group_budget(device)
+    most = max(1, budget // (plan.block_elements * bytes_per_element)) if budget > 0 else plan.c_blocks
+    groups = cdiv(plan.c_blocks, most)
+    return _pipeline(plan, target_programs(device), cdiv(plan.c_blocks, groups))  # groups of even sizes
+
+
+@functools.lru_cache(maxsize=1024)
+def _pipeline(plan: Plan, programs: int, group_blocks: int) -> Pipeline:
+    if group_blocks < plan.c_blocks:
+        programs = max(1, programs // 2)  # two passes share each launch
+    groups = []
+    for first in range(0, plan.c_blocks, group_blocks):
+        blocks = min(group_blocks, plan.c_blocks - first)
+        groups.append(Pass(first, blocks, *plan.splits(programs, blocks)))
+    passes = [NO_PASS, *groups, NO_PASS]
+    return Pipeline(tuple(zip(passes[1:], passes[:-1], strict=True)), max(g.splits for g in groups))
+
+
+def group_budget(device: torch.device) -> int:
+    """Bytes that one channel group's second pass may read again (0: no limit, one group): the
+    ``CSPMIRROR_BN_GROUP_BYTES`` environment variable when set, else ``1 / L2_SHARE`` of the GPU's L2 cache
+    (0 on the CPU and under the interpreter)."""
+    value = os.environ.get(GROUP_BYTES_ENV)
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            raise ValueError(f"{GROUP_BYTES_ENV} must be an integer number of bytes, got {value!r}") from None
+    if device.type != "cuda" or INTERPRETED:
+        return 0
+    return _l2_bytes(device) // L2_SHARE
 
 
 def make_plan(x: torch.Tensor, others: Sequence[torch.Tensor | None] = ()) -> Plan | None:
@@ -405,19 +621,24 @@ def _max_offset(t: torch.Tensor) -> int:
 
 
 def target_programs(device: torch.device) -> int:
-    """Programs a reduction aims for in all: PROGRAMS_PER_SM per SM (a few in the interpreter)."""
-    return INTERPRETER_PROGRAMS if INTERPRETED else PROGRAMS_PER_SM * _sm_count(device)
+    """Programs a pass aims for in all: PROGRAMS_PER_SM per SM (a few in the interpreter)."""
+    return INTERPRETER_PROGRAMS if INTERPRETED else PROGRAMS_PER_SM * _device_property(device, "multi_processor_count")
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return _device_property(device, "L2_cache_size")
+
+
+def _device_property(device: torch.device, name: str) -> int:
+    """A CUDA device's property (1 on the CPU; 0 when this torch does not report it)."""
+    if device.type != "cuda":
+        return 1
+    return _device_property_cached(device.index if device.index is not None else torch.cuda.current_device(), name)
 
 
 @functools.cache
-def _sm_count_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+def _device_property_cached(index: int, name: str) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), name, 0))
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
@@ -492,41 +713,63 @@ def _may_alias_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
     return lo_a <= lo_b + _max_offset(b) and lo_b <= lo_a + _max_offset(a)
 
 
-def batch_stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of ``x`` [N, C, H, W] (N*H*W >= 2), fp32 [C] each.
+def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, eps: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out = mish((x - mean) / sqrt(var + eps) * weight + bias) (+ residual)`` with x's batch statistics.
 
-    ``running_mean`` / ``running_var`` ([C], any float dtype, or None) are updated in place as
-    ``nn.BatchNorm2d`` does: ``running = (1 - momentum) * running + momentum * stat``, unbiased variance.
+    Args:
+        x, residual, out: [N, C, H, W] (N*H*W >= 2), any strides (``out`` e.g. a channel slice of a larger
+            buffer; it may also be ``x`` itself). weight, bias: [C], any float dtype, or None.
+
+    Returns:
+        mean, biased variance: fp32 [C].
     """
-    if any(t is not None and not t.is_contiguous() for t in (running_mean, running_var)):
-        # The kernel updates the statistics in place, through contiguous pointers.
-        rm, rv = (t.contiguous() for t in (running_mean, running_var))
-        mean, var = batch_stats(x, rm, rv, momentum)
+    plan, x_in, (res,), y = _prepare(x, [residual], out)
+    weight, bias = _vectors(weight, bias)
+    c, device = plan.c, x.device
+    work = pipeline(plan, device, x_in.element_size())
+    pshift, poff, pm2 = (new_fp32(work.rows, c, device=device) for _ in range(3))
+    mean, var = new_fp32(c, device=device), new_fp32(c, device=device)
+    strides = (*plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y))
+    with _on(device):
+        counts = _new_counts(plan, device)
+        for stats, normalize in work.launches:
+            _train_forward_kernel[(stats.programs + normalize.programs,)](
+                x_in, res, y, mean, var, weight, bias, pshift, poff, pm2, counts,
+                c, plan.b, plan.nbb, plan.items, float(eps), x.numel() // c,
+                *stats.args(), stats.programs, *normalize.args(), *strides,
+                BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+            )
+    if y is not out:
+        out.copy_(y)
+    return mean, var
+
+
+def update_running(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                   running_var: torch.Tensor, momentum: float, count: int) -> None:
+    """``nn.BatchNorm2d``'s running statistics update, in place: ``running = (1 - momentum) * running +
+    momentum * stat`` with the unbiased variance (``var * count / (count - 1)``).
+
+    Args:
+        mean, var: the batch mean and biased variance, fp32 [C]. running_mean, running_var: [C], any float
+            dtype and strides. count: values per channel in the batch (N*H*W >= 2).
+    """
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        # The kernel writes through contiguous pointers.
+        rm, rv = running_mean.contiguous(), running_var.contiguous()
+        update_running(mean, var, rm, rv, momentum, count)
         running_mean.copy_(rm)
         running_var.copy_(rv)
-        return mean, var
-    plan, x, _, _ = _prepare(x, [], None)
-    c = plan.c
-    splits, ipp = plan.splits(x.device)
-    pshift, poff, pm2 = (new_fp32(splits, c, device=x.device) for _ in range(3))
-    mean, var = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
-    with _on(x.device):
-        _stats_kernel[(splits, plan.c_blocks)](
-            x, pshift, poff, pm2, c, plan.b, plan.nbb, plan.items, ipp, *plan.strides(x),
-            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
-        )
-        _stats_finalize_kernel[(cdiv(c, FINALIZE_BLOCK),)](
-            pshift, poff, pm2, mean, var, running_mean, running_var,
-            c, plan.b, plan.nbb, plan.items, ipp, splits, x.numel() // c, float(momentum),
-            BLOCK_B=plan.block_b, BLOCK=FINALIZE_BLOCK,
-        )
-    return mean, var
+        return
+    c = mean.numel()
+    with _on(mean.device):
+        _running_kernel[(cdiv(c, VECTOR_BLOCK),)](mean, var, running_mean, running_var, c, count,
+                                                  float(momentum), BLOCK=VECTOR_BLOCK)
 
 
 def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor | None,
           bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = mish((x - mean) / sqrt(var + eps) * weight + bias) (+ residual)``.
+    """``out = mish((x - mean) / sqrt(var + eps) * weight + bias) (+ residual)`` from given statistics.
 
     Args:
         x, residual, out: [N, C, H, W], any strides (``out`` e.g. a channel slice of a larger buffer; it may
@@ -536,12 +779,21 @@ def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, we
     mean, var, weight, bias = _vectors(mean, var, weight, bias)
     with _on(x.device):
         _apply_kernel[(plan.items, plan.c_blocks)](
-            x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, plan.items, 1, float(eps),
-            *plan.strides(x_in), *(plan.strides(res) if res is not None else (0, 0, 0)), *plan.strides(y),
+            x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, float(eps),
+            *plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y),
             BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
         )
     if y is not out:
         out.copy_(y)
+
+
+def _new_counts(plan: Plan, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 [channel blocks]: how many programs of each channel block have finished reducing."""
+    return torch.zeros(plan.c_blocks, dtype=torch.int32, device=device)
+
+
+def _strides_or_zeros(plan: Plan, t: torch.Tensor | None) -> tuple[int, int, int]:
+    return plan.strides(t) if t is not None else (0, 0, 0)
 
 
 def backward(
@@ -567,42 +819,61 @@ def backward(
     args = (mean, var, eps, weight, bias)
     sums = None
     with _on(x.device):
-        if training or need_sums:
+        if training and dx_out is not None:
+            sums = _train_backward(plan, dy_in, x_in, dx_out, args)
+        elif training or need_sums:
             # In eval, dx does not depend on the sums: it is written in the same pass.
             sums = _reduce_backward(plan, dy_in, x_in, None if training else dx_out, args)
-        if dx_out is not None and (training or not need_sums):
-            _launch_backward(plan, dy_in, x_in, dx_out, args, sums if training else None, None, plan.items, 1)
+        elif dx_out is not None:
+            _launch_backward(plan, dy_in, x_in, dx_out, args, None, plan.items, 1)
     if dx is not None and dx_out is not dx:
         dx.copy_(dx_out)
     return sums
+
+
+def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+                    args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipelined training backward: dx, and the per-channel sums of g and g * x_hat in fp32 [C]."""
+    mean, var, eps, weight, bias = args
+    c, device = plan.c, x.device
+    work = pipeline(plan, device, x.element_size() + dy.element_size())
+    partials = new_fp32(2, work.rows, c, device=device)
+    sum_g, sum_gx = new_fp32(c, device=device), new_fp32(c, device=device)
+    strides = (*plan.strides(dy), *plan.strides(x), *plan.strides(dx))
+    counts = _new_counts(plan, device)
+    for reduce, write_dx in work.launches:
+        _train_backward_kernel[(reduce.programs + write_dx.programs,)](
+            dy, x, dx, mean, var, weight, bias, partials[0], partials[1], counts, sum_g, sum_gx,
+            c, plan.b, plan.nbb, plan.items, float(eps), 1.0 / (x.numel() // c),
+            *reduce.args(), reduce.programs, *write_dx.args(), *strides,
+            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+        )
+    return sum_g, sum_gx
 
 
 def _reduce_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None,
                      args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel sums of g and g * x_hat in fp32 [C] (and eval's dx in the same pass when given)."""
     c = plan.c
-    splits, ipp = plan.splits(x.device)
+    splits, ipp = plan.splits(target_programs(x.device))
     partials = new_fp32(2, splits, c, device=x.device)
-    _launch_backward(plan, dy, x, dx, args, None, partials, splits, ipp)
+    _launch_backward(plan, dy, x, dx, args, partials, splits, ipp)
     sum_g, sum_gx = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
-    _sum_partials_kernel[(cdiv(c, FINALIZE_BLOCK),)](
-        partials[0], partials[1], sum_g, sum_gx, c, splits, BLOCK=FINALIZE_BLOCK,
+    _sum_partials_kernel[(cdiv(c, VECTOR_BLOCK),)](
+        partials[0], partials[1], sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK,
     )
     return sum_g, sum_gx
 
 
 def _launch_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None, args: tuple,
-                     sums: tuple[torch.Tensor, torch.Tensor] | None, partials: torch.Tensor | None,
-                     programs: int, ipp: int) -> None:
-    """One ``_backward_kernel`` launch: reduces when ``partials`` is given, writes ``dx`` when given (the
-    training formula when ``sums`` is given)."""
+                     partials: torch.Tensor | None, programs: int, ipp: int) -> None:
+    """One ``_backward_kernel`` launch (no batch-statistics terms): reduces when ``partials`` is given,
+    writes ``dx`` when given."""
     mean, var, eps, weight, bias = args
-    sum_g, sum_gx = sums if sums is not None else (None, None)
     pg, pgx = (partials[0], partials[1]) if partials is not None else (None, None)
     _backward_kernel[(programs, plan.c_blocks)](
-        dy, x, dx, mean, var, weight, bias, sum_g, sum_gx, pg, pgx,
-        plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps), 1.0 / (x.numel() // plan.c),
-        *plan.strides(dy), *plan.strides(x), *(plan.strides(dx) if dx is not None else (0, 0, 0)),
-        REDUCE=partials is not None, WRITE_DX=dx is not None, TRAINING=sums is not None,
+        dy, x, dx, mean, var, weight, bias, pg, pgx, plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
+        *plan.strides(dy), *plan.strides(x), *_strides_or_zeros(plan, dx),
+        REDUCE=partials is not None, WRITE_DX=dx is not None,
         BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
     )

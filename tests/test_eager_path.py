@@ -32,7 +32,8 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, eager_op) -> None:
 
 
 def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
-    for eager_op in (triton_mirror._split, triton_mirror._fuse, triton_bn_mish._bn_stats, triton_bn_mish._apply,
+    for eager_op in (triton_mirror._split, triton_mirror._fuse, triton_bn_mish._train, triton_bn_mish._train_out,
+                     triton_bn_mish._running_update, triton_bn_mish._apply, triton_bn_mish._apply_out,
                      triton_bn_mish._backward_fused, triton_conv._conv, triton_conv._conv_out):
         _forbid(monkeypatch, eager_op)
     x = torch.randn(2, 4, 3, 6, device=device, requires_grad=True)
@@ -48,6 +49,11 @@ def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
     assert x.grad is not None and w.grad is not None
     conv_w = torch.randn(5, 4, 3, 3, device=device)
     with torch.no_grad():
+        for training in (True, False):  # the out= forms, and eval's apply
+            ops.bn_mish(z, w, None, torch.zeros(4, device=device), torch.ones(4, device=device), training,
+                        out=torch.empty_like(z), backend="triton")
+        ops.bn_mish(z, w, None, torch.zeros(4, device=device), torch.ones(4, device=device), False,
+                    backend="triton")
         y = ops.conv_bn_mish(z, conv_w, None, backend="triton")
         ops.conv_bn_mish(z, conv_w, None, out=torch.empty_like(y), backend="triton")
     torch.testing.assert_close(y, ops.conv_bn_mish(z, conv_w, None, backend="reference"), rtol=1e-4, atol=1e-4)
@@ -59,8 +65,7 @@ def test_modes_see_the_registered_ops(device):
         y = ops.mirror_split(x, backend="triton")
         ops.bn_mish(y, None, None, None, None, True, backend="triton")
     assert "cspmirror.mirror_split.default" in mode.names
-    assert "cspmirror.bn_stats_triton.default" in mode.names
-    assert "cspmirror.bn_mish_apply_triton.default" in mode.names
+    assert "cspmirror.bn_mish_train_triton.default" in mode.names
     assert torch.equal(y, ops.mirror_split(x, backend="reference"))
 
 

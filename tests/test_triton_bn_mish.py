@@ -40,12 +40,14 @@ def kernels(monkeypatch):
 
 @pytest.fixture
 def small_tiles(kernels, monkeypatch):
-    """Tiles of 16 elements (2 channels when channels are innermost) and about 8 reduction programs, so that
-    tiny shapes span several tiles per channel (the last one partial), several channel blocks, and reduction
-    programs whose tiles cross from one sample to the next."""
+    """Tiles of 16 elements (2 channels when channels are innermost), about 8 programs per pass and one
+    channel block per group of the pipelined training passes, so that tiny shapes span several tiles per
+    channel (the last one partial), several channel blocks and groups, and reduction programs whose tiles
+    cross from one sample to the next."""
     monkeypatch.setattr(kernels, "TILE", 16)
     monkeypatch.setattr(kernels, "BLOCK_C_CONTIGUOUS", 2)
     monkeypatch.setattr(kernels, "target_programs", lambda device: 8)
+    monkeypatch.setenv(kernels.GROUP_BYTES_ENV, "1")
 
 
 # --- cases ---------------------------------------------------------------------------------------------------
@@ -96,7 +98,8 @@ def test_without_affine_or_running_stats(device, training):
 def test_many_tiles_and_programs(small_tiles, kernels, device, dtype, layout, training):
     case = make_case((2, 3, 3, 7), dtype, layout, device, training=training)
     plan = kernels.make_plan(case.x)
-    assert plan.nbb > 1 and plan.c_blocks > 1 and plan.splits(case.x.device)[0] > 1
+    assert plan.nbb > 1 and plan.c_blocks > 1 and plan.splits(8)[0] > 1
+    assert len(kernels.pipeline(plan, case.x.device, 4).launches) == plan.c_blocks + 1
     check_case(case)
 
 
@@ -174,6 +177,30 @@ def test_dense_block_without_autograd_writes_slices(device, backend, layout):
         y_cat = block(x)
         assert y_cat.requires_grad and not y_slices.requires_grad
         torch.testing.assert_close(y_slices, y_cat.detach(), rtol=1e-6, atol=1e-6)
+
+
+# --- the pipelined training passes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group_blocks", [1, 2], ids=["groups_of_1", "groups_of_2"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, group_blocks):
+    """Training passes pipelined over channel groups (the last one smaller): output, every gradient and the
+    running statistics as the reference; in place (out=x) and into a channel slice bit for bit as the
+    functional result."""
+    case = make_case((2, 5, 3, 7), torch.float32, layout, device)
+    plan = kernels.make_plan(case.x)
+    # group_blocks channel blocks in backward (x and dy: 8 bytes per element), twice that in forward
+    monkeypatch.setenv(kernels.GROUP_BYTES_ENV, str(group_blocks * plan.block_elements * 8))
+    backward_groups = len(kernels.pipeline(plan, case.x.device, 8).launches) - 1
+    assert backward_groups == -(-plan.c_blocks // group_blocks) > 1
+    expected = check_case(case)["y"].detach()
+    x = case.x.clone()
+    part = poison(to_layout(torch.empty(2, 8, 3, 7, device=device), layout))[:, 2:7]
+    with torch.no_grad():
+        for source, out in ((x, x), (case.x, part)):  # in place, then into a channel slice
+            ops.bn_mish(source, case.weight, case.bias, None, None, True, residual=case.residual, out=out,
+                        backend="triton")
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 # --- BatchNorm semantics ---------------------------------------------------------------------------------------
@@ -276,7 +303,7 @@ def test_statistics_are_stable_for_a_large_mean(request, device, tiles):
         request.getfixturevalue("small_tiles")
     for std in (1.0, 1e-2):
         x = (torch.randn(4, 3, 6, 7, dtype=torch.float64, device=device) * std + 1e4).float()
-        mean, var = torch.ops.cspmirror.bn_stats_triton(x, None, None, 0.1)
+        _, mean, var = torch.ops.cspmirror.bn_mish_train_triton(x, None, None, None, 1e-5)
         var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
         assert rel_err(var, var64) <= 1e-6
         assert rel_err(mean, mean64) <= 1e-7
@@ -291,7 +318,7 @@ def test_many_values_per_channel(kernels, monkeypatch, device):
     """~9k values per channel with a mean of 1e3; several full-size tiles per reduction program."""
     monkeypatch.setattr(kernels, "target_programs", lambda device: 2)
     case = make_case((2, 2, 48, 96), device=device, loc=1e3, scale=3.0, residual=False)
-    assert kernels.make_plan(case.x).splits(case.x.device)[1] > 1
+    assert kernels.make_plan(case.x).splits(2)[1] > 1
     check_case(case)
 
 
@@ -306,7 +333,7 @@ def test_idx64_path(kernels, monkeypatch, device):
 
 def test_deterministic(kernels, device):
     case = make_case((2, 3, 4, 7), device=device)
-    assert kernels.make_plan(case.x).splits(case.x.device)[0] == 2
+    assert kernels.make_plan(case.x).splits(kernels.target_programs(case.x.device))[0] == 2
     first, second = run(case, "triton"), run(case, "triton")
     for name in first:
         assert torch.equal(first[name], second[name]), name
@@ -337,24 +364,27 @@ def _opcheck_samples(device):
     mean, var = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)[::-1]
     grad = case.grad
     ops_ns = torch.ops.cspmirror
-    # The statistics, out= and backward ops have no autograd by design (they are called on detached inputs,
-    # without grad, and from the backward): they skip opcheck's autograd tests.
+    # The running-statistics, out= and backward ops have no autograd by design (they are called on detached
+    # inputs, without grad, and from the backward): they skip opcheck's autograd tests.
     no_autograd = ("test_schema", "test_faketensor")
+    slice_of = torch.empty(2, 6, 4, 5, device=device)[:, 1:4]
     return [
-        (ops_ns.bn_stats_triton, (x, case.running_mean, case.running_var, 0.1), no_autograd),
-        (ops_ns.bn_stats_triton, (x, None, None, 0.1), no_autograd),
+        (ops_ns.bn_mish_train_triton, (x.clone().requires_grad_(), w.clone().requires_grad_(), b, res, 1e-5),
+         None),
+        (ops_ns.bn_mish_train_triton, (x.clone().requires_grad_(), None, None, None, 1e-5), None),
+        (ops_ns.bn_mish_train_triton_out, (x, w, b, res, 1e-5, slice_of.clone()), no_autograd),
+        (ops_ns.bn_running_update_triton, (mean, var, case.running_mean, case.running_var, 0.1, 40), no_autograd),
         (ops_ns.bn_mish_apply_triton, (x.clone().requires_grad_(), mean, var, w.clone().requires_grad_(), b, res,
                                        1e-5, True), None),
         (ops_ns.bn_mish_apply_triton, (x.clone().requires_grad_(), mean, var, None, None, None, 1e-5, False),
          None),
-        (ops_ns.bn_mish_apply_triton_out, (x, mean, var, w, b, res, 1e-5, True,
-                                           torch.empty(2, 6, 4, 5, device=device)[:, 1:4]), no_autograd),
+        (ops_ns.bn_mish_apply_triton_out, (x, mean, var, w, b, res, 1e-5, True, slice_of), no_autograd),
         (ops_ns.bn_mish_backward_triton, (grad, x, mean, var, w, b, 1e-5, True, True, True), no_autograd),
         (ops_ns.bn_mish_backward_triton, (grad, x, mean, var, None, None, 1e-5, False, True, False), no_autograd),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(9))
 def test_opcheck(device, index):
     op, args, test_utils = _opcheck_samples(device)[index]
     if test_utils is None:
@@ -413,9 +443,14 @@ def test_gpu_large_mean_many_values():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group_bytes", [None, "1"], ids=["default_groups", "one_block_per_group"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_gpu_out_slice_and_determinism(layout):
+def test_gpu_out_slice_and_determinism(kernels, monkeypatch, layout, group_bytes):
+    if group_bytes is not None:
+        monkeypatch.setenv(kernels.GROUP_BYTES_ENV, group_bytes)
     case = make_case((32, 128, 32, 32), torch.bfloat16, layout, "cuda")
+    if group_bytes is not None:
+        check_case(case)
     first, second = run(case, "triton"), run(case, "triton")
     for name in first:
         assert torch.equal(first[name], second[name]), name

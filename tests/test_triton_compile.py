@@ -76,9 +76,11 @@ def _report() -> dict:
             mirror.fuse_part(y, torch.empty_like(x), 64, 40, -1, True, mean=True)
     x = torch.empty(4, 16, 8, 8, dtype=torch.bfloat16)
     ones, zeros = torch.ones(16), torch.zeros(16)
-    mean, var = bn_mish.batch_stats(x, zeros.clone(), ones.clone(), 0.1)
+    mean, var = bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
+    bn_mish.update_running(mean, var, zeros.clone(), ones.clone(), 0.1, 256)
     bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
-    bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, True, torch.empty_like(x), True)
+    for training in (True, False):
+        bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)
     return launches
 
 
@@ -97,8 +99,8 @@ def test_kernels_compile_for_hopper(tmp_path):
         pytest.skip(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     launches = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"mirror_split_kernel", "mirror_fuse_kernel", "_stats_kernel", "_stats_finalize_kernel",
-            "_apply_kernel", "_backward_kernel", "_sum_partials_kernel"} <= set(launches)
+    assert {"mirror_split_kernel", "mirror_fuse_kernel", "_train_forward_kernel", "_running_kernel",
+            "_apply_kernel", "_train_backward_kernel", "_backward_kernel", "_sum_partials_kernel"} <= set(launches)
     for name, runs in launches.items():
         for r in runs:
             assert r["cubin"] and not r["spills"], (name, r)

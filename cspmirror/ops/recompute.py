@@ -2,7 +2,7 @@
 
 ``conv2d(x, w)`` saves ``x`` for its weight gradient. When ``x`` is the output of a fused ``bn_mish`` (Triton
 backend, eager, no residual), the ``bn_mish`` node already keeps everything ``x`` is made from: its input,
-batch mean and variance, weight and bias. :func:`conv2d_recomputing_input` then saves nothing of ``x``: its
+batch mean and variance, weight and bias. :func:`conv2d_on_recomputed` then saves nothing of ``x``: its
 backward recomputes ``x`` bit for bit with the same kernel from what ``bn_mish`` kept, one elementwise pass,
 before ``bn_mish``'s own backward frees it (the engine runs the conv's backward first: ``x`` feeds it).
 This is the issue's "recompute the activation inside the next conv's backward": a dense block then keeps 4 of

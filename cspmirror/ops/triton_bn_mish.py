@@ -1,29 +1,32 @@
 """Triton backend of ``bn_mish``: fused ``mish(batch_norm(x)) (+ residual)``, training and eval (SPEC §3).
 
-Four ``torch.library.custom_op``\\ s, so that ``torch.compile(fullgraph=True)`` keeps each call whole:
+``torch.library.custom_op``\\ s, so that ``torch.compile(fullgraph=True)`` keeps each call whole:
 
-- ``cspmirror::bn_stats_triton(x, running_mean?, running_var?, momentum) -> (mean, var)``: batch statistics
-  (fp32 [C], biased variance), running statistics updated in place (declared in ``mutates_args``). Called on
-  ``x.detach()``: it has no autograd of its own.
+- ``cspmirror::bn_mish_train_triton(x, weight?, bias?, residual?, eps) -> (y, mean, var)``: the training
+  forward, batch statistics (fp32 [C], biased variance) and output in one pipelined pair of passes (see
+  :mod:`cspmirror.kernels.bn_mish`); differentiable in ``x``, weight, bias and residual (``register_autograd``;
+  mean and var are not differentiable). The backward is the total derivative with respect to ``x``
+  (through the statistics too), as ``native_batch_norm_backward`` does from its saved mean and invstd. It
+  saves only ``x``, ``mean`` and ``var`` (plus the weight and bias parameters) and recomputes the normalized
+  input and Mish' from them.
+- ``cspmirror::bn_mish_train_triton_out(..., out) -> (mean, var)``: the same, written into ``out`` (any
+  strides, e.g. a channel slice of a larger buffer). No autograd.
+- ``cspmirror::bn_running_update_triton(mean, var, running_mean, running_var, momentum, count)``: the running
+  statistics update, in place (declared in ``mutates_args``).
 - ``cspmirror::bn_mish_apply_triton(x, mean, var, weight?, bias?, residual?, eps, training) -> y``: the
-  normalization, affine, Mish and residual in one pass; differentiable (``register_autograd``). With
-  ``training=True``, ``mean`` and ``var`` must be ``x``'s batch statistics: the backward then returns the
-  total derivative with respect to ``x`` (through the statistics too), as ``native_batch_norm_backward`` does
-  from its saved mean and invstd. It saves only ``x``, ``mean`` and ``var`` (plus the weight and bias
-  parameters); the backward recomputes the normalized input and Mish' from them.
-- ``cspmirror::bn_mish_apply_triton_out(..., out)``: the same, written into ``out`` (any strides, e.g. a channel
-  slice of a larger buffer). No autograd: :func:`bn_mish` uses it only when nothing needs a gradient, and
-  otherwise runs the functional op and copies into ``out`` (autograd records the copy, so ``out=`` also works
-  in training, at the cost of that copy).
+  normalization, affine, Mish and residual from given statistics (eval: the running ones); differentiable.
+  With ``training=True``, ``mean`` and ``var`` must be ``x``'s batch statistics and the backward is the total
+  derivative, as above. ``cspmirror::bn_mish_apply_triton_out(..., out)``: the same into ``out``, no autograd.
 - ``cspmirror::bn_mish_backward_triton(dy, x, mean, var, weight?, bias?, eps, training, need_dx, need_sums)
   -> (dx, sum_g, sum_gx)``: ``sum_g`` is the bias gradient, ``sum_gx`` the weight gradient (fp32 [C]). Not
   differentiable itself (no double backward).
 
-Why not one op that returns ``(y, mean, rstd)`` and mutates the running statistics: ``register_autograd``
-only accepts functional ops, so the mutation lives in the (non-differentiable) statistics op.
+:func:`bn_mish` uses the ``_out`` forms only when nothing needs a gradient, and otherwise runs the functional op
+and copies into ``out`` (autograd records the copy, so ``out=`` also works in training, at the cost of that
+copy). Why the running statistics have an op of their own: ``register_autograd`` only accepts functional ops.
 
 float64 inputs run the reference (the kernels compute in fp32). Everything is deterministic: reductions write
-per-program partials that a second small kernel adds in a fixed order (no atomics).
+per-program partials that are added in a fixed order (no atomics).
 """
 
 from __future__ import annotations
@@ -71,17 +74,36 @@ def bn_mish(
         return reference.bn_mish(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                  residual, out=out)
     if training:
-        mean, var = _bn_stats(x.detach(), running_mean, running_var, momentum)
-    else:
-        mean, var = running_mean, running_var
-    args = (x, mean, var, weight, bias, residual, eps, training)
+        y, mean, var = _train_forward(x, weight, bias, residual, eps, out)
+        if running_mean is not None:
+            _running_update(mean, var, running_mean, running_var, momentum, x.numel() // x.shape[1])
+        return y
+    args = (x, running_mean, running_var, weight, bias, residual, eps, False)
     if out is None:
         return _apply(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, residual, out)):
+    if _needs_autograd(x, weight, bias, residual, out):
         return out.copy_(_apply(*args))
     _apply_out(*args, out)
     return out
+
+
+def _train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   residual: torch.Tensor | None, eps: float, out: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): ``out`` (when given) or a new tensor, and x's batch statistics (detached)."""
+    if out is None:
+        y, mean, var = _train(x, weight, bias, residual, eps)
+    elif _needs_autograd(x, weight, bias, residual, out):
+        y, mean, var = _train(x, weight, bias, residual, eps)
+        y = out.copy_(y)
+    else:
+        y = out
+        mean, var = _train_out(x, weight, bias, residual, eps, out)
+    return y, mean.detach(), var.detach()
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def new_like(x: torch.Tensor) -> torch.Tensor:
@@ -93,23 +115,78 @@ def _stats_like(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[1] if size is None else size, dtype=torch.float32)
 
 
-# --- forward ------------------------------------------------------------------------------------------------
+# --- training forward ---------------------------------------------------------------------------------------
 
-def _bn_stats_impl(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                   momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.batch_stats(x, running_mean, running_var, momentum)
+_TRAIN_ARGS = "Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps"
 
 
-_bn_stats_op = torch.library.custom_op(
-    "cspmirror::bn_stats_triton", _bn_stats_impl, mutates_args=("running_mean", "running_var"),
-    schema="(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor)",
+def _train_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                residual: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = new_like(x)
+    mean, var = kernels.train_forward(x, weight, bias, residual, eps, y)
+    return y, mean, var
+
+
+_train_op = torch.library.custom_op("cspmirror::bn_mish_train_triton", _train_impl, mutates_args=(),
+                                    schema=f"({_TRAIN_ARGS}) -> (Tensor, Tensor, Tensor)")
+
+
+@_train_op.register_fake
+def _(x, weight, bias, residual, eps):
+    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+
+
+def _train_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual, eps = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eps, ctx.training, ctx.residual_free = eps, True, residual is None
+    ctx.save_for_backward(x, mean, var, weight, bias)
+
+
+def _train_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+    need_x, need_w, need_b, need_residual = ctx.needs_input_grad[:4]
+    grad_x, grad_w, grad_b = _input_grads(ctx, grad, need_x, need_w, need_b)
+    return grad_x, grad_w, grad_b, grad if need_residual else None, None
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+def _train_out_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    residual: torch.Tensor | None, eps: float, out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.train_forward(x, weight, bias, residual, eps, out)
+
+
+_train_out_op = torch.library.custom_op("cspmirror::bn_mish_train_triton_out", _train_out_impl,
+                                        mutates_args=("out",),
+                                        schema=f"({_TRAIN_ARGS}, Tensor(a!) out) -> (Tensor, Tensor)")
+
+
+@_train_out_op.register_fake
+def _(x, weight, bias, residual, eps, out):
+    return _stats_like(x), _stats_like(x)
+
+
+def _running_update_impl(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                         running_var: torch.Tensor, momentum: float, count: int) -> None:
+    kernels.update_running(mean, var, running_mean, running_var, momentum, count)
+
+
+_running_update_op = torch.library.custom_op(
+    "cspmirror::bn_running_update_triton", _running_update_impl, mutates_args=("running_mean", "running_var"),
+    schema="(Tensor mean, Tensor var, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, "
+           "int count) -> ()",
 )
 
 
-@_bn_stats_op.register_fake
-def _(x, running_mean, running_var, momentum):
-    return _stats_like(x), _stats_like(x)
+@_running_update_op.register_fake
+def _(mean, var, running_mean, running_var, momentum, count):
+    return None
 
+
+# --- forward from given statistics --------------------------------------------------------------------------
 
 def _apply_impl(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, training: bool
@@ -135,19 +212,24 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad: torch.Tensor):
-    x, mean, var, weight, bias = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_residual = ctx.needs_input_grad[:6]
-    grad_x = grad_w = grad_b = None
-    if need_x or need_w or need_b:
-        dx, sum_g, sum_gx = _backward_fused(grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x,
-                                            need_w or need_b)
-        grad_x = dx if need_x else None
-        grad_w = sum_gx.to(weight.dtype) if need_w else None
-        grad_b = sum_g.to(bias.dtype) if need_b else None
+    grad_x, grad_w, grad_b = _input_grads(ctx, grad, need_x, need_w, need_b)
     return grad_x, None, None, grad_w, grad_b, grad if need_residual else None, None, None
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _input_grads(ctx, grad: torch.Tensor, need_x: bool, need_w: bool, need_b: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for x, weight and bias from what either forward op saved (x, mean, var, weight, bias)."""
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    x, mean, var, weight, bias = ctx.saved_tensors
+    dx, sum_g, sum_gx = _backward_fused(grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x,
+                                        need_w or need_b)
+    return (dx if need_x else None, sum_gx.to(weight.dtype) if need_w else None,
+            sum_g.to(bias.dtype) if need_b else None)
 
 
 def _apply_out_impl(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
@@ -195,7 +277,9 @@ def _(dy, x, mean, var, weight, bias, eps, training, need_dx, need_sums):
 
 # What :func:`bn_mish` and the backward call: the registered ops, or in plain eager mode the same code without
 # the custom-op dispatch (see :mod:`._eager`).
-_bn_stats = EagerOp(_bn_stats_op, _bn_stats_impl, mutates=(1, 2))
+_train = EagerOp(_train_op, _train_impl, _train_setup_context, _train_backward)
+_train_out = EagerOp(_train_out_op, _train_out_impl, mutates=(5,))
+_running_update = EagerOp(_running_update_op, _running_update_impl, mutates=(2, 3))
 _apply = EagerOp(_apply_op, _apply_impl, _setup_context, _backward)
 _apply_out = EagerOp(_apply_out_op, _apply_out_impl, mutates=(8,))
 _backward_fused = EagerOp(_backward_op, _backward_impl)
@@ -203,11 +287,13 @@ _backward_fused = EagerOp(_backward_op, _backward_impl)
 
 def recompute_recipe(y: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """For ``y`` exactly as the eager fast path of :func:`bn_mish` returned it (autograd recording, no
-    residual): a function that recomputes it bit for bit, with the same kernel, from what the op saved for its
-    own backward (input, mean, var, weight, bias); None for anything else. Used by
-    :func:`cspmirror.ops.recompute.conv2d_recomputing_input`."""
+    residual): a function that recomputes it bit for bit from what the op saved for its own backward (input,
+    mean, var, weight, bias), with ``_apply_kernel`` (the training forward's second pass runs the same device
+    code on the same fp32 statistics); None for anything else. Used by
+    :func:`cspmirror.ops.recompute.conv2d_on_recomputed`."""
     node = y.grad_fn
-    if (_apply.function is None or not isinstance(node, _apply.function._backward_cls) or y._base is not None
+    functions = [op.function for op in (_train, _apply) if op.function is not None]
+    if (not any(isinstance(node, f._backward_cls) for f in functions) or y._base is not None
             or not node.residual_free):
         return None
 

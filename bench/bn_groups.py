@@ -1,0 +1,171 @@
+"""bn_mish's pipelined training passes against the size of their channel groups (GPU only).
+
+The training forward and backward of the Triton ``bn_mish`` run their two passes channel group by channel
+group, so that the second pass re-reads a group from the L2 cache (:mod:`cspmirror.kernels.bn_mish`). How
+large a group may be before the re-read misses is a property of the GPU's cache, measured here: for the ops
+suite's bn_mish shape, bf16, NCHW and channels_last, each pass is timed with ``CSPMIRROR_BN_GROUP_BYTES``
+set to each of several budgets (0: one group, the two passes not pipelined; then fractions of the L2 size),
+captured in a CUDA graph (device time alone), beside a device copy of the same minimal bytes (forward: read
+x, write y; backward: read x and dy, write dx), captured and replayed alike. Variants are interleaved.
+
+    python -m bench.bn_groups [--out DIR] [--quick]
+
+Writes ``bn_groups.json``, ``bn_groups.md`` and ``bn_groups.png`` into ``DIR`` (default:
+``bench/results/<device>``). On a machine without CUDA it says so and exits (the interpreter times nothing
+meaningful here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench import harness
+from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, bn_params, fmt_shape
+
+RESULTS = Path(__file__).resolve().parent / "results"
+L2_FRACTIONS = (0, 8, 6, 4, 3, 2)  # budget = L2 / fraction; 0 = one group
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+@contextlib.contextmanager
+def group_bytes(budget: int) -> Iterator[None]:
+    """``CSPMIRROR_BN_GROUP_BYTES`` set to ``budget`` (read by every launch of the training passes)."""
+    from cspmirror.kernels import bn_mish
+
+    old = os.environ.get(bn_mish.GROUP_BYTES_ENV)
+    os.environ[bn_mish.GROUP_BYTES_ENV] = str(budget)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[bn_mish.GROUP_BYTES_ENV]
+        else:
+            os.environ[bn_mish.GROUP_BYTES_ENV] = old
+
+
+def passes(x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
+    """The training forward and backward kernels on ``x`` [N, C, H, W], with their minimal bytes."""
+    from cspmirror.kernels import bn_mish
+
+    weight, bias, _, _ = bn_params(x.shape[1], x.device, x.dtype)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    dy = torch.randn_like(x)
+    mean, var = bn_mish.train_forward(x, weight, bias, None, 1e-5, y)
+    size = x.numel() * x.element_size()
+    return {
+        "fwd": (lambda: bn_mish.train_forward(x, weight, bias, None, 1e-5, y), 2 * size),
+        "bwd": (lambda: bn_mish.backward(dy, x, mean, var, 1e-5, weight, bias, True, dx, True), 3 * size),
+    }
+
+
+def copy_of(num_bytes: int, device: torch.device) -> Callable[[], object]:
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets: list[int] | None = None
+            ) -> list[dict]:
+    """One row per layout, pass and group budget (default: the L2 fractions of :data:`L2_FRACTIONS`). Off
+    CUDA the calls are timed eagerly (a smoke test of this script, nothing to report)."""
+    from cspmirror.kernels import bn_mish
+
+    l2 = bn_mish._l2_bytes(device)
+    budgets = budgets if budgets is not None else [l2 // f if f else 0 for f in L2_FRACTIONS]
+    rows = []
+    jobs = [(layout, direction) for layout in LAYOUTS for direction in ("fwd", "bwd")]
+    for layout, direction in tqdm(jobs, desc="bn_mish groups", mininterval=10):
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=LAYOUTS[layout])
+        plan = bn_mish.make_plan(x)
+        graphs, meta = {}, {}
+        for budget in budgets:
+            with group_bytes(budget):
+                fn, num_bytes = passes(x)[direction]
+                launches = len(bn_mish.pipeline(plan, device, 2 if direction == "fwd" else 4).launches)
+                graphs[f"{budget}"] = harness.graph_replay(fn, device) or fn
+            meta[f"{budget}"] = {"budget_bytes": budget, "launches": launches}
+        copy = copy_of(num_bytes, device)
+        graphs["copy"] = harness.graph_replay(copy, device) or copy
+        timings = harness.time_interleaved(graphs, device, warmup=3, repeats=repeats)
+        copy_ms = timings["copy"].median_ms
+        for key, info in meta.items():
+            ms = timings[key].median_ms
+            rows.append({"layout": layout, "direction": direction, "shape": fmt_shape(shape), **info,
+                         "l2_bytes": l2, "graph_ms": ms, "copy_graph_ms": copy_ms, "frac_copy": copy_ms / ms,
+                         "bytes": num_bytes})
+    return rows
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"# bn_mish training passes vs channel-group size ({env['device_name']})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}; {env['date']}. bf16, shape "
+        f"{rows[0]['shape']}; CUDA-graph device time, medians, interleaved; 'of copy' = a copy of the same "
+        "minimal bytes / the pass (forward: x in, y out; backward: x and dy in, dx out).",
+        "",
+        "| layout | pass | group budget | launches | graph ms | of copy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        budget = "one group" if r["budget_bytes"] == 0 else f"{r['budget_bytes'] / 2**20:.1f} MiB"
+        lines.append(f"| {r['layout']} | {r['direction']} | {budget} | {r['launches']} | {r['graph_ms']:.4f} | "
+                     f"{r['frac_copy']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layout in LAYOUTS:
+        for direction in ("fwd", "bwd"):
+            pts = [(r["budget_bytes"] / 2**20, r["frac_copy"]) for r in rows
+                   if r["layout"] == layout and r["direction"] == direction]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{layout} {direction}")
+    ax.axhline(0.8, color="grey", linestyle="--", linewidth=1, label="target 80%")
+    ax.set_xlabel("channel-group budget, MiB (0 = one group)")
+    ax.set_ylabel("fraction of copy bandwidth")
+    ax.set_title("bn_mish training passes vs channel-group size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="smaller shape, fewer repeats")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.bn_groups: no CUDA device here; nothing measured")
+        return 0
+    device = torch.device("cuda")
+    shape = (GPU_QUICK_SHAPES if args.quick else GPU_SHAPES).bn
+    rows = measure(shape, device, repeats=10 if args.quick else 30)
+    env = harness.environment(device)
+    out = args.out or RESULTS / env["device_slug"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bn_groups.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    table = markdown(rows, env)
+    (out / "bn_groups.md").write_text(table)
+    plot(rows, out / "bn_groups.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
