@@ -155,6 +155,8 @@ def derive(rows: list[dict]) -> list[dict]:
                 r["frac_copy_graph"] = copy["graph_ms"] / graph if copy and copy.get("graph_ms") else None
                 r["vs_compile_graph"] = (comp["graph_ms"] / graph if comp and comp.get("graph_ms") and timed
                                          else None)
+                r["vs_eager_graph"] = (eager["graph_ms"] / graph if eager and eager.get("graph_ms") and timed
+                                       else None)
     return rows
 
 

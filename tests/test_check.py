@@ -119,8 +119,9 @@ def test_report_targets_on_device_time(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     from bench import ops_suite, report
 
-    def row(variant: str, eager_ms: float, graph_ms: float) -> dict:
-        return {"suite": "ops", "op": "mirror_split", "shape": "64x256x64x64", "direction": "fwd",
+    def row(variant: str, eager_ms: float, graph_ms: float | None, op: str = "mirror_split",
+            shape: str = "64x256x64x64", count: int = 1) -> dict:
+        return {"suite": "ops", "op": op, "shape": shape, "direction": "fwd", "count_in_model": count,
                 "variant": variant, "dtype": "bfloat16", "status": "ok", "median_ms": eager_ms,
                 "p20_ms": eager_ms, "p80_ms": eager_ms, "graph_ms": graph_ms}
 
@@ -130,3 +131,9 @@ def test_report_targets_on_device_time(monkeypatch):
     assert ("of copy bandwidth, device time (CUDA graph)", 0.9) in {(m, round(v, 6)) for m, v in targets}
     assert ("speed-up vs torch.compile, device time (CUDA graph)", 2.0) in targets
     assert "of copy bw (graph)" in report.markdown_table(rows, report.OPS_COLUMNS)
+    # conv layers: time-weighted over the layers (count in the model), device time where both have it
+    conv = [row("eager_cbm", 1.0, 0.8, "conv_bn_mish", "a", 3), row("triton", 2.0, 0.4, "conv_bn_mish", "a", 3),
+            row("eager_cbm", 1.0, None, "conv_bn_mish", "b"), row("triton", 1.0, 0.5, "conv_bn_mish", "b")]
+    targets = {(t["metric"], t["where"]): t["measured"] for t in report.target_rows(ops_suite.derive(conv))}
+    assert targets[("speed-up vs eager", "2 layers, time-weighted")] == (3 * 1.0 + 1.0) / (3 * 2.0 + 1.0)
+    assert targets[("speed-up vs eager, device time (CUDA graph)", "1 layers, time-weighted")] == 2.0
