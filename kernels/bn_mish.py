@@ -837,13 +837,13 @@ def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Ten
     mean, var, eps, weight, bias = args
     c, device = plan.c, x.device
     work = pipeline(plan, device, x.element_size() + dy.element_size())
-    partials = new_fp32(2, work.rows, c, device=device)
+    pg, pgx = new_fp32(work.rows, c, device=device), new_fp32(work.rows, c, device=device)
     sum_g, sum_gx = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(dy), *plan.strides(x), *plan.strides(dx))
     counts = _new_counts(plan, device)
     for reduce, write_dx in work.launches:
         _train_backward_kernel[(reduce.programs + write_dx.programs,)](
-            dy, x, dx, mean, var, weight, bias, partials[0], partials[1], counts, sum_g, sum_gx,
+            dy, x, dx, mean, var, weight, bias, pg, pgx, counts, sum_g, sum_gx,
             c, plan.b, plan.nbb, plan.items, float(eps), 1.0 / (x.numel() // c),
             *reduce.args(), reduce.programs, *write_dx.args(), *strides,
             BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
@@ -856,21 +856,21 @@ def _reduce_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Te
     """The per-channel sums of g and g * x_hat in fp32 [C] (and eval's dx in the same pass when given)."""
     c = plan.c
     splits, ipp = plan.splits(target_programs(x.device))
-    partials = new_fp32(2, splits, c, device=x.device)
+    partials = new_fp32(splits, c, device=x.device), new_fp32(splits, c, device=x.device)
     _launch_backward(plan, dy, x, dx, args, partials, splits, ipp)
     sum_g, sum_gx = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
     _sum_partials_kernel[(cdiv(c, VECTOR_BLOCK),)](
-        partials[0], partials[1], sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK,
+        *partials, sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK,
     )
     return sum_g, sum_gx
 
 
 def _launch_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None, args: tuple,
-                     partials: torch.Tensor | None, programs: int, ipp: int) -> None:
+                     partials: tuple[torch.Tensor, torch.Tensor] | None, programs: int, ipp: int) -> None:
     """One ``_backward_kernel`` launch (no batch-statistics terms): reduces when ``partials`` is given,
     writes ``dx`` when given."""
     mean, var, eps, weight, bias = args
-    pg, pgx = (partials[0], partials[1]) if partials is not None else (None, None)
+    pg, pgx = partials if partials is not None else (None, None)
     _backward_kernel[(programs, plan.c_blocks)](
         dy, x, dx, mean, var, weight, bias, pg, pgx, plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
         *plan.strides(dy), *plan.strides(x), *_strides_or_zeros(plan, dx),
