@@ -197,7 +197,11 @@ def representative(layers: Sequence[ConvLayer], k: int) -> list[ConvLayer]:
 
 
 def conv_workload(layer: ConvLayer, device: torch.device, dtype: torch.dtype) -> Workload:
-    """``conv_bn_mish`` with BN folded (the fused op) and the unfused eager baseline on the same data."""
+    """``conv_bn_mish`` with BN folded (the fused op) and the unfused eager baseline on the same data.
+
+    Inputs are channels_last, the layout the layers see in a fused model (its first layer converts once; every
+    ``conv_bn_mish`` output is channels_last) and cuDNN's fast layout for half-precision convolutions: every
+    variant, the eager baseline included, gets the same tensors."""
     _, c_in, _, _ = layer.x_shape
     conv = nn.Conv2d(c_in, layer.c_out, layer.kernel, layer.stride, layer.kernel // 2, bias=False)
     bn = nn.BatchNorm2d(layer.c_out).eval()
@@ -206,8 +210,9 @@ def conv_workload(layer: ConvLayer, device: torch.device, dtype: torch.dtype) ->
         for t, v in zip(targets, bn_params(layer.c_out, torch.device("cpu"), torch.float32), strict=True):
             t.copy_(v)
     weight, bias = fold_bn(conv, bn)
-    x = torch.randn(*layer.x_shape, device=device, dtype=dtype)
-    residual = torch.randn(*layer.out_shape, device=device, dtype=dtype) if layer.residual else None
+    x = torch.randn(*layer.x_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    residual = (torch.randn(*layer.out_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                if layer.residual else None)
     w, b = weight.to(device, dtype), bias.to(device, dtype)
     raw_w = conv.weight.detach().to(device, dtype)
     bn_w, bn_b, bn_m, bn_v = (t.detach().to(device, param_dtype(dtype))
