@@ -292,31 +292,37 @@ def _apply_kernel(
                  sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
 
 
-@triton.jit
+# The passes' scalars change from launch to launch of a pipeline: specializing on them (== 1, % 16) would
+# compile the kernels again for many launches of one call, for no gain (they never align a vector access).
+PASS_ARGS = ("reduce_block", "reduce_splits", "reduce_ipp", "reduce_programs",
+             "elementwise_block", "elementwise_splits", "elementwise_ipp")
+
+
+@triton.jit(do_not_specialize=PASS_ARGS)
 def _train_forward_kernel(
     x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pshift_ptr, poff_ptr, pm2_ptr, count_ptr,
     C, B, nbb, items, eps, n_total,
-    stats_block, stats_splits, stats_ipp, stats_programs, apply_block, apply_splits, apply_ipp,
+    reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One launch of the pipelined training forward: programs ``[0, stats_programs)`` reduce one channel group
+    """One launch of the pipelined training forward: programs ``[0, reduce_programs)`` reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
     var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`)."""
     pid = tl.program_id(0)
-    if pid < stats_programs:
-        split, pid_c = _role(pid, stats_block, stats_splits)
-        _stats_tiles(x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, stats_ipp,
+    if pid < reduce_programs:
+        split, pid_c = _role(pid, reduce_block, reduce_splits)
+        _stats_tiles(x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, reduce_ipp,
                      sxa, sxc, sxb, BLOCK_C, BLOCK_B, IDX64)
-        if _last_to_finish(count_ptr, pid_c, stats_splits):
+        if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
-            mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, stats_ipp,
-                                     stats_splits, n_total, BLOCK_B)
+            mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, reduce_ipp,
+                                     reduce_splits, n_total, BLOCK_B)
             tl.store(mean_ptr + offs_c, mean, mask=mask_c)
             tl.store(var_ptr + offs_c, var, mask=mask_c)
     else:
-        split, pid_c = _role(pid - stats_programs, apply_block, apply_splits)
-        start, end = _items_of(split, apply_ipp, items)
+        split, pid_c = _role(pid - reduce_programs, elementwise_block, elementwise_splits)
+        start, end = _items_of(split, elementwise_ipp, items)
         _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
                      sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
 
@@ -409,11 +415,11 @@ def _backward_kernel(
                     REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PASS_ARGS)
 def _train_backward_kernel(
     dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr,
     C, B, nbb, items, eps, inv_n,
-    reduce_block, reduce_splits, reduce_ipp, reduce_programs, dx_block, dx_splits, dx_ipp,
+    reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
 ):
@@ -433,8 +439,8 @@ def _train_backward_kernel(
             tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
             tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
     else:
-        split, pid_c = _role(pid - reduce_programs, dx_block, dx_splits)
-        start, end = _items_of(split, dx_ipp, items)
+        split, pid_c = _role(pid - reduce_programs, elementwise_block, elementwise_splits)
+        start, end = _items_of(split, elementwise_ipp, items)
         _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr,
                         _channel(sum_g_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
                         _channel(sum_gx_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,

@@ -103,7 +103,7 @@ def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     triton_or_skip()
     from bench import bn_groups, harness
 
-    rows = bn_groups.measure((1, 3, 64, 64), torch.device("cpu"), repeats=1, budgets=[0, 64])
+    rows = bn_groups.measure((1, 3, 64, 64), torch.device("cpu"), repeats=1, budgets=[0, 64], programs_per_sm=(8,))
     assert len(rows) == 8 and all(r["graph_ms"] > 0 and r["frac_copy"] > 0 for r in rows)
     launches = {(r["layout"], r["direction"], r["budget_bytes"]): r["launches"] for r in rows}
     # NCHW: one channel per block, 3 groups of one under 64 bytes; NHWC: the 3 channels in one block
