@@ -43,6 +43,7 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -586,32 +587,40 @@ def group_budget(device: torch.device) -> int:
     return _l2_bytes(device) // L2_SHARE
 
 
+class Limits(NamedTuple):
+    """The module's tile limits as a plan was made under (part of the cache key: tests change them)."""
+
+    tile: int
+    block_c_contiguous: int
+    int32: int
+
+
 def make_plan(x: torch.Tensor, others: Sequence[torch.Tensor | None] = ()) -> Plan | None:
     """A plan in which ``x`` and every tensor of ``others`` (None skipped) fit, or None. Cached on shapes
     and strides: for small tensors the host-side cost of a call is what a user waits for."""
     layouts = tuple((tuple(t.shape), t.stride()) for t in (x, *others) if t is not None)
-    return _cached_plan(layouts, INT32_LIMIT)
+    return _cached_plan(layouts, Limits(TILE, BLOCK_C_CONTIGUOUS, INT32_LIMIT))
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_plan(layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], int32_limit: int) -> Plan | None:
+def _cached_plan(layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], limits: Limits) -> Plan | None:
     """:func:`make_plan` of tensors given as (shape, strides), ``x`` first."""
     tensors = [torch.empty_strided(shape, stride, device="meta") for shape, stride in layouts]
     for merge_n in (True, False):
         if all(view_strides(t, merge_n) is not None for t in tensors):
-            return _plan(tensors[0], merge_n, tensors, int32_limit)
+            return _plan(tensors[0], merge_n, tensors, limits)
     return None
 
 
-def _plan(x: torch.Tensor, merge_n: bool, tensors: Sequence[torch.Tensor], int32_limit: int) -> Plan:
+def _plan(x: torch.Tensor, merge_n: bool, tensors: Sequence[torch.Tensor], limits: Limits) -> Plan:
     n, c, h, w = x.shape
     a, b = (1, n * h * w) if merge_n else (n, h * w)
     if view_strides(x, merge_n)[1] == 1 and c > 1:  # channels innermost
-        block_c = min(next_power_of_2(c), BLOCK_C_CONTIGUOUS)
-        block_b = min(next_power_of_2(b), TILE // block_c)
+        block_c = min(next_power_of_2(c), limits.block_c_contiguous)
+        block_b = min(next_power_of_2(b), limits.tile // block_c)
     else:
-        block_b = min(next_power_of_2(b), TILE)
-        block_c = min(next_power_of_2(c), TILE // block_b)
+        block_b = min(next_power_of_2(b), limits.tile)
+        block_c = min(next_power_of_2(c), limits.tile // block_b)
     nbb = cdiv(b, block_b)
     # The largest offset any lane computes, masked lanes of the padded tile included (int32 arithmetic must
     # hold it, each term too).
@@ -619,7 +628,7 @@ def _plan(x: torch.Tensor, merge_n: bool, tensors: Sequence[torch.Tensor], int32
     reach = max(sum((extent - 1) * abs(stride) for extent, stride in zip(padded, view_strides(t, merge_n),
                                                                           strict=True))
                 for t in tensors)
-    return Plan(merge_n, c, b, block_c, block_b, nbb, a * nbb, reach > int32_limit)
+    return Plan(merge_n, c, b, block_c, block_b, nbb, a * nbb, reach > limits.int32)
 
 
 def _max_offset(t: torch.Tensor) -> int:

@@ -303,6 +303,7 @@ def test_statistics_are_stable_for_a_large_mean(request, device, tiles):
         request.getfixturevalue("small_tiles")
     for std in (1.0, 1e-2):
         x = (torch.randn(4, 3, 6, 7, dtype=torch.float64, device=device) * std + 1e4).float()
+        assert (request.getfixturevalue("kernels").make_plan(x).block_b == 16) == (tiles == "small")
         _, mean, var = torch.ops.cspmirror.bn_mish_train_triton(x, None, None, None, 1e-5)
         var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
         assert rel_err(var, var64) <= 1e-6
