@@ -26,7 +26,7 @@ and copies into ``out`` (autograd records the copy, so ``out=`` also works in tr
 copy). Why the running statistics have an op of their own: ``register_autograd`` only accepts functional ops.
 
 float64 inputs run the reference (the kernels compute in fp32). Everything is deterministic: reductions write
-per-program partials that are added in a fixed order (no atomics).
+per-program partials that are added in a fixed order (no floating-point atomics).
 """
 
 from __future__ import annotations
