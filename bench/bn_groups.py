@@ -87,12 +87,6 @@ def passes(x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
     }
 
 
-def copy_of(num_bytes: int, device: torch.device) -> Callable[[], object]:
-    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
 def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets: list[int] | None = None,
             programs_per_sm: tuple[int, ...] = PROGRAMS_PER_SM) -> list[dict]:
     """One row per layout, pass, group budget (default: the L2 fractions of :data:`L2_FRACTIONS`) and
@@ -114,7 +108,7 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets:
             with knobs(budget, pps):
                 launches = len(bn_mish.pipeline(plan, device, 2 if direction == "fwd" else 4).launches)
             meta[key] = {"budget_bytes": budget, "programs_per_sm": pps, "launches": launches}
-        copy = copy_of(num_bytes, device)
+        copy = harness.copy_fn(num_bytes, device)
         fns["copy"] = harness.graph_replay(copy, device) or copy
         timings = harness.time_interleaved(fns, device, warmup=3, repeats=repeats)
         copy_ms = timings["copy"].median_ms

@@ -109,12 +109,17 @@ def graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callab
     return graph.replay
 
 
-def copy_time(num_bytes: int, device: torch.device | str, warmup: int = 3, repeats: int = 20) -> Timing:
-    """Time of a device copy reading and writing ``num_bytes // 2`` bytes each (the same traffic)."""
-    n = max(num_bytes // 2, 1)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+def copy_fn(num_bytes: int, device: torch.device | str) -> Callable[[], object]:
+    """A device copy reading and writing ``num_bytes // 2`` bytes each: an op's fewest bytes moved at the
+    machine's copy bandwidth (the yardstick of every memory-bound benchmark)."""
+    src = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    return time_fn(lambda: dst.copy_(src), device, warmup, repeats)
+    return lambda: dst.copy_(src)
+
+
+def copy_time(num_bytes: int, device: torch.device | str, warmup: int = 3, repeats: int = 20) -> Timing:
+    """Time of :func:`copy_fn` of ``num_bytes``."""
+    return time_fn(copy_fn(num_bytes, device), device, warmup, repeats)
 
 
 def gbps(num_bytes: int, ms: float) -> float:

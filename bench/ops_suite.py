@@ -63,9 +63,7 @@ def prepare_variant(case: OpCase, work: Workload, direction: str, variant: str, 
     nbytes = work.fwd_bytes if direction == "fwd" else work.bwd_bytes
     row.update(bytes=nbytes, flops=work.flops if direction == "fwd" else 0.0)
     if variant == "copy":
-        src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=s.device).random_(0, 255)
-        dst = torch.empty_like(src)
-        return (lambda: dst.copy_(src)), {**row, "flops": 0.0}
+        return harness.copy_fn(nbytes, s.device), {**row, "flops": 0.0}
     if variant == "compile" and not deadline.allows(s.compile_min_s):
         return None, {**row, "status": "skip", "reason": "time budget: no compile started this late"}
     t0 = time.perf_counter()

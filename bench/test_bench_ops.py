@@ -37,9 +37,7 @@ def test_op(benchmark, case, direction, variant):
     work = case.build(DEVICE, DTYPE)
     nbytes = work.fwd_bytes if direction == "fwd" else work.bwd_bytes
     if variant == "copy":
-        src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=DEVICE).random_(0, 255)
-        dst = torch.empty_like(src)
-        fn = lambda: dst.copy_(src)  # noqa: E731
+        fn = harness.copy_fn(nbytes, DEVICE)
     else:
         try:
             fn = prepare(work, direction, variant, DEVICE, case.op, trains="bwd" in case.directions)
