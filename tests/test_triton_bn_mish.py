@@ -181,21 +181,22 @@ def test_dense_block_without_autograd_writes_slices(device, backend, layout):
 
 # --- the pipelined training passes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("group_blocks", [1, 2], ids=["groups_of_1", "groups_of_2"])
+@pytest.mark.parametrize("dtype,group_blocks", [(torch.float32, 1), (torch.float32, 2), (torch.float16, 1),
+                                                (torch.bfloat16, 1)], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, group_blocks):
+def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, dtype, group_blocks):
     """Training passes pipelined over channel groups (the last one smaller): output, every gradient and the
     running statistics as the reference; in place (out=x) and into a channel slice bit for bit as the
     functional result."""
-    case = make_case((2, 5, 3, 7), torch.float32, layout, device)
+    case = make_case((2, 5, 3, 7), dtype, layout, device)
     plan = kernels.make_plan(case.x)
-    # group_blocks channel blocks in backward (x and dy: 8 bytes per element), twice that in forward
-    monkeypatch.setenv(kernels.GROUP_BYTES_ENV, str(group_blocks * plan.block_elements * 8))
-    backward_groups = len(kernels.pipeline(plan, case.x.device, 8).launches) - 1
+    # group_blocks channel blocks in backward (x and dy), twice that in forward
+    monkeypatch.setenv(kernels.GROUP_BYTES_ENV, str(group_blocks * plan.block_elements * 2 * case.x.element_size()))
+    backward_groups = len(kernels.pipeline(plan, case.x.device, 2 * case.x.element_size()).launches) - 1
     assert backward_groups == -(-plan.c_blocks // group_blocks) > 1
     expected = check_case(case)["y"].detach()
     x = case.x.clone()
-    part = poison(to_layout(torch.empty(2, 8, 3, 7, device=device), layout))[:, 2:7]
+    part = poison(to_layout(torch.empty(2, 8, 3, 7, dtype=dtype, device=device), layout))[:, 2:7]
     with torch.no_grad():
         for source, out in ((x, x), (case.x, part)):  # in place, then into a channel slice
             ops.bn_mish(source, case.weight, case.bias, None, None, True, residual=case.residual, out=out,
