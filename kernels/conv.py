@@ -4,10 +4,12 @@ standalone elementwise kernel (for the cuDNN-conv path).
 The GEMM view of a ``k x k`` conv (padding ``k // 2``): rows ``m`` are output pixels ``(n, oh, ow)``
 (``M = N * H_out * W_out``), columns are output channels, and the reduction runs over ``(kh, kw, c_in)``
 (``K = k * k * C_in``). Activations are read in place through their strides (channels_last makes the
-``c_in`` run contiguous); the weight is pre-packed to ``[k * k * C_in, C_out]`` so that the ``C_out`` run is
-contiguous. The reduction is ONE flattened loop over (tap, channel block), so that the software pipeline
-(``num_stages``) spans all taps even when ``C_in`` fits in one block; because such a flattened 3x3 loop has
-miscompiled with ``num_warps=8`` (PyTorch issue 173068), 3x3 launches only use configs with <= 4 warps.
+``c_in`` run contiguous); the weight is read as channels_last, i.e. ``[C_out, K]`` with ``K`` contiguous: both
+GEMM operands then run along the reduction ("TN"), the layout Hopper's tensor cores (wgmma) take from shared
+memory in every dtype (tf32 takes no other: a ``C_out``-contiguous weight would be loaded 4 bytes at a time).
+The reduction is ONE flattened loop over (tap, channel block), so that the software pipeline (``num_stages``)
+spans all taps even when ``C_in`` fits in one block; because such a flattened 3x3 loop has miscompiled with
+``num_warps=8`` (PyTorch issue 173068), 3x3 launches only use configs with <= 4 warps.
 
 All offsets into activations / outputs are computed in int64, so tensors may exceed 2^31 elements; the
 implicit GEMM needs fewer than ``MAX_GEMM_ROWS`` output pixels (the epilogue kernel has no such limit).
@@ -54,9 +56,20 @@ _INTERPRETER_CONFIGS = [_config(64, 32, 32, 1, 4)]
 AUTOTUNE_ENV = "CSPMIRROR_CONV_AUTOTUNE"
 _BIG_M = 65536  # enough 128-row tiles to fill the GPU: 64-row tiles only lose there
 _FMA_TILE = 128 * 64 * 32  # exact fp32 (ieee) runs on FMA units: big tiles only bloat the compile
+_HOPPER_SHARED = 227 * 1024  # shared memory a block may use on sm_90, where the device does not say
 
 
-def _fits(config: triton.Config, k_size: int, m: int, c_in: int, c_out: int, ieee: bool) -> bool:
+def _shared_bytes(config: triton.Config, element_size: int) -> int:
+    """Shared memory of a config: its ``num_stages`` buffers of the A and B tiles (what Triton allocates
+    for this kernel on Hopper; the epilogue reuses it)."""
+    meta = config.kwargs
+    return config.num_stages * (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element_size
+
+
+def _fits(config: triton.Config, k_size: int, m: int, c_in: int, c_out: int, ieee: bool,
+          shared: int = 0) -> bool:
+    """Whether ``config`` suits the problem; ``shared``: the bytes of shared memory it needs (see
+    :func:`_shared_bytes`), checked against the device's limit."""
     meta = config.kwargs
     block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     n_pow2 = next_power_of_2(c_out)
@@ -65,15 +78,19 @@ def _fits(config: triton.Config, k_size: int, m: int, c_in: int, c_out: int, iee
             and block_m <= max(64, next_power_of_2(m))
             and min(64, n_pow2) <= block_n <= max(32, n_pow2)
             and block_k <= max(32, next_power_of_2(c_in))
-            and (not ieee or block_m * block_n * block_k <= _FMA_TILE))
+            and (not ieee or block_m * block_n * block_k <= _FMA_TILE)
+            and shared <= _HOPPER_SHARED)
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep the configs whose tiles suit the problem (and <= 4 warps for 3x3); the first one only when
+    """Keep the configs whose tiles suit the problem (<= 4 warps for 3x3) and whose buffers fit in shared
+    memory (a config that does not would cost a compile, then fail to launch); the first one only when
     ``CSPMIRROR_CONV_AUTOTUNE=0``."""
     args = {**named_args, **kwargs}
     k_size, m, c_in, c_out = args["K_SIZE"], args["M"], args["C_in"], args["C_out"]
-    kept = [c for c in configs if _fits(c, k_size, m, c_in, c_out, args["PRECISION"] == "ieee")]
+    size = args["x_ptr"].element_size()
+    kept = [c for c in configs
+            if _fits(c, k_size, m, c_in, c_out, args["PRECISION"] == "ieee", _shared_bytes(c, size))]
     if not kept:
         small = [c for c in configs if c.num_warps <= 4]
         kept = [min(small, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -179,7 +196,7 @@ def _conv_mish_kernel(
         ck = c0 + rk
         k_ok = ck < C_in
         a = tl.load(a_rows[:, None] + ck[None, :] * xs_c, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + (tap * C_in + ck)[:, None] * C_out + rn[None, :],
+        b = tl.load(w_ptr + rn[None, :] * (K_SIZE * K_SIZE * C_in) + (tap * C_in + ck)[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_FP32:  # the interpreter keeps bf16 as raw int16: dot in fp32 there
             a = a.to(tl.float32)
@@ -214,40 +231,37 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
-def conv_mish(x: torch.Tensor, w_packed: torch.Tensor, bias: torch.Tensor | None,
-              residual: torch.Tensor | None, out: torch.Tensor, k: int, stride: int, tf32: bool) -> None:
-    """``out = mish(conv2d(x, w, bias, stride, padding=k // 2)) (+ residual)`` by implicit GEMM.
+def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              residual: torch.Tensor | None, out: torch.Tensor, stride: int, tf32: bool) -> None:
+    """``out = mish(conv2d(x, weight, bias, stride, padding=k // 2)) (+ residual)`` by implicit GEMM.
 
     Args:
         x: [N, C_in, H, W], any strides (channels_last reads coalesced). fp32 / fp16 / bf16.
-        w_packed: [k * k * C_in, C_out] contiguous, row ``(kh * k + kw) * C_in + c_in`` (see ``pack_weight``).
+        weight: [C_out, C_in, k, k], k in (1, 3), dense channels_last.
         bias: [C_out] or None. residual: [N, C_out, H_out, W_out] or None, any strides.
         out: [N, C_out, H_out, W_out], any strides (e.g. a channel slice), written in place.
         tf32: for fp32 inputs, multiply in tf32 (else exact fp32, ``input_precision="ieee"``).
     """
     batch, c_in, h, w = x.shape
     _, c_out, h_out, w_out = out.shape
+    k = weight.shape[-1]
     m = batch * h_out * w_out
-    if m >= MAX_GEMM_ROWS or w_packed.numel() >= 2**31:
+    if m >= MAX_GEMM_ROWS or weight.numel() >= 2**31:
         raise ValueError(f"conv_mish: N*H_out*W_out = {m} output pixels and the weight "
-                         f"({w_packed.numel()} elements) must each stay below {MAX_GEMM_ROWS}")
+                         f"({weight.numel()} elements) must each stay below {MAX_GEMM_ROWS}")
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("conv_mish: weight must be dense channels_last ([C_out, k * k * C_in], K contiguous)")
 
     def grid(meta: dict) -> tuple[int]:
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
 
     precision = "tf32" if (tf32 or x.dtype != torch.float32) else "ieee"
     _conv_mish_kernel[grid](
-        x, w_packed, bias, residual, out, m, c_in, h, w, c_out, h_out, w_out,
+        x, weight, bias, residual, out, m, c_in, h, w, c_out, h_out, w_out,
         *_strides(x), *_strides(residual), *_strides(out),
         K_SIZE=k, STRIDE=stride, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         PRECISION=precision, DOT_FP32=INTERPRETED,
     )
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, k, k] -> [k * k * C_in, C_out] contiguous, the B operand of :func:`conv_mish`."""
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out).contiguous()
 
 
 def mish_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,

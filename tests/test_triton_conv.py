@@ -195,7 +195,7 @@ def test_float64(device):
 
 
 def test_weight_updated_in_place(device, tc):
-    """The packed weight is cached per weight tensor and rebuilt when the weight changes in place."""
+    """The channels_last weight is cached per weight tensor and rebuilt when the weight changes in place."""
     x, weight, b, stride, res = make_case(device, torch.float32, k=3)
     run((x, weight, b, stride, res))
     with torch.no_grad():
@@ -204,8 +204,16 @@ def test_weight_updated_in_place(device, tc):
     assert len(tc._WEIGHT_CACHE) == 1
 
 
+def test_channels_last_weight_is_read_in_place(device, tc):
+    """A dense channels_last weight is the implicit GEMM's [C_out, K] operand as it is: no copy is cached."""
+    x, weight, b, stride, res = make_case(device, torch.bfloat16, k=3)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    check(run((x, weight, b, stride, res)), (x, weight, b, stride, res), "channels_last weight")
+    assert len(tc._WEIGHT_CACHE) == 0
+
+
 def test_inference_mode(device, tc):
-    """Under inference_mode, with a weight made there too (no version counter: packed on every call)."""
+    """Under inference_mode, with a weight made there too (no version counter: converted on every call)."""
     with torch.inference_mode():
         args = make_case(device, torch.float32, k=3, stride=2)
         out = run(args)
@@ -239,17 +247,23 @@ def test_tf32_follows_pytorch_conv_flag(tc):
 
 def test_gpu_config_pruning(monkeypatch):
     """The Hopper candidates (never pruned under the interpreter, which has one config): 3x3 never gets
-    more than 4 warps, big layers keep a real choice, tiny layers keep a small config."""
+    more than 4 warps, big layers keep a real choice, tiny layers keep a small config, fp32 drops the
+    configs whose buffers would not fit in shared memory."""
     from cspmirror.kernels import conv as kc
 
-    def pruned(k, m, c_in, c_out, precision="tf32"):
-        return kc._prune_configs(kc._GPU_CONFIGS, {"M": m, "C_in": c_in, "C_out": c_out}, K_SIZE=k,
-                                 PRECISION=precision)
+    def pruned(k, m, c_in, c_out, precision="tf32", dtype=torch.bfloat16):
+        return kc._prune_configs(kc._GPU_CONFIGS, {"M": m, "C_in": c_in, "C_out": c_out,
+                                                   "x_ptr": torch.empty(0, dtype=dtype)},
+                                 K_SIZE=k, PRECISION=precision)
 
     monkeypatch.delenv(kc.AUTOTUNE_ENV)
     big3, big1 = pruned(3, 32 * 64 * 64, 256, 256), pruned(1, 32 * 64 * 64, 256, 256)
     assert len(big3) >= 3 and all(c.num_warps <= 4 for c in big3)
     assert any(c.num_warps == 8 for c in big1)
+    # 128x256x64 tiles in 3 stages: 144 KiB in bf16, 288 KiB in fp32 (sm_90 allows 227 KiB)
+    big1_fp32 = pruned(1, 32 * 64 * 64, 256, 256, dtype=torch.float32)
+    assert big1_fp32 and all(kc._shared_bytes(c, 4) <= 227 * 1024 for c in big1_fp32)
+    assert len(big1_fp32) < len(big1) and max(kc._shared_bytes(c, 2) for c in big1) > 227 * 1024 / 2
     exact = pruned(3, 32 * 64 * 64, 256, 256, "ieee")
     assert exact and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in exact)
     monkeypatch.setenv(kc.AUTOTUNE_ENV, "0")

@@ -108,7 +108,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def clear_caches() -> None:
-    """Forget the per-shape path choices and the packed weights."""
+    """Forget the per-shape path choices and the channels_last copies of weights."""
     _PATH_CHOICES.clear()
     _WEIGHT_CACHE.clear()
 
@@ -147,30 +147,27 @@ def _allow_tf32() -> bool:
         return False
 
 
-# --- weight forms, cached per weight tensor and version ---------------------------------------------------
+# --- the weight as both paths read it, cached per weight tensor and version ---------------------------------
 
-_WEIGHT_FORMS = {
-    "packed": kernels.pack_weight,
-    "channels_last": lambda w: w.contiguous(memory_format=torch.channels_last),
-}
 _WEIGHT_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _weight_as(weight: torch.Tensor, form: str) -> torch.Tensor:
-    """``weight`` in ``form``, rebuilt only when the weight changes (version counter or storage)."""
+def _channels_last_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as dense channels_last, the form both paths read (the implicit GEMM's ``[C_out, K]``
+    operand); a copy is rebuilt only when the weight changes (version counter or storage)."""
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.detach()
+
     def make() -> torch.Tensor:
-        return _WEIGHT_FORMS[form](weight.detach())
+        return weight.detach().contiguous(memory_format=torch.channels_last)
 
     try:
         stamp = (weight._version, weight.data_ptr())
     except RuntimeError:  # inference tensors have no version counter: no caching
         return make()
-    forms = _WEIGHT_CACHE.get(weight)
-    if forms is None:
-        forms = _WEIGHT_CACHE[weight] = {}
-    entry = forms.get(form)
+    entry = _WEIGHT_CACHE.get(weight)
     if entry is None or entry[0] != stamp:
-        entry = forms[form] = (stamp, make())
+        entry = _WEIGHT_CACHE[weight] = (stamp, make())
     return entry[1]
 
 
@@ -178,13 +175,12 @@ def _weight_as(weight: torch.Tensor, form: str) -> torch.Tensor:
 
 def _run_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                 residual: torch.Tensor | None, out: torch.Tensor) -> None:
-    kernels.conv_mish(x, _weight_as(weight, "packed"), bias, residual, out, weight.shape[-1], stride,
-                      tf32=_allow_tf32())
+    kernels.conv_mish(x, _channels_last_weight(weight), bias, residual, out, stride, tf32=_allow_tf32())
 
 
 def _run_cudnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                residual: torch.Tensor | None, out: torch.Tensor) -> None:
-    y = F.conv2d(x, _weight_as(weight, "channels_last"), None, stride, weight.shape[-1] // 2)
+    y = F.conv2d(x, _channels_last_weight(weight), None, stride, weight.shape[-1] // 2)
     kernels.mish_epilogue(y, bias, residual, out)
 
 
