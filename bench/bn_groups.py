@@ -7,7 +7,9 @@ suite's bn_mish shape, bf16, NCHW and channels_last, each pass is timed with ``C
 set to each of several budgets (0: one group, the two passes not pipelined; then fractions of the L2 size)
 and ``PROGRAMS_PER_SM`` to 4, 8 and 16, captured in a CUDA graph (device time alone), beside a device copy
 of the same minimal bytes (forward: read x, write y; backward: read x and dy, write dx), captured and
-replayed alike. Variants are interleaved.
+replayed alike. Variants are interleaved. At one group and at L2/4 (8 programs per SM) two more variants
+price the module's other knobs: the second pass walking its tiles in order instead of backwards
+(``SECOND_PASS_REVERSED``), and the L2 eviction hints on (``L2_HINTS``).
 
     python -m bench.bn_groups [--out DIR] [--quick]
 
@@ -25,6 +27,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -38,35 +41,52 @@ PROGRAMS_PER_SM = (4, 8, 16)  # programs per SM per launch (two passes share a l
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
+class Knobs(NamedTuple):
+    """What one variant sets (each read by every launch of the training passes): the group budget in bytes
+    (``CSPMIRROR_BN_GROUP_BYTES``), ``PROGRAMS_PER_SM``, ``SECOND_PASS_REVERSED`` and ``L2_HINTS``."""
+
+    budget: int
+    programs_per_sm: int
+    reversed: bool = True
+    hints: bool = False
+
+
+def variants(budgets: list[int], programs_per_sm: tuple[int, ...], l2: int) -> list[Knobs]:
+    """Every budget x programs per SM; then, at one group and at L2 / 4 (8 per SM, where swept), the walk in
+    order and the eviction hints on."""
+    swept = [Knobs(b, p) for b, p in itertools.product(budgets, programs_per_sm)]
+    extra = [Knobs(b, 8, reversed=False) for b in sorted({0, l2 // 4}) if b in budgets and 8 in programs_per_sm]
+    return swept + extra + [knobs._replace(reversed=True, hints=True) for knobs in extra]
+
+
 @contextlib.contextmanager
-def knobs(budget: int, programs_per_sm: int) -> Iterator[None]:
-    """``CSPMIRROR_BN_GROUP_BYTES`` set to ``budget`` and ``PROGRAMS_PER_SM`` to ``programs_per_sm`` (both
-    read by every launch of the training passes)."""
+def knobs_set(knobs: Knobs) -> Iterator[None]:
+    """The module's knobs (and the group budget's environment variable) set to ``knobs``, then restored."""
     from cspmirror.kernels import bn_mish
 
-    old = os.environ.get(bn_mish.GROUP_BYTES_ENV), bn_mish.PROGRAMS_PER_SM
-    os.environ[bn_mish.GROUP_BYTES_ENV] = str(budget)
-    bn_mish.PROGRAMS_PER_SM = programs_per_sm
+    old_env = os.environ.get(bn_mish.GROUP_BYTES_ENV)
+    old = bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS
+    os.environ[bn_mish.GROUP_BYTES_ENV] = str(knobs.budget)
+    bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS = knobs[1:]
     try:
         yield
     finally:
-        if old[0] is None:
+        if old_env is None:
             del os.environ[bn_mish.GROUP_BYTES_ENV]
         else:
-            os.environ[bn_mish.GROUP_BYTES_ENV] = old[0]
-        bn_mish.PROGRAMS_PER_SM = old[1]
+            os.environ[bn_mish.GROUP_BYTES_ENV] = old_env
+        bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS = old
 
 
-def captured(fn: Callable[[], object], device: torch.device, budget: int, programs_per_sm: int
-             ) -> Callable[[], object]:
+def captured(fn: Callable[[], object], device: torch.device, knobs: Knobs) -> Callable[[], object]:
     """``fn`` with the knobs set: a CUDA graph captured under them, or (off CUDA) a call that sets them."""
-    with knobs(budget, programs_per_sm):
+    with knobs_set(knobs):
         replay = harness.graph_replay(fn, device)
     if replay is not None:
         return replay
 
     def call() -> object:
-        with knobs(budget, programs_per_sm):
+        with knobs_set(knobs):
             return fn()
 
     return call
@@ -89,8 +109,9 @@ def passes(x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
 
 def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets: list[int] | None = None,
             programs_per_sm: tuple[int, ...] = PROGRAMS_PER_SM) -> list[dict]:
-    """One row per layout, pass, group budget (default: the L2 fractions of :data:`L2_FRACTIONS`) and
-    programs per SM. Off CUDA the calls are timed eagerly (a smoke test of this script, nothing to report)."""
+    """One row per layout, pass and variant (:func:`variants`; budgets default to the L2 fractions of
+    :data:`L2_FRACTIONS`). Off CUDA the calls are timed eagerly (a smoke test of this script, nothing to
+    report)."""
     from cspmirror.kernels import bn_mish
 
     l2 = bn_mish._l2_bytes(device)
@@ -102,12 +123,13 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets:
         plan = bn_mish.make_plan(x)
         fn, num_bytes = passes(x)[direction]
         fns, meta = {}, {}
-        for budget, pps in itertools.product(budgets, programs_per_sm):
-            key = f"{budget}/{pps}"
-            fns[key] = captured(fn, device, budget, pps)
-            with knobs(budget, pps):
+        for knobs in variants(budgets, programs_per_sm, l2):
+            key = "/".join(map(str, knobs))
+            fns[key] = captured(fn, device, knobs)
+            with knobs_set(knobs):
                 launches = len(bn_mish.pipeline(plan, device, 2 if direction == "fwd" else 4).launches)
-            meta[key] = {"budget_bytes": budget, "programs_per_sm": pps, "launches": launches}
+            meta[key] = {"budget_bytes": knobs.budget, "programs_per_sm": knobs.programs_per_sm,
+                         "reversed": knobs.reversed, "hints": knobs.hints, "launches": launches}
         copy = harness.copy_fn(num_bytes, device)
         fns["copy"] = harness.graph_replay(copy, device) or copy
         timings = harness.time_interleaved(fns, device, warmup=3, repeats=repeats)
@@ -128,13 +150,15 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"{rows[0]['shape']}; CUDA-graph device time, medians, interleaved; 'of copy' = a copy of the same "
         "minimal bytes / the pass (forward: x in, y out; backward: x and dy in, dx out).",
         "",
-        "| layout | pass | group budget | programs/SM | launches | graph ms | of copy |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layout | pass | group budget | programs/SM | second pass | L2 hints | launches | graph ms | of copy |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         budget = "one group" if r["budget_bytes"] == 0 else f"{r['budget_bytes'] / 2**20:.1f} MiB"
-        lines.append(f"| {r['layout']} | {r['direction']} | {budget} | {r['programs_per_sm']} | {r['launches']} | "
-                     f"{r['graph_ms']:.4f} | {r['frac_copy']:.0%} |")
+        walk = "backwards" if r["reversed"] else "in order"
+        lines.append(f"| {r['layout']} | {r['direction']} | {budget} | {r['programs_per_sm']} | {walk} | "
+                     f"{'on' if r['hints'] else 'off'} | {r['launches']} | {r['graph_ms']:.4f} | "
+                     f"{r['frac_copy']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +171,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for layout, direction in itertools.product(LAYOUTS, ("fwd", "bwd")):  # the best programs/SM per budget
         best: dict[int, float] = {}
-        for r in rows:
-            if r["layout"] == layout and r["direction"] == direction:
+        for r in rows:  # the module's default walk and hints
+            if r["layout"] == layout and r["direction"] == direction and r["reversed"] and not r["hints"]:
                 best[r["budget_bytes"]] = max(best.get(r["budget_bytes"], 0.0), r["frac_copy"])
         if best:
             budgets = sorted(best)

@@ -150,7 +150,7 @@ step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pyt
 
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@"
 step ops "$(cap 100)" "exec $SUITE --suite ops"
-step bn_groups "$(cap 30)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
+step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step models "$(cap 80)" "exec $SUITE --suite models"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
 

@@ -25,6 +25,9 @@ The two training passes run **channel group by channel group, pipelined** (``_tr
 ``j - 1`` side by side, in one grid. A group's channels are sized (:func:`group_budget`) so that what the
 elementwise pass reads again is still in the L2 cache from the launch before: DRAM then sees x once (plus
 dy once in backward), not twice, on tensors larger than the L2. Small tensors are one group: two launches.
+Each elementwise program walks the tiles its reduction walked, backwards (``SECOND_PASS_REVERSED``): first
+what the L2 most likely still holds, which matters where a group cannot fit the L2 (one channel block, e.g.
+channels_last with C <= 64). ``L2_HINTS`` adds eviction priorities (off until measured).
 
 Mean and variance are fp32 [C]. The training forward's elementwise pass and the eval ``_apply_kernel`` run the
 same :func:`_apply_tiles` on them, so a forward recomputed from the saved mean and var is bit-identical to the
@@ -72,6 +75,12 @@ INT32_LIMIT = 2**31 - 1
 # CSPMIRROR_BN_GROUP_BYTES overrides it (0: one group), e.g. to sweep it in a benchmark.
 L2_SHARE = 4
 GROUP_BYTES_ENV = "CSPMIRROR_BN_GROUP_BYTES"
+# The second (elementwise) pass of a pipelined training pass walks each program's tiles backwards, starting
+# with those its reduction read last: the ones most likely still in L2, also when one group is the whole tensor.
+SECOND_PASS_REVERSED = True
+# L2 eviction priorities: the reduction reads with evict_last (kept for the re-read), the second pass with
+# evict_first (its last use). Off until a GPU measures them (``python -m bench.bn_groups`` sweeps both knobs).
+L2_HINTS = False
 
 
 # --- device code ---------------------------------------------------------------------------------------------
@@ -109,9 +118,9 @@ def _tile(item, nbb, C, B, pid_c, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, 
 
 
 @triton.jit
-def _load(ptr, a, c, b, sa, sc, sb, mask):
+def _load(ptr, a, c, b, sa, sc, sb, mask, EVICT: tl.constexpr = ""):
     # Cast at once: the interpreter holds bf16 as raw 16-bit integers.
-    return tl.load(ptr + a * sa + c * sc + b * sb, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + a * sa + c * sc + b * sb, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
 
 
 @triton.jit
@@ -136,6 +145,15 @@ def _items_of(split, ipp, items):
     """The tiles ``[start, end)`` of program ``split`` of its channel block."""
     start = split * ipp
     return start, tl.minimum(start + ipp, items)
+
+
+@triton.jit
+def _nth_item(i, start, end, REVERSED: tl.constexpr):
+    """The tile visited at step ``i`` (``start <= i < end``) of a walk over [start, end), forwards or back."""
+    item = i
+    if REVERSED:
+        item = start + end - 1 - i
+    return item
 
 
 @triton.jit
@@ -198,7 +216,7 @@ def _load_partial(ptrs, mask):
 @triton.jit
 def _stats_tiles(
     x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, ipp, sxa, sxc, sxb,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
 ):
     """Over program ``split``'s tiles of channel block ``pid_c``, per channel: the shift (its first tile's
     mean), the mean minus the shift, and M2 (the sum of squared deviations from the mean) -> row ``split`` of
@@ -207,13 +225,13 @@ def _stats_tiles(
     start, end = _items_of(split, ipp, items)
     # Shift by the first tile's mean so that the fp32 sums below do not cancel for large means.
     a, c, b, mask = _tile(start, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
-    first = _load(x_ptr, a, c, b, sxa, sxc, sxb, mask)
+    first = _load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT)
     shift = tl.sum(first, axis=1) / _count(start, start + 1, nbb, B, BLOCK_B).to(tl.float32)
     acc1 = tl.where(mask, first - shift[:, None], 0.0)
     acc2 = acc1 * acc1
     for item in range(start + 1, end):
         a, c, b, mask = _tile(item, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
-        d = tl.where(mask, _load(x_ptr, a, c, b, sxa, sxc, sxb, mask) - shift[:, None], 0.0)
+        d = tl.where(mask, _load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - shift[:, None], 0.0)
         acc1 += d
         acc2 += d * d
     n = _count(start, end, nbb, B, BLOCK_B).to(tl.float32)
@@ -265,18 +283,19 @@ def _apply_tiles(
     x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    REVERSED: tl.constexpr = False, EVICT: tl.constexpr = "",
 ):
     """``y = mish((x - mean) * rstd * w + b) (+ residual)`` over tiles [start, end) of channel block
-    ``pid_c``."""
+    ``pid_c`` (walked backwards when REVERSED; EVICT: the L2 eviction policy of the loads)."""
     mean = _channel(mean_ptr, pid_c, C, BLOCK_C, 0.0)
     scale = _rstd(_channel(var_ptr, pid_c, C, BLOCK_C, 1.0), eps) * _channel(w_ptr, pid_c, C, BLOCK_C, 1.0)
     shift = _channel(b_ptr, pid_c, C, BLOCK_C, 0.0)
-    for item in range(start, end):
-        a, c, b, mask = _tile(item, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
+    for i in range(start, end):
+        a, c, b, mask = _tile(_nth_item(i, start, end, REVERSED), nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
         # (x - mean) first: x * scale + (b - mean * scale) would cancel for large means.
-        y = mish((_load(x_ptr, a, c, b, sxa, sxc, sxb, mask) - mean) * scale + shift)
+        y = mish((_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * scale + shift)
         if res_ptr is not None:
-            y += _load(res_ptr, a, c, b, sra, src, srb, mask)
+            y += _load(res_ptr, a, c, b, sra, src, srb, mask, EVICT)
         _store(y_ptr, a, c, b, sya, syc, syb, mask, y)
 
 
@@ -306,15 +325,18 @@ def _train_forward_kernel(
     reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):
     """One launch of the pipelined training forward: programs ``[0, reduce_programs)`` reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
-    var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`)."""
+    var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`), over the same
+    tiles per program as its reduction (REVERSED: from the last). KEEP, STREAM: the eviction policies of the
+    first and the second pass (see :func:`pass_options`)."""
     pid = tl.program_id(0)
     if pid < reduce_programs:
         split, pid_c = _role(pid, reduce_block, reduce_splits)
         _stats_tiles(x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, reduce_ipp,
-                     sxa, sxc, sxb, BLOCK_C, BLOCK_B, IDX64)
+                     sxa, sxc, sxb, BLOCK_C, BLOCK_B, IDX64, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
             mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, reduce_ipp,
@@ -325,7 +347,7 @@ def _train_forward_kernel(
         split, pid_c = _role(pid - reduce_programs, elementwise_block, elementwise_splits)
         start, end = _items_of(split, elementwise_ipp, items)
         _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
-                     sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
+                     sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64, REVERSED, STREAM)
 
 
 @triton.jit
@@ -354,6 +376,7 @@ def _backward_tiles(
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    REVERSED: tl.constexpr = False, EVICT: tl.constexpr = "",
 ):
     """Over tiles [start, end) of channel block ``pid_c``, with ``g = dy * mish'(v)``, ``v = x_hat * w + b``,
     ``x_hat = (x - mean) * rstd``:
@@ -362,6 +385,9 @@ def _backward_tiles(
     - WRITE_DX: ``dx = w * rstd * (g - mean_g - x_hat * mean_gx)`` (TRAINING; ``mean_g``, ``mean_gx``: the
       channel means of ``g`` and ``g * x_hat``, [BLOCK_C, 1]) or ``dx = w * rstd * g`` (eval). dx has
       strides (sea, sec, seb).
+
+    The tiles are walked backwards when REVERSED (never while reducing: the sums keep their order); EVICT is
+    the L2 eviction policy of the loads.
     """
     mean = _channel(mean_ptr, pid_c, C, BLOCK_C, 0.0)
     rstd = _rstd(_channel(var_ptr, pid_c, C, BLOCK_C, 1.0), eps)
@@ -369,11 +395,12 @@ def _backward_tiles(
     bias = _channel(b_ptr, pid_c, C, BLOCK_C, 0.0)
     acc_g = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
     acc_gx = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
-    for item in range(start, end):
-        a, c, b, mask = _tile(item, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
-        x_hat = (_load(x_ptr, a, c, b, sxa, sxc, sxb, mask) - mean) * rstd
+    tl.static_assert(not (REDUCE and REVERSED), "a reduction walks its tiles in order")
+    for i in range(start, end):
+        a, c, b, mask = _tile(_nth_item(i, start, end, REVERSED), nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
+        x_hat = (_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * rstd
         # Masked lanes load dy = 0, so g = 0 there.
-        g = _load(dy_ptr, a, c, b, sda, sdc, sdb, mask) * mish_grad(x_hat * w + bias)
+        g = _load(dy_ptr, a, c, b, sda, sdc, sdb, mask, EVICT) * mish_grad(x_hat * w + bias)
         if REDUCE:
             acc_g += g
             acc_gx += g * x_hat
@@ -423,17 +450,19 @@ def _train_backward_kernel(
     reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):
     """One launch of the pipelined training backward: programs ``[0, reduce_programs)`` reduce one channel
     group (the last program of each channel block adds its partials into ``sum_g`` and ``sum_gx``), the others
-    write dx of the group reduced by the launch before, with the training formula."""
+    write dx of the group reduced by the launch before, with the training formula (tiles and knobs as in
+    :func:`_train_forward_kernel`)."""
     pid = tl.program_id(0)
     if pid < reduce_programs:
         split, pid_c = _role(pid, reduce_block, reduce_splits)
         start, end = _items_of(split, reduce_ipp, items)
         _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                         split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
-                        True, False, False, BLOCK_C, BLOCK_B, IDX64)
+                        True, False, False, BLOCK_C, BLOCK_B, IDX64, False, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
             sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits)
@@ -446,7 +475,7 @@ def _train_backward_kernel(
                         _channel(sum_g_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
                         _channel(sum_gx_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
                         split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
-                        False, True, True, BLOCK_C, BLOCK_B, IDX64)
+                        False, True, True, BLOCK_C, BLOCK_B, IDX64, REVERSED, STREAM)
 
 
 @triton.jit
@@ -570,6 +599,13 @@ def _pipeline(plan: Plan, programs: int, group_blocks: int) -> Pipeline:
         groups.append(Pass(first, blocks, *plan.splits(programs, blocks)))
     passes = [NO_PASS, *groups, NO_PASS]
     return Pipeline(tuple(zip(passes[1:], passes[:-1], strict=True)), max(g.splits for g in groups))
+
+
+def pass_options() -> dict[str, object]:
+    """The pipelined training kernels' constexprs from the module's knobs (read at every call):
+    ``SECOND_PASS_REVERSED`` and ``L2_HINTS``."""
+    keep, stream = ("evict_last", "evict_first") if L2_HINTS else ("", "")
+    return {"REVERSED": SECOND_PASS_REVERSED, "KEEP": keep, "STREAM": stream}
 
 
 def group_budget(device: torch.device) -> int:
@@ -746,6 +782,7 @@ def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     pshift, poff, pm2 = (new_fp32(work.rows, c, device=device) for _ in range(3))
     mean, var = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y))
+    options = pass_options()
     with _on(device):
         counts = _new_counts(plan, device)
         for stats, normalize in work.launches:
@@ -754,6 +791,7 @@ def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
                 c, plan.b, plan.nbb, plan.items, float(eps), x.numel() // c,
                 *stats.args(), stats.programs, *normalize.args(), *strides,
                 BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+                **options,
             )
     if y is not out:
         out.copy_(y)
@@ -856,12 +894,13 @@ def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Ten
     sum_g, sum_gx = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(dy), *plan.strides(x), *plan.strides(dx))
     counts = _new_counts(plan, device)
+    options = pass_options()
     for reduce, write_dx in work.launches:
         _train_backward_kernel[(reduce.programs + write_dx.programs,)](
             dy, x, dx, mean, var, weight, bias, pg, pgx, counts, sum_g, sum_gx,
             c, plan.b, plan.nbb, plan.items, float(eps), 1.0 / (x.numel() // c),
             *reduce.args(), reduce.programs, *write_dx.args(), *strides,
-            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS, **options,
         )
     return sum_g, sum_gx
 

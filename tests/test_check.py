@@ -95,7 +95,8 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
 
 def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     """``python -m bench.bn_groups`` (a GPU measurement) end to end on a tiny shape, timed eagerly under the
-    interpreter: one row per layout, pass and budget, with the launches each budget makes; table and plot."""
+    interpreter: one row per layout, pass and variant (each budget; one group also walked in order and with
+    the L2 hints), with the launches each makes; table and plot."""
     monkeypatch.syspath_prepend(str(REPO))
     pytest.importorskip("matplotlib")
     from helpers import triton_or_skip
@@ -104,12 +105,14 @@ def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     from bench import bn_groups, harness
 
     rows = bn_groups.measure((1, 3, 64, 64), torch.device("cpu"), repeats=1, budgets=[0, 64], programs_per_sm=(8,))
-    assert len(rows) == 8 and all(r["graph_ms"] > 0 and r["frac_copy"] > 0 for r in rows)
+    assert len(rows) == 16 and all(r["graph_ms"] > 0 and r["frac_copy"] > 0 for r in rows)
+    knobs = [(r["budget_bytes"], r["reversed"], r["hints"]) for r in rows[:4]]
+    assert knobs == [(0, True, False), (64, True, False), (0, False, False), (0, True, True)]
     launches = {(r["layout"], r["direction"], r["budget_bytes"]): r["launches"] for r in rows}
     # NCHW: one channel per block, 3 groups of one under 64 bytes; NHWC: the 3 channels in one block
     assert launches[("nchw", "fwd", 0)] == 2 and launches[("nchw", "bwd", 64)] == 4
     assert launches[("nhwc", "bwd", 64)] == 2
-    assert bn_groups.markdown(rows, harness.environment("cpu")).count("\n| nchw |") == 4
+    assert bn_groups.markdown(rows, harness.environment("cpu")).count("\n| nchw |") == 8
     bn_groups.plot(rows, tmp_path / "bn_groups.png")
     assert (tmp_path / "bn_groups.png").stat().st_size > 0
 

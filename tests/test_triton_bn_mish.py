@@ -181,13 +181,16 @@ def test_dense_block_without_autograd_writes_slices(device, backend, layout):
 
 # --- the pipelined training passes ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("reversed_,hints", [(True, False), (False, True)], ids=["default", "in_order_hints"])
 @pytest.mark.parametrize("dtype,group_blocks", [(torch.float32, 1), (torch.float32, 2), (torch.float16, 1),
                                                 (torch.bfloat16, 1)], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, dtype, group_blocks):
+def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, dtype, group_blocks, reversed_, hints):
     """Training passes pipelined over channel groups (the last one smaller): output, every gradient and the
     running statistics as the reference; in place (out=x) and into a channel slice bit for bit as the
-    functional result."""
+    functional result. Also with the second pass walking forwards and the L2 eviction hints on."""
+    monkeypatch.setattr(kernels, "SECOND_PASS_REVERSED", reversed_)
+    monkeypatch.setattr(kernels, "L2_HINTS", hints)
     case = make_case((2, 5, 3, 7), dtype, layout, device)
     plan = kernels.make_plan(case.x)
     # group_blocks channel blocks in backward (x and dy), twice that in forward

@@ -4,7 +4,8 @@ The interpreter checks what the kernels compute, not whether the compiler accept
 splits and joins, vector widths). Here the launchers run on CPU tensors with ``JITFunction.run`` replaced by an
 ahead-of-time compile for sm_90, specialised exactly as a launch would be (alignment and divisibility of the
 arguments), down to a cubin. Checked: every kernel compiles, the mirror kernels' loads and stores at the
-benchmark layout are all 16-byte vectors (the mirrored part too), and nothing spills to local memory.
+benchmark layout are all 16-byte vectors (the mirrored part too), the implicit-GEMM conv multiplies on
+Hopper's wgmma from operands copied 16 bytes at a time (bf16 and tf32), and nothing spills to local memory.
 
 The test session runs Triton's interpreter (conftest), under which ``@triton.jit`` gives interpreted functions
 and the launchers plan for the interpreter; so the compile runs in a fresh process without it (this file,
@@ -52,7 +53,7 @@ def _compile(kernel, args: tuple, kwargs: dict):
 def _report() -> dict:
     """Run the launchers with compiling launches; {kernel: [{cubin, memory ops, spills}] per launch}."""
     import torch
-    from cspmirror.kernels import bn_mish, mirror
+    from cspmirror.kernels import bn_mish, conv, mirror
     from triton.runtime.jit import JITFunction
 
     launches: dict[str, list[dict]] = {}
@@ -64,6 +65,10 @@ def _report() -> dict:
             "cubin": "cubin" in kernel.asm,
             "memory_ops": sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx))),
             "spills": bool(re.search(r"\b(?:ld|st)\.local", ptx)),
+            "l2_hints": sorted(set(re.findall(r"L2::evict_\w+", ptx))),
+            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+            "async_copy_sizes": sorted(set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
+                                                      ptx))),
         })
 
     JITFunction.run = run
@@ -81,6 +86,14 @@ def _report() -> dict:
     bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
     for training in (True, False):
         bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)
+    bn_mish.L2_HINTS = True  # the training passes again, with the L2 eviction hints
+    bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
+    bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, True, torch.empty_like(x), True)
+    os.environ[conv.AUTOTUNE_ENV] = "0"  # the first Hopper config that fits (no benchmarking without a GPU)
+    for dtype in (torch.bfloat16, torch.float32):  # a 3x3 layer of cspmirrornet53, fp32 in tf32
+        x = torch.empty(32, 128, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty(128, 128, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv.conv_mish(x, weight, torch.empty(128, dtype=dtype), x, torch.empty_like(x), 1, tf32=True)
     return launches
 
 
@@ -99,13 +112,20 @@ def test_kernels_compile_for_hopper(tmp_path):
         pytest.skip(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     launches = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"mirror_split_kernel", "mirror_fuse_kernel", "_train_forward_kernel", "_running_kernel",
-            "_apply_kernel", "_train_backward_kernel", "_backward_kernel", "_sum_partials_kernel"} <= set(launches)
+    assert {"mirror_split_kernel", "mirror_fuse_kernel", "_train_forward_kernel", "_running_kernel", "_apply_kernel",
+            "_train_backward_kernel", "_backward_kernel", "_sum_partials_kernel", "_conv_mish_kernel"} <= set(launches)
     for name, runs in launches.items():
         for r in runs:
             assert r["cubin"] and not r["spills"], (name, r)
             if name.startswith("mirror_"):  # no scalar access, the mirrored reads included
                 assert set(r["memory_ops"]) <= {"ld.global.v4.b32", "st.global.v4.b32"}, (name, r)
+    assert len(launches["_conv_mish_kernel"]) == 2
+    for r in launches["_conv_mish_kernel"]:
+        assert r["wgmma"] > 0 and r["async_copy_sizes"] == ["0x10"], r
+    # bn_mish's training passes: no hints by default; with L2_HINTS, first pass evict_last, second evict_first
+    for name in ("_train_forward_kernel", "_train_backward_kernel"):
+        assert [r["l2_hints"] for r in launches[name]][::len(launches[name]) - 1] == [
+            [], ["L2::evict_first", "L2::evict_last"]], name
 
 
 if __name__ == "__main__":
