@@ -8,7 +8,7 @@ set to each of several budgets (0: one group, the two passes not pipelined; then
 and ``PROGRAMS_PER_SM`` to 4, 8 and 16, captured in a CUDA graph (device time alone), beside a device copy
 of the same minimal bytes (forward: read x, write y; backward: read x and dy, write dx), captured and
 replayed alike. Variants are interleaved. At one group and at L2/4 (8 programs per SM) two more variants
-price the module's other knobs: the second pass walking its tiles in order instead of backwards
+price the module's other knobs: the second pass in the reduction's order instead of retracing it backwards
 (``SECOND_PASS_REVERSED``), and the L2 eviction hints on (``L2_HINTS``).
 
     python -m bench.bn_groups [--out DIR] [--quick]

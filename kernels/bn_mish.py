@@ -25,9 +25,10 @@ The two training passes run **channel group by channel group, pipelined** (``_tr
 ``j - 1`` side by side, in one grid. A group's channels are sized (:func:`group_budget`) so that what the
 elementwise pass reads again is still in the L2 cache from the launch before: DRAM then sees x once (plus
 dy once in backward), not twice, on tensors larger than the L2. Small tensors are one group: two launches.
-Each elementwise program walks the tiles its reduction walked, backwards (``SECOND_PASS_REVERSED``): first
-what the L2 most likely still holds, which matters where a group cannot fit the L2 (one channel block, e.g.
-channels_last with C <= 64). ``L2_HINTS`` adds eviction priorities (off until measured).
+The elementwise pass retraces its reduction backwards (``SECOND_PASS_REVERSED``): its programs start first in
+their launch, in the reverse order of the reduction's, each walking the same tiles from the last, so that it
+re-reads first what the L2 most likely still holds; this matters where a group cannot fit the L2 (one channel
+block, e.g. channels_last with C <= 64). ``L2_HINTS`` adds eviction priorities (off until measured).
 
 Mean and variance are fp32 [C]. The training forward's elementwise pass and the eval ``_apply_kernel`` run the
 same :func:`_apply_tiles` on them, so a forward recomputed from the saved mean and var is bit-identical to the
@@ -75,8 +76,9 @@ INT32_LIMIT = 2**31 - 1
 # CSPMIRROR_BN_GROUP_BYTES overrides it (0: one group), e.g. to sweep it in a benchmark.
 L2_SHARE = 4
 GROUP_BYTES_ENV = "CSPMIRROR_BN_GROUP_BYTES"
-# The second (elementwise) pass of a pipelined training pass walks each program's tiles backwards, starting
-# with those its reduction read last: the ones most likely still in L2, also when one group is the whole tensor.
+# The second (elementwise) pass of a pipelined training pass retraces its reduction backwards (programs and
+# each program's tiles), starting with what was read last: what the L2 most likely still holds, also when one
+# group is the whole tensor.
 SECOND_PASS_REVERSED = True
 # L2 eviction priorities: the reduction reads with evict_last (kept for the re-read), the second pass with
 # evict_first (its last use). Off until a GPU measures them (``python -m bench.bn_groups`` sweeps both knobs).
@@ -169,6 +171,24 @@ def _role(pid, first_block, splits):
     ``splits`` programs of one channel block are adjacent."""
     block = pid // splits
     return pid - block * splits, first_block + block
+
+
+@triton.jit
+def _launch_role(reduce_programs, REVERSED: tl.constexpr):
+    """(whether this program reduces, its index within its pass) in a pipelined launch. In order: the
+    reduction's programs come first. REVERSED: the elementwise pass's come first, numbered from the last, so
+    that the second pass retraces its reduction backwards (programs start in about pid order: the first
+    elementwise programs re-read what the last reduction programs read, the data the L2 most likely holds,
+    before this launch's reduction brings in the next group)."""
+    pid = tl.program_id(0)
+    elementwise_programs = tl.num_programs(0) - reduce_programs
+    if REVERSED:
+        reducing = pid >= elementwise_programs
+        index = tl.where(reducing, pid - elementwise_programs, elementwise_programs - 1 - pid)
+    else:
+        reducing = pid < reduce_programs
+        index = tl.where(reducing, pid, pid - reduce_programs)
+    return reducing, index
 
 
 @triton.jit
@@ -330,11 +350,12 @@ def _train_forward_kernel(
     """One launch of the pipelined training forward: programs ``[0, reduce_programs)`` reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
     var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`), over the same
-    tiles per program as its reduction (REVERSED: from the last). KEEP, STREAM: the eviction policies of the
-    first and the second pass (see :func:`pass_options`)."""
-    pid = tl.program_id(0)
-    if pid < reduce_programs:
-        split, pid_c = _role(pid, reduce_block, reduce_splits)
+    tiles per program as its reduction (REVERSED: schedule and tiles retraced backwards, see
+    :func:`_launch_role`). KEEP, STREAM: the eviction policies of the first and the second pass (see
+    :func:`pass_options`)."""
+    reducing, index = _launch_role(reduce_programs, REVERSED)
+    if reducing:
+        split, pid_c = _role(index, reduce_block, reduce_splits)
         _stats_tiles(x_ptr, pshift_ptr, poff_ptr, pm2_ptr, split, pid_c, C, B, nbb, items, reduce_ipp,
                      sxa, sxc, sxb, BLOCK_C, BLOCK_B, IDX64, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
@@ -344,7 +365,7 @@ def _train_forward_kernel(
             tl.store(mean_ptr + offs_c, mean, mask=mask_c)
             tl.store(var_ptr + offs_c, var, mask=mask_c)
     else:
-        split, pid_c = _role(pid - reduce_programs, elementwise_block, elementwise_splits)
+        split, pid_c = _role(index, elementwise_block, elementwise_splits)
         start, end = _items_of(split, elementwise_ipp, items)
         _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
                      sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64, REVERSED, STREAM)
@@ -456,9 +477,9 @@ def _train_backward_kernel(
     group (the last program of each channel block adds its partials into ``sum_g`` and ``sum_gx``), the others
     write dx of the group reduced by the launch before, with the training formula (tiles and knobs as in
     :func:`_train_forward_kernel`)."""
-    pid = tl.program_id(0)
-    if pid < reduce_programs:
-        split, pid_c = _role(pid, reduce_block, reduce_splits)
+    reducing, index = _launch_role(reduce_programs, REVERSED)
+    if reducing:
+        split, pid_c = _role(index, reduce_block, reduce_splits)
         start, end = _items_of(split, reduce_ipp, items)
         _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                         split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
@@ -469,7 +490,7 @@ def _train_backward_kernel(
             tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
             tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
     else:
-        split, pid_c = _role(pid - reduce_programs, elementwise_block, elementwise_splits)
+        split, pid_c = _role(index, elementwise_block, elementwise_splits)
         start, end = _items_of(split, elementwise_ipp, items)
         _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr,
                         _channel(sum_g_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
