@@ -15,6 +15,7 @@ All offsets into activations / outputs are computed in int64, so tensors may exc
 implicit GEMM needs fewer than ``MAX_GEMM_ROWS`` output pixels (the epilogue kernel has no such limit).
 """
 
+import inspect
 import os
 
 import torch
@@ -143,10 +144,25 @@ def _mish_store(acc, rm, rn, M, C, HW, W, bias_ptr, res_ptr, rs_n, rs_c, rs_h, r
         tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _bench_config(kernel_call, quantiles):
+    """Time one candidate config briefly: a model's layer shapes are all tuned at their first call, and
+    Triton's default (25 ms warm-up, 100 ms of runs per config) makes that minutes for a whole network."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotune_options() -> dict:
+    """Brief timings, kept on disk across processes, where this Triton's ``autotune`` takes the options."""
+    accepted = inspect.signature(triton.autotune).parameters
+    options = {"do_bench": _bench_config, "cache_results": True}
+    return {name: value for name, value in options.items() if name in accepted}
+
+
 @triton.autotune(configs=_INTERPRETER_CONFIGS if INTERPRETED else _GPU_CONFIGS,
                  key=["M", "C_in", "C_out", "K_SIZE", "STRIDE"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+                 prune_configs_by={"early_config_prune": _prune_configs}, **_autotune_options())
+# Sizes that only bound rows (pixels) are not specialized: a layer of another resolution reuses the binary.
+# C_in and C_out stay specialized: their divisibility lets the channel masks keep 16-byte accesses.
+@triton.jit(do_not_specialize=["M", "H", "W", "H_out", "W_out"])
 def _conv_mish_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     M, C_in, H, W, C_out, H_out, W_out,
