@@ -347,12 +347,12 @@ def _train_forward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
     REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):
-    """One launch of the pipelined training forward: programs ``[0, reduce_programs)`` reduce one channel group
+    """One launch of the pipelined training forward: ``reduce_programs`` programs reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
     var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`), over the same
-    tiles per program as its reduction (REVERSED: schedule and tiles retraced backwards, see
-    :func:`_launch_role`). KEEP, STREAM: the eviction policies of the first and the second pass (see
-    :func:`pass_options`)."""
+    tiles per program as its reduction (which programs take which role, and REVERSED, which retraces the
+    reduction's schedule and tiles backwards: :func:`_launch_role`). KEEP, STREAM: the eviction policies of
+    the first and the second pass (see :func:`pass_options`)."""
     reducing, index = _launch_role(reduce_programs, REVERSED)
     if reducing:
         split, pid_c = _role(index, reduce_block, reduce_splits)
@@ -473,7 +473,7 @@ def _train_backward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
     REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
 ):
-    """One launch of the pipelined training backward: programs ``[0, reduce_programs)`` reduce one channel
+    """One launch of the pipelined training backward: ``reduce_programs`` programs reduce one channel
     group (the last program of each channel block adds its partials into ``sum_g`` and ``sum_gx``), the others
     write dx of the group reduced by the launch before, with the training formula (tiles and knobs as in
     :func:`_train_forward_kernel`)."""
