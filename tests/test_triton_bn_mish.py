@@ -468,6 +468,22 @@ def test_gpu_out_slice_and_determinism(kernels, monkeypatch, layout, group_bytes
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("reversed_,hints", [(False, False), (True, True)], ids=["in_order", "reversed_hints"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_gpu_second_pass_knobs(kernels, monkeypatch, layout, reversed_, hints):
+    """The knobs bench.bn_groups sweeps, off their defaults, over several groups: still as the reference, and
+    bit for bit as the defaults (the reductions keep their order whatever the walk)."""
+    monkeypatch.setenv(kernels.GROUP_BYTES_ENV, str(2**20))
+    case = make_case((32, 128, 32, 32), torch.bfloat16, layout, "cuda")
+    default = run(case, "triton")
+    monkeypatch.setattr(kernels, "SECOND_PASS_REVERSED", reversed_)
+    monkeypatch.setattr(kernels, "L2_HINTS", hints)
+    check_case(case)
+    for name, value in run(case, "triton").items():
+        assert torch.equal(value, default[name]), name
+
+
+@pytest.mark.gpu
 def test_gpu_past_2_to_the_31_elements():
     """2.1e9 elements (int64 offsets): statistics vs torch and y at the far end vs the formula."""
     free, _ = torch.cuda.mem_get_info()
