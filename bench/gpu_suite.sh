@@ -8,10 +8,12 @@
 # works without: the repository goes on PYTHONPATH). Environment knobs:
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
+#   GPU_SUITE_SKIP="a b"     steps not to run (env tests check tests_extension ops bn_groups mirror_tiles
+#                            models compare)
 #   PYTHON=python3           the interpreter that has torch
 #
 # OUTDIR receives at most 8 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
-# check's JSON, pytest's JUnit XML), summary.md, log.txt, results.json and the four PNG charts.
+# check's JSON, pytest's JUnit XML), summary.md, log.txt and the five PNG charts.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,6 +54,11 @@ say() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 # Output goes to logs/NAME.log; its tail is copied into log.txt.
 step() {
   local name=$1 cap=$2 cmd=$3
+  if [[ " ${GPU_SUITE_SKIP:-} " == *" $name "* ]]; then
+    say "SKIP  $name: GPU_SUITE_SKIP"
+    printf '%s\tskipped (asked)\t0\t-\n' "$name" >> "$STEPS"
+    return 0
+  fi
   local left=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
   local t=$(( cap < left ? cap : left ))
   if [ "$t" -lt 15 ]; then
@@ -149,9 +156,10 @@ step check "$(cap 60)" "exec $PY -m cspmirror check --json $WORK/check.json"
 step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pytest-gpu-extension.xml"
 
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@"
-step ops "$(cap 100)" "exec $SUITE --suite ops"
+step ops "$(cap 130)" "exec $SUITE --suite ops"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
-step models "$(cap 80)" "exec $SUITE --suite models"
+step mirror_tiles "$(cap 40)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
+step models "$(cap 60)" "exec $SUITE --suite models"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
 
 # The report and the summary run in the reserve.
@@ -162,7 +170,7 @@ say "suite done in $(( $(date +%s) - START ))s"
 
 tar czf "$OUTDIR/results.tar.gz" -C "$WORK" .
 cp "$WORK/summary.md" "$OUTDIR/" 2>/dev/null || echo "(no summary: see log.txt)" > "$OUTDIR/summary.md"
-for f in results.json ops_roofline.png models.png compare.png bn_groups.png; do
+for f in ops_roofline.png models.png compare.png bn_groups.png mirror_tiles.png; do
   if [ -f "$RES/$f" ]; then cp "$RES/$f" "$OUTDIR/"; fi
 done
 cp "$LOG" "$OUTDIR/log.txt"
@@ -171,6 +179,7 @@ cp "$LOG" "$OUTDIR/log.txt"
 cat "$WORK/summary.md" 2>/dev/null
 echo
 cat "$RES/bn_groups.md" 2>/dev/null && echo
+cat "$RES/mirror_tiles.md" 2>/dev/null && echo
 echo "== steps (name, state, seconds, exit code) =="
 cat "$STEPS"
 echo "== files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"

@@ -104,9 +104,25 @@ def graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callab
             fn()
         torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - not capturable: the caller keeps the eager timing only
+        _release_rng_from_capture(device)
         torch.cuda.synchronize(device)
         return None
     return graph.replay
+
+
+def _release_rng_from_capture(device: torch.device) -> None:
+    """A capture that fails before its end leaves the device's default generator marked as capturing, and
+    every later random op on the device raises "Offset increment outside graph capture encountered
+    unexpectedly" (seen on an H200: one failed capture ended the rest of the suite). A fresh state with the
+    same seed releases it."""
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+        fresh = torch.Generator(device=torch.device("cuda", index))
+        fresh.manual_seed(generator.initial_seed())
+        generator.graphsafe_set_state(fresh.graphsafe_get_state())
+    except Exception:  # noqa: BLE001 - older torch: nothing to release with
+        pass
 
 
 def copy_fn(num_bytes: int, device: torch.device | str) -> Callable[[], object]:

@@ -98,7 +98,8 @@ def run_direction(case: OpCase, work: Workload, direction: str, variants: list[s
         with harness.time_limit(deadline.remaining()):
             timings = harness.time_interleaved(ready, s.device, s.warmup, s.repeats)
         timed = {v: timed_row(rows[v], timings[v]) for v in ready}
-        add_graph_times(timed, ready, s, deadline)
+        if direction == "fwd":
+            add_graph_times(timed, ready, s, deadline)
         return [timed.get(v, rows[v]) for v in variants]
     except harness.CaseTimeout as exc:
         return [{**rows[v], "status": "error", "reason": str(exc)} if v in ready else rows[v] for v in variants]
@@ -110,7 +111,8 @@ def add_graph_times(rows: dict[str, dict], fns: dict[str, Callable[[], object]],
                     deadline: harness.Deadline) -> None:
     """On CUDA, add ``graph_ms`` to each row whose function can be captured in a CUDA graph: the median
     device time of its kernels, replays timed interleaved as the eager calls were. Best effort: a failure
-    leaves the eager timings alone."""
+    leaves the eager timings alone. Forward only: a backward timed alone runs on the stream of the forward
+    that recorded its graph, outside the capture's stream, which invalidates the capture (seen on an H200)."""
     if s.device.type != "cuda":
         return
     try:

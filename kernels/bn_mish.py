@@ -25,6 +25,8 @@ The two training passes run **channel group by channel group, pipelined** (``_tr
 ``j - 1`` side by side, in one grid. A group's channels are sized (:func:`group_budget`) so that what the
 elementwise pass reads again is still in the L2 cache from the launch before: DRAM then sees x once (plus
 dy once in backward), not twice, on tensors larger than the L2. Small tensors are one group: two launches.
+By default every tensor is one group (``L2_SHARE = 0``): at the benchmark shape one group was faster on an
+H200; ``CSPMIRROR_BN_GROUP_BYTES`` turns the grouping on.
 The elementwise pass retraces its reduction backwards (``SECOND_PASS_REVERSED``): its programs start first in
 their launch, in the reverse order of the reduction's, each walking the same tiles from the last, so that it
 re-reads first what the L2 most likely still holds; this matters where a group cannot fit the L2 (one channel
@@ -69,12 +71,15 @@ BLOCK_C_CONTIGUOUS = 64
 PROGRAMS_PER_SM = 8
 INTERPRETER_PROGRAMS = 4
 VECTOR_BLOCK = 256  # channels per program of the [C]-vector kernels
+VECTOR_ROWS = 16  # partials per step of _sum_partials_kernel
 # Offsets beyond this need int64 index arithmetic.
 INT32_LIMIT = 2**31 - 1
 # Channel groups of the pipelined training passes: the bytes a group's second pass reads again, at most
 # L2 / L2_SHARE (a group's first pass, the next group's first pass and the writes share the L2 meanwhile).
-# CSPMIRROR_BN_GROUP_BYTES overrides it (0: one group), e.g. to sweep it in a benchmark.
-L2_SHARE = 4
+# CSPMIRROR_BN_GROUP_BYTES overrides it (0: one group), e.g. to sweep it in a benchmark. L2_SHARE = 0: one
+# group unless asked for. Measured on an H200 (python -m bench.bn_groups, 32x256x64x64 bf16, about the L2's
+# size): one group (two launches) beat every budget from L2/8 to L2/2, both layouts, both passes.
+L2_SHARE = 0
 GROUP_BYTES_ENV = "CSPMIRROR_BN_GROUP_BYTES"
 # The second (elementwise) pass of a pipelined training pass retraces its reduction backwards (programs and
 # each program's tiles), starting with what was read last: what the L2 most likely still holds, also when one
@@ -120,7 +125,7 @@ def _tile(item, nbb, C, B, pid_c, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, 
 
 
 @triton.jit
-def _load(ptr, a, c, b, sa, sc, sb, mask, EVICT: tl.constexpr = ""):
+def _load(ptr, a, c, b, sa, sc, sb, mask, EVICT: tl.constexpr):
     # Cast at once: the interpreter holds bf16 as raw 16-bit integers.
     return tl.load(ptr + a * sa + c * sc + b * sb, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
 
@@ -264,35 +269,45 @@ def _stats_tiles(
 
 
 @triton.jit
-def _split_n(split, ipp, items, nbb, B, BLOCK_B: tl.constexpr):
-    start, end = _items_of(split, ipp, items)
-    return _count(start, end, nbb, B, BLOCK_B).to(tl.float32)
+def _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B: tl.constexpr):
+    """Rows ``[first, first + BLOCK_B)`` of the [splits, C] partials, as a [1, BLOCK_B] tile: their
+    indices, whether each is a program's (``< splits``), and its valid elements per channel (0 if not)."""
+    rows = first + tl.arange(0, BLOCK_B)
+    start, end = _items_of(rows, ipp, items)
+    valid = rows < splits
+    n = tl.where(valid, _count(start, end, nbb, B, BLOCK_B).to(tl.float32), 0.0)
+    return rows[None, :], valid[None, :], n[None, :]
 
 
 @triton.jit
-def _split_mean(pshift_ptr, poff_ptr, split, C, offs, mask, shift):
-    """Program ``split``'s mean minus ``shift`` (shifts are close: their difference is exact, or nearly)."""
-    own = _load_partial(pshift_ptr + split * C + offs, mask)
-    return (own - shift) + _load_partial(poff_ptr + split * C + offs, mask)
+def _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask, shift):
+    """Programs ``rows``' means minus ``shift`` (shifts are close: their difference is exact, or nearly)."""
+    own = _load_partial(pshift_ptr + rows * C + offs, mask)
+    return (own - shift) + _load_partial(poff_ptr + rows * C + offs, mask)
 
 
 @triton.jit
 def _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs, mask, C, B, nbb, items, ipp, splits, n_total,
                  BLOCK_B: tl.constexpr):
-    """Mean and biased variance of channels ``offs`` from their ``splits`` partials, merged in order
-    (parallel-variance formula, every mean relative to the first program's shift)."""
+    """Mean and biased variance of channels ``offs`` [BLOCK_C] from their ``splits`` partials
+    (parallel-variance formula, every mean relative to the first program's shift), BLOCK_B partials at a
+    time as [BLOCK_C, BLOCK_B] tiles, in a fixed order (deterministic). One partial at a time, the merging
+    program waited out one L2 round trip per partial: with hundreds of programs per channel block
+    (channels_last), that wait was most of the pass (seen on an H200)."""
     n = n_total.to(tl.float32)
     shift = _load_partial(pshift_ptr + offs, mask)
-    acc = tl.zeros(offs.shape, tl.float32)
-    for s in range(splits):
-        n_s = _split_n(s, ipp, items, nbb, B, BLOCK_B)
-        acc += n_s * _split_mean(pshift_ptr, poff_ptr, s, C, offs, mask, shift)
+    offs, mask = offs[:, None], mask[:, None]
+    acc = tl.zeros(shift.shape, tl.float32)
+    for first in range(0, splits, BLOCK_B):
+        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B)
+        acc += tl.sum(n_s * _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]), axis=1)
     mean_rel = acc / n
-    m2 = tl.zeros(offs.shape, tl.float32)
-    for s in range(splits):
-        d = _split_mean(pshift_ptr, poff_ptr, s, C, offs, mask, shift) - mean_rel
-        n_s = _split_n(s, ipp, items, nbb, B, BLOCK_B)
-        m2 += _load_partial(pm2_ptr + s * C + offs, mask) + n_s * d * d
+    m2 = tl.zeros(shift.shape, tl.float32)
+    for first in range(0, splits, BLOCK_B):
+        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B)
+        d = _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]) - mean_rel[:, None]
+        own = _load_partial(pm2_ptr + rows * C + offs, mask & valid)
+        m2 += tl.sum(tl.where(valid, own + n_s * d * d, 0.0), axis=1)
     return shift + mean_rel, m2 / n
 
 
@@ -303,7 +318,7 @@ def _apply_tiles(
     x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, start, end, C, B, nbb, eps,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
-    REVERSED: tl.constexpr = False, EVICT: tl.constexpr = "",
+    REVERSED: tl.constexpr, EVICT: tl.constexpr,
 ):
     """``y = mish((x - mean) * rstd * w + b) (+ residual)`` over tiles [start, end) of channel block
     ``pid_c`` (walked backwards when REVERSED; EVICT: the L2 eviction policy of the loads)."""
@@ -323,13 +338,15 @@ def _apply_tiles(
 def _apply_kernel(
     x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, B, nbb, eps,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
 ):
-    """Eval forward: :func:`_apply_tiles` from given statistics, one tile per program (grid: tiles, blocks)."""
+    """Eval forward: :func:`_apply_tiles` from given statistics, one tile per program (grid: tiles, blocks).
+    EVICT (``""``: none) comes from the launch: Triton 3.6 takes no string written in device code as a
+    constexpr argument."""
     pid_c = tl.program_id(1)
     item = tl.program_id(0)
     _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, item, item + 1, C, B, nbb, eps,
-                 sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64)
+                 sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64, False, EVICT)
 
 
 # The passes' scalars change from launch to launch of a pipeline: specializing on them (== 1, % 16) would
@@ -397,7 +414,7 @@ def _backward_tiles(
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
-    REVERSED: tl.constexpr = False, EVICT: tl.constexpr = "",
+    REVERSED: tl.constexpr, EVICT: tl.constexpr,
 ):
     """Over tiles [start, end) of channel block ``pid_c``, with ``g = dy * mish'(v)``, ``v = x_hat * w + b``,
     ``x_hat = (x - mean) * rstd``:
@@ -436,13 +453,17 @@ def _backward_tiles(
 
 
 @triton.jit
-def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits):
-    """Column sums of the partials [splits, C] at ``offs``, in order (deterministic)."""
+def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, ROWS: tl.constexpr):
+    """Column sums of the partials [splits, C] at ``offs`` [BLOCK], ROWS rows at a time as [BLOCK, ROWS]
+    tiles, in a fixed order (deterministic; one row at a time, see :func:`_merge_stats`)."""
     acc_g = tl.zeros(offs.shape, tl.float32)
     acc_gx = tl.zeros(offs.shape, tl.float32)
-    for s in range(splits):
-        acc_g += _load_partial(pg_ptr + s * C + offs, mask)
-        acc_gx += _load_partial(pgx_ptr + s * C + offs, mask)
+    offs, mask = offs[:, None], mask[:, None]
+    for first in range(0, splits, ROWS):
+        rows = first + tl.arange(0, ROWS)[None, :]
+        tile_mask = mask & (rows < splits)
+        acc_g += tl.sum(_load_partial(pg_ptr + rows * C + offs, tile_mask), axis=1)
+        acc_gx += tl.sum(_load_partial(pgx_ptr + rows * C + offs, tile_mask), axis=1)
     return acc_g, acc_gx
 
 
@@ -452,16 +473,16 @@ def _backward_kernel(
     C, B, nbb, items, ipp, eps,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
 ):
     """:func:`_backward_tiles` without the batch-statistics terms (eval, or the sums alone), over program
-    ``(split, channel block)``'s tiles."""
+    ``(split, channel block)``'s tiles (EVICT as in :func:`_apply_kernel`)."""
     split = tl.program_id(0)
     pid_c = tl.program_id(1)
     start, end = _items_of(split, ipp, items)
     _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                     split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
-                    REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64)
+                    REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64, False, EVICT)
 
 
 @triton.jit(do_not_specialize=PASS_ARGS)
@@ -486,7 +507,7 @@ def _train_backward_kernel(
                         True, False, False, BLOCK_C, BLOCK_B, IDX64, False, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
-            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits)
+            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, BLOCK_B)
             tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
             tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
     else:
@@ -500,11 +521,11 @@ def _train_backward_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(pg_ptr, pgx_ptr, sum_g_ptr, sum_gx_ptr, C, splits, BLOCK: tl.constexpr):
+def _sum_partials_kernel(pg_ptr, pgx_ptr, sum_g_ptr, sum_gx_ptr, C, splits, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """:func:`_column_sums` of the partials [splits, C] -> sum_g, sum_gx [C]."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
-    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits)
+    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, ROWS)
     tl.store(sum_g_ptr + offs, acc_g, mask=mask)
     tl.store(sum_gx_ptr + offs, acc_gx, mask=mask)
 
@@ -632,14 +653,14 @@ def pass_options() -> dict[str, object]:
 def group_budget(device: torch.device) -> int:
     """Bytes that one channel group's second pass may read again (0: no limit, one group): the
     ``CSPMIRROR_BN_GROUP_BYTES`` environment variable when set, else ``1 / L2_SHARE`` of the GPU's L2 cache
-    (0 on the CPU and under the interpreter)."""
+    (0 when L2_SHARE is, on the CPU and under the interpreter)."""
     value = os.environ.get(GROUP_BYTES_ENV)
     if value is not None:
         try:
             return max(0, int(value))
         except ValueError:
             raise ValueError(f"{GROUP_BYTES_ENV} must be an integer number of bytes, got {value!r}") from None
-    if device.type != "cuda" or INTERPRETED:
+    if device.type != "cuda" or INTERPRETED or not L2_SHARE:
         return 0
     return _l2_bytes(device) // L2_SHARE
 
@@ -855,7 +876,7 @@ def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, we
         _apply_kernel[(plan.items, plan.c_blocks)](
             x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, float(eps),
             *plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y),
-            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+            BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", num_warps=NUM_WARPS,
         )
     if y is not out:
         out.copy_(y)
@@ -935,7 +956,7 @@ def _reduce_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Te
     _launch_backward(plan, dy, x, dx, args, partials, splits, ipp)
     sum_g, sum_gx = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
     _sum_partials_kernel[(cdiv(c, VECTOR_BLOCK),)](
-        *partials, sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK,
+        *partials, sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK, ROWS=VECTOR_ROWS,
     )
     return sum_g, sum_gx
 
@@ -950,5 +971,5 @@ def _launch_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Te
         dy, x, dx, mean, var, weight, bias, pg, pgx, plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
         *plan.strides(dy), *plan.strides(x), *_strides_or_zeros(plan, dx),
         REDUCE=partials is not None, WRITE_DX=dx is not None,
-        BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
+        BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", num_warps=NUM_WARPS,
     )

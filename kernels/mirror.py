@@ -37,6 +37,10 @@ from cspmirror.backends import triton_interpreted
 from .launch import cdiv, next_power_of_2
 
 _INT32_MAX = 2**31 - 1
+# GPU tiles: bytes of output per program, and elements per thread (so warps = elements / (32 * this), at
+# most 8). ``python -m bench.mirror_tiles`` sweeps both.
+TILE_BYTES = 8192
+ELEMENTS_PER_THREAD = 16
 
 
 @triton.jit
@@ -344,19 +348,22 @@ def _plan(inp: torch.Tensor, out: torch.Tensor, axis: int, batch: int, length: i
     """The launch plan of one call. Cached on shapes and strides: for small tensors the host-side cost of a
     call is what a user waits for, and working the plan out again costs more than the launch itself."""
     return _cached_plan(tuple(inp.shape), inp.stride(), tuple(out.shape), out.stride(), inp.dtype,
-                        inp.element_size(), axis % 4, batch, length, width, force_int64, triton_interpreted())
+                        inp.element_size(), axis % 4, batch, length, width, force_int64, triton_interpreted(),
+                        (TILE_BYTES, ELEMENTS_PER_THREAD))
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shape: tuple[int, ...],
                  out_stride: tuple[int, ...], dtype: torch.dtype, element_size: int, axis: int, batch: int,
-                 length: int, width: int, force_int64: bool, interpreted: bool) -> _Plan:
+                 length: int, width: int, force_int64: bool, interpreted: bool,
+                 tiling: tuple[int, int]) -> _Plan:
     order = _physical_order(out_stride)
     sizes = [out_shape[d] for d in order[1:]]
     in_strides, out_strides = _strides(in_shape, in_stride, order), _strides(out_shape, out_stride, order)
     split_dim = order.index(axis)
-    # ~16 elements per thread on the GPU; big tiles in the interpreter, where each program costs Python time.
-    max_elems = 8192 if interpreted else max(1024, 8192 // element_size)
+    # Big tiles in the interpreter, where each program costs Python time.
+    tile_bytes, per_thread = tiling
+    max_elems = 8192 if interpreted else max(1024, tile_bytes // element_size)
     blocks = _blocks(sizes, max_elems)
     tiles = tuple(cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
     row_values = in_strides[:3] + out_strides[:3] + [sizes[2]]
@@ -368,7 +375,7 @@ def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shap
     in_extents = list(padded)
     in_extents[split_dim] += length
     int64 = force_int64 or max(_span(in_extents, in_strides), _span(padded, out_strides)) > _INT32_MAX
-    num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // 512))
+    num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // (32 * per_thread)))
     soft_bf16 = interpreted and dtype == torch.bfloat16
     # Row quantities are passed divided by ALIGN (the kernels multiply them back; see mirror_split_kernel).
     row = [length // a, width // a] if split_dim == 3 else [length, width]

@@ -117,6 +117,34 @@ def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     assert (tmp_path / "bn_groups.png").stat().st_size > 0
 
 
+def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
+    """``python -m bench.mirror_tiles`` (a GPU measurement) end to end on a tiny shape under the interpreter,
+    and each variant's tiling reaching the GPU launch plan (tile elements, warps)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("matplotlib")
+    from helpers import triton_or_skip
+
+    triton_or_skip()
+    from cspmirror.kernels import mirror
+
+    from bench import harness, mirror_tiles
+
+    rows = mirror_tiles.measure((1, 2, 4, 8), torch.device("cpu"), repeats=1)
+    assert len(rows) == 4 * len(mirror_tiles.VARIANTS) and all(r["graph_ms"] > 0 for r in rows)
+    assert mirror_tiles.markdown(rows, harness.environment("cpu")).count("\n| nhwc |") == 2 * len(mirror_tiles.VARIANTS)
+    mirror_tiles.plot(rows, tmp_path / "mirror_tiles.png")
+    assert (tmp_path / "mirror_tiles.png").stat().st_size > 0
+    monkeypatch.setattr(mirror, "triton_interpreted", lambda: False)
+    for tiling in mirror_tiles.VARIANTS:  # a bf16 split of [2, 64, 64, 64] along W, planned for a GPU
+        with mirror_tiles.tiling_set(tiling):
+            plan = mirror._plan(torch.empty(2, 64, 64, 64, dtype=torch.bfloat16),
+                                torch.empty(4, 64, 64, 40, dtype=torch.bfloat16), 3, 2, 64, 40, False)
+        elements = tiling.tile_bytes // 2
+        assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
+        assert plan.num_warps == min(8, elements // (32 * tiling.per_thread))
+    assert (mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD) == (8192, 16)
+
+
 def test_report_targets_on_device_time(monkeypatch):
     """Rows that carry CUDA-graph device times get the same targets on them, beside the eager ones."""
     monkeypatch.syspath_prepend(str(REPO))

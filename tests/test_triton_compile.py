@@ -15,6 +15,7 @@ GPU runs the real kernels anyway (the ``gpu`` tests).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -95,6 +96,30 @@ def _report() -> dict:
         weight = torch.empty(128, 128, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
         conv.conv_mish(x, weight, torch.empty(128, dtype=dtype), x, torch.empty_like(x), 1, tf32=True)
     return launches
+
+
+def _jit_functions(tree: ast.Module) -> list[ast.FunctionDef]:
+    def is_jit(decorator: ast.expr) -> bool:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return isinstance(target, ast.Attribute) and target.attr == "jit"
+
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and any(is_jit(d) for d in node.decorator_list)]
+
+
+def test_device_code_passes_no_python_constants_as_constexprs():
+    """Triton 3.6 (the GPU machine's) fails to compile a call between ``@triton.jit`` functions that passes a
+    string written in device code, a parameter's default value included (``AttributeError: 'str' object has
+    no attribute 'type'``, seen on an H200), where later Tritons take it. Strings come from the launch."""
+    offenders = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for fn in _jit_functions(ast.parse(path.read_text())):
+            if fn.args.defaults or any(d is not None for d in fn.args.kw_defaults):
+                offenders.append(f"{path.name}:{fn.lineno} {fn.name}: default parameter values")
+            for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+                if any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args):
+                    offenders.append(f"{path.name}:{call.lineno} {fn.name}: a string argument to {call.func.id}")
+    assert not offenders, offenders
 
 
 def test_kernels_compile_for_hopper(tmp_path):
