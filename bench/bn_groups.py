@@ -9,7 +9,8 @@ and ``PROGRAMS_PER_SM`` to 4, 8 and 16, captured in a CUDA graph (device time al
 of the same minimal bytes (forward: read x, write y; backward: read x and dy, write dx), captured and
 replayed alike. Variants are interleaved. At one group and at L2/4 (8 programs per SM) two more variants
 price the module's other knobs: the second pass in the reduction's order instead of retracing it backwards
-(``SECOND_PASS_REVERSED``), and the L2 eviction hints on (``L2_HINTS``).
+(``SECOND_PASS_REVERSED``), and the L2 eviction hints on (``L2_HINTS``; every other variant has them off, in
+both passes, whatever the module's default).
 
     python -m bench.bn_groups [--out DIR] [--quick]
 
@@ -67,7 +68,8 @@ def knobs_set(knobs: Knobs) -> Iterator[None]:
     old_env = os.environ.get(bn_mish.GROUP_BYTES_ENV)
     old = bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS
     os.environ[bn_mish.GROUP_BYTES_ENV] = str(knobs.budget)
-    bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS = knobs[1:]
+    bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED = knobs.programs_per_sm, knobs.reversed
+    bn_mish.L2_HINTS = {"forward": knobs.hints, "backward": knobs.hints}
     try:
         yield
     finally:

@@ -8,8 +8,8 @@
 # works without: the repository goes on PYTHONPATH). Environment knobs:
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
-#   GPU_SUITE_SKIP="a b"     steps not to run (env tests check tests_extension ops bn_groups mirror_tiles
-#                            models compare)
+#   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension ops bn_groups
+#                            mirror_tiles models compare)
 #   PYTHON=python3           the interpreter that has torch
 #
 # OUTDIR receives at most 8 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
@@ -138,7 +138,12 @@ PYTEST="$PY -m pytest -m gpu -v --tb=short tests/ -p no:cacheprovider --continue
 # Triton compiles are CPU-bound: spread the gpu tests over a few processes when pytest-xdist is there.
 XDIST=""
 [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 6"
-step tests "$(cap 150)" "exec $PYTEST $XDIST -k 'not extension' --junitxml=$WORK/pytest-gpu.xml"
+# Each failure's report goes to failures.log as it happens (tests/conftest.py): a step stopped by its cap
+# keeps the reasons pytest prints only at its end. The whole-model parity tests are the slowest: a step of
+# their own, so that they cannot starve the kernels' tests.
+export CSPMIRROR_FAILURE_LOG="$WORK/failures.log"
+step tests "$(cap 100)" "exec $PYTEST $XDIST -k 'not extension and not test_accelerate' --junitxml=$WORK/pytest-gpu.xml"
+step tests_models "$(cap 90)" "exec $PYTEST $XDIST -k 'not extension and test_accelerate' --junitxml=$WORK/pytest-gpu-models.xml"
 
 wait "$BUILD_PID"
 read -r BUILD_RC BUILD_S < "$WORK/build.rc"
@@ -180,6 +185,7 @@ cat "$WORK/summary.md" 2>/dev/null
 echo
 cat "$RES/bn_groups.md" 2>/dev/null && echo
 cat "$RES/mirror_tiles.md" 2>/dev/null && echo
+[ -s "$WORK/failures.log" ] && { echo "== test failures (failures.log, last lines)"; tail -n 80 "$WORK/failures.log" | cut -c1-300; echo; }
 echo "== steps (name, state, seconds, exit code) =="
 cat "$STEPS"
 echo "== files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"

@@ -2,8 +2,8 @@
 
 ``mirror_split`` and ``mirror_fuse`` forward at the ops suite's mirror shape (bf16, split along W, mirrored,
 the suite's overlap), NCHW and channels_last, each captured in a CUDA graph (device time alone) with
-``TILE_BYTES`` and ``ELEMENTS_PER_THREAD`` of :mod:`cspmirror.kernels.mirror` set to each variant: tile
-sizes from 4 to 32 KiB at 16 elements per thread, and 8 or 32 elements per thread at the default tile.
+``TILE_BYTES`` (both entries) and ``ELEMENTS_PER_THREAD`` of :mod:`cspmirror.kernels.mirror` set to each
+variant: tile sizes from 4 to 32 KiB at 16 elements per thread, and 8 or 32 elements per thread at 8 KiB.
 Variants and a device copy of the same bytes are timed interleaved.
 
     python -m bench.mirror_tiles [--out DIR] [--quick]
@@ -47,7 +47,8 @@ def tiling_set(tiling: Tiling) -> Iterator[None]:
     from cspmirror.kernels import mirror
 
     old = mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD
-    mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD = tiling
+    mirror.TILE_BYTES = {"along": tiling.tile_bytes, "across": tiling.tile_bytes}
+    mirror.ELEMENTS_PER_THREAD = tiling.per_thread
     try:
         yield
     finally:

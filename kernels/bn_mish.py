@@ -30,7 +30,7 @@ H200; ``CSPMIRROR_BN_GROUP_BYTES`` turns the grouping on.
 The elementwise pass retraces its reduction backwards (``SECOND_PASS_REVERSED``): its programs start first in
 their launch, in the reverse order of the reduction's, each walking the same tiles from the last, so that it
 re-reads first what the L2 most likely still holds; this matters where a group cannot fit the L2 (one channel
-block, e.g. channels_last with C <= 64). ``L2_HINTS`` adds eviction priorities (off until measured).
+block, e.g. channels_last with C <= 64). ``L2_HINTS`` adds eviction priorities (on in the backward, as measured).
 
 Mean and variance are fp32 [C]. The training forward's elementwise pass and the eval ``_apply_kernel`` run the
 same :func:`_apply_tiles` on them, so a forward recomputed from the saved mean and var is bit-identical to the
@@ -85,9 +85,13 @@ GROUP_BYTES_ENV = "CSPMIRROR_BN_GROUP_BYTES"
 # each program's tiles), starting with what was read last: what the L2 most likely still holds, also when one
 # group is the whole tensor.
 SECOND_PASS_REVERSED = True
-# L2 eviction priorities: the reduction reads with evict_last (kept for the re-read), the second pass with
-# evict_first (its last use). Off until a GPU measures them (``python -m bench.bn_groups`` sweeps both knobs).
-L2_HINTS = False
+# L2 eviction priorities per training pass: the reduction reads with evict_last (kept for the re-read), the
+# second pass with evict_first (its last use). Measured on an H200 (python -m bench.bn_groups, two runs, one
+# group, 32x256x64x64 bf16): the backward 28-32% faster in channels_last and about even in NCHW with them; the
+# forward 4-5% slower in both layouts.
+L2_HINTS = {"forward": False, "backward": True}
+# Partials per step of the merges at the end of a reduction (see _merge_stats).
+MERGE_ROWS = 64
 
 
 # --- device code ---------------------------------------------------------------------------------------------
@@ -269,10 +273,10 @@ def _stats_tiles(
 
 
 @triton.jit
-def _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B: tl.constexpr):
-    """Rows ``[first, first + BLOCK_B)`` of the [splits, C] partials, as a [1, BLOCK_B] tile: their
-    indices, whether each is a program's (``< splits``), and its valid elements per channel (0 if not)."""
-    rows = first + tl.arange(0, BLOCK_B)
+def _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+    """Rows ``[first, first + ROWS)`` of the [splits, C] partials, as a [1, ROWS] tile: their indices,
+    whether each is a program's (``< splits``), and its valid elements per channel (0 if not)."""
+    rows = first + tl.arange(0, ROWS)
     start, end = _items_of(rows, ipp, items)
     valid = rows < splits
     n = tl.where(valid, _count(start, end, nbb, B, BLOCK_B).to(tl.float32), 0.0)
@@ -288,23 +292,23 @@ def _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask, shift):
 
 @triton.jit
 def _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs, mask, C, B, nbb, items, ipp, splits, n_total,
-                 BLOCK_B: tl.constexpr):
+                 BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
     """Mean and biased variance of channels ``offs`` [BLOCK_C] from their ``splits`` partials
-    (parallel-variance formula, every mean relative to the first program's shift), BLOCK_B partials at a
-    time as [BLOCK_C, BLOCK_B] tiles, in a fixed order (deterministic). One partial at a time, the merging
+    (parallel-variance formula, every mean relative to the first program's shift), ROWS partials at a
+    time as [BLOCK_C, ROWS] tiles, in a fixed order (deterministic). One partial at a time, the merging
     program waited out one L2 round trip per partial: with hundreds of programs per channel block
     (channels_last), that wait was most of the pass (seen on an H200)."""
     n = n_total.to(tl.float32)
     shift = _load_partial(pshift_ptr + offs, mask)
     offs, mask = offs[:, None], mask[:, None]
     acc = tl.zeros(shift.shape, tl.float32)
-    for first in range(0, splits, BLOCK_B):
-        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B)
+    for first in range(0, splits, ROWS):
+        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B, ROWS)
         acc += tl.sum(n_s * _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]), axis=1)
     mean_rel = acc / n
     m2 = tl.zeros(shift.shape, tl.float32)
-    for first in range(0, splits, BLOCK_B):
-        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B)
+    for first in range(0, splits, ROWS):
+        rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B, ROWS)
         d = _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]) - mean_rel[:, None]
         own = _load_partial(pm2_ptr + rows * C + offs, mask & valid)
         m2 += tl.sum(tl.where(valid, own + n_s * d * d, 0.0), axis=1)
@@ -362,7 +366,7 @@ def _train_forward_kernel(
     reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
-    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
+    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr, MERGE_ROWS: tl.constexpr,
 ):
     """One launch of the pipelined training forward: ``reduce_programs`` programs reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
@@ -378,7 +382,7 @@ def _train_forward_kernel(
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
             mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, reduce_ipp,
-                                     reduce_splits, n_total, BLOCK_B)
+                                     reduce_splits, n_total, BLOCK_B, MERGE_ROWS)
             tl.store(mean_ptr + offs_c, mean, mask=mask_c)
             tl.store(var_ptr + offs_c, var, mask=mask_c)
     else:
@@ -492,7 +496,7 @@ def _train_backward_kernel(
     reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
-    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr,
+    REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr, MERGE_ROWS: tl.constexpr,
 ):
     """One launch of the pipelined training backward: ``reduce_programs`` programs reduce one channel
     group (the last program of each channel block adds its partials into ``sum_g`` and ``sum_gx``), the others
@@ -507,7 +511,7 @@ def _train_backward_kernel(
                         True, False, False, BLOCK_C, BLOCK_B, IDX64, False, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
-            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, BLOCK_B)
+            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, MERGE_ROWS)
             tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
             tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
     else:
@@ -643,11 +647,11 @@ def _pipeline(plan: Plan, programs: int, group_blocks: int) -> Pipeline:
     return Pipeline(tuple(zip(passes[1:], passes[:-1], strict=True)), max(g.splits for g in groups))
 
 
-def pass_options() -> dict[str, object]:
+def pass_options(training_pass: str) -> dict[str, object]:
     """The pipelined training kernels' constexprs from the module's knobs (read at every call):
-    ``SECOND_PASS_REVERSED`` and ``L2_HINTS``."""
-    keep, stream = ("evict_last", "evict_first") if L2_HINTS else ("", "")
-    return {"REVERSED": SECOND_PASS_REVERSED, "KEEP": keep, "STREAM": stream}
+    ``SECOND_PASS_REVERSED``, ``L2_HINTS[training_pass]`` ("forward" or "backward") and ``MERGE_ROWS``."""
+    keep, stream = ("evict_last", "evict_first") if L2_HINTS[training_pass] else ("", "")
+    return {"REVERSED": SECOND_PASS_REVERSED, "KEEP": keep, "STREAM": stream, "MERGE_ROWS": MERGE_ROWS}
 
 
 def group_budget(device: torch.device) -> int:
@@ -824,7 +828,7 @@ def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     pshift, poff, pm2 = (new_fp32(work.rows, c, device=device) for _ in range(3))
     mean, var = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y))
-    options = pass_options()
+    options = pass_options("forward")
     with _on(device):
         counts = _new_counts(plan, device)
         for stats, normalize in work.launches:
@@ -936,7 +940,7 @@ def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Ten
     sum_g, sum_gx = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(dy), *plan.strides(x), *plan.strides(dx))
     counts = _new_counts(plan, device)
-    options = pass_options()
+    options = pass_options("backward")
     for reduce, write_dx in work.launches:
         _train_backward_kernel[(reduce.programs + write_dx.programs,)](
             dy, x, dx, mean, var, weight, bias, pg, pgx, counts, sum_g, sum_gx,

@@ -28,3 +28,15 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+FAILURE_LOG_ENV = "CSPMIRROR_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report):
+    """With ``CSPMIRROR_FAILURE_LOG=path``, each failure's report is appended to ``path`` as it happens (the
+    GPU suite sets it): a run stopped by a time limit keeps the reasons pytest would only print at its end."""
+    path = os.environ.get(FAILURE_LOG_ENV)
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

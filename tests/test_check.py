@@ -142,7 +142,11 @@ def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
         elements = tiling.tile_bytes // 2
         assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
         assert plan.num_warps == min(8, elements // (32 * tiling.per_thread))
-    assert (mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD) == (8192, 16)
+    x = torch.empty(2, 64, 64, 64, dtype=torch.bfloat16)  # the defaults: 8 KiB along W, 4 KiB across it
+    for layout, elements in ((torch.contiguous_format, 4096), (torch.channels_last, 2048)):
+        x, y = x.contiguous(memory_format=layout), torch.empty(4, 64, 64, 40, dtype=torch.bfloat16)
+        plan = mirror._plan(x, y.contiguous(memory_format=layout), 3, 2, 64, 40, False)
+        assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
 
 
 def test_report_targets_on_device_time(monkeypatch):

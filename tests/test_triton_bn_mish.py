@@ -106,16 +106,16 @@ def test_many_tiles_and_programs(small_tiles, kernels, device, dtype, layout, tr
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_merge_steps_over_many_programs(kernels, monkeypatch, device, layout, training):
-    """More reduction programs per channel block than one merge step takes partials (BLOCK_B in the
+    """More reduction programs per channel block than one merge step takes partials (MERGE_ROWS in the
     training passes, VECTOR_ROWS in the eval backward), the last step partial, around a large mean: each
     partial counted once, in the parallel-variance merge."""
     monkeypatch.setattr(kernels, "TILE", 8)
     monkeypatch.setattr(kernels, "BLOCK_C_CONTIGUOUS", 2)
+    monkeypatch.setattr(kernels, "MERGE_ROWS", 8)
     monkeypatch.setattr(kernels, "target_programs", lambda device: 96)
     case = make_case((5, 3, 6, 7), torch.float32, layout, device, training=training, loc=1e3, scale=3.0)
-    plan = kernels.make_plan(case.x)
-    splits = plan.splits(96)[0]
-    assert splits % plan.block_b and splits > plan.block_b and splits % kernels.VECTOR_ROWS and splits > 16
+    splits = kernels.make_plan(case.x).splits(96)[0]
+    assert all(splits > rows and splits % rows for rows in (kernels.MERGE_ROWS, kernels.VECTOR_ROWS))
     check_case(case)
 
 
@@ -206,7 +206,7 @@ def test_channel_groups(small_tiles, kernels, monkeypatch, device, layout, dtype
     running statistics as the reference; in place (out=x) and into a channel slice bit for bit as the
     functional result. Also with the second pass walking forwards and the L2 eviction hints on."""
     monkeypatch.setattr(kernels, "SECOND_PASS_REVERSED", reversed_)
-    monkeypatch.setattr(kernels, "L2_HINTS", hints)
+    monkeypatch.setattr(kernels, "L2_HINTS", {"forward": hints, "backward": hints})
     case = make_case((2, 5, 3, 7), dtype, layout, device)
     plan = kernels.make_plan(case.x)
     # group_blocks channel blocks in backward (x and dy), twice that in forward
@@ -484,23 +484,24 @@ def test_gpu_out_slice_and_determinism(kernels, monkeypatch, layout, group_bytes
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reversed_,hints", [(False, False), (True, True)], ids=["in_order", "reversed_hints"])
+@pytest.mark.parametrize("knob", ["in_order", "hints_flipped"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_gpu_second_pass_knobs(kernels, monkeypatch, layout, reversed_, hints):
-    """The knobs bench.bn_groups sweeps, off their defaults, over several groups: still as the reference, and
-    with the hints off bit for bit as the defaults (the reductions keep their order whatever the walk). The
-    eviction hints change the compiled code beyond the loads: on an H200 (Triton 3.6) dx then differed from
-    the defaults' while within SPEC section 4."""
+def test_gpu_second_pass_knobs(kernels, monkeypatch, layout, knob):
+    """The knobs bench.bn_groups sweeps, off their defaults, over several groups: still as the reference;
+    the walk in order also bit for bit as the defaults (the reductions keep their order whatever the walk).
+    The eviction hints change the compiled code beyond the loads: on an H200 (Triton 3.6) dx then differed
+    from the defaults' while within SPEC section 4."""
     monkeypatch.setenv(kernels.GROUP_BYTES_ENV, str(2**20))
     case = make_case((32, 128, 32, 32), torch.bfloat16, layout, "cuda")
     default = run(case, "triton")
-    monkeypatch.setattr(kernels, "SECOND_PASS_REVERSED", reversed_)
-    monkeypatch.setattr(kernels, "L2_HINTS", hints)
+    if knob == "in_order":
+        monkeypatch.setattr(kernels, "SECOND_PASS_REVERSED", not kernels.SECOND_PASS_REVERSED)
+    else:
+        monkeypatch.setattr(kernels, "L2_HINTS", {name: not on for name, on in kernels.L2_HINTS.items()})
     check_case(case)
-    if hints:
-        return
-    for name, value in run(case, "triton").items():
-        assert torch.equal(value, default[name]), name
+    if knob == "in_order":
+        for name, value in run(case, "triton").items():
+            assert torch.equal(value, default[name]), name
 
 
 @pytest.mark.gpu

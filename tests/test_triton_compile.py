@@ -87,7 +87,7 @@ def _report() -> dict:
     bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
     for training in (True, False):
         bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)
-    bn_mish.L2_HINTS = True  # the training passes again, with the L2 eviction hints
+    bn_mish.L2_HINTS = {"forward": True, "backward": True}  # the training passes again, hints on in both
     bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
     bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, True, torch.empty_like(x), True)
     os.environ[conv.AUTOTUNE_ENV] = "0"  # the first Hopper config that fits (no benchmarking without a GPU)
@@ -147,10 +147,11 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert len(launches["_conv_mish_kernel"]) == 2
     for r in launches["_conv_mish_kernel"]:
         assert r["wgmma"] > 0 and r["async_copy_sizes"] == ["0x10"], r
-    # bn_mish's training passes: no hints by default; with L2_HINTS, first pass evict_last, second evict_first
-    for name in ("_train_forward_kernel", "_train_backward_kernel"):
-        assert [r["l2_hints"] for r in launches[name]][::len(launches[name]) - 1] == [
-            [], ["L2::evict_first", "L2::evict_last"]], name
+    # bn_mish's training passes: hints by default in the backward only; on, first pass evict_last, second
+    # evict_first
+    hints = ["L2::evict_first", "L2::evict_last"]
+    for name, default in (("_train_forward_kernel", []), ("_train_backward_kernel", hints)):
+        assert [r["l2_hints"] for r in launches[name]][::len(launches[name]) - 1] == [default, hints], name
 
 
 if __name__ == "__main__":
