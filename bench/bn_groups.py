@@ -21,10 +21,9 @@ meaningful here).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,6 @@ from tqdm import tqdm
 from bench import harness
 from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, bn_params, fmt_shape
 
-RESULTS = Path(__file__).resolve().parent / "results"
 L2_FRACTIONS = (0, 8, 6, 4, 3, 2)  # budget = L2 / fraction; 0 = one group
 PROGRAMS_PER_SM = (4, 8, 16)  # programs per SM per launch (two passes share a launch)
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -80,20 +78,6 @@ def knobs_set(knobs: Knobs) -> Iterator[None]:
         bn_mish.PROGRAMS_PER_SM, bn_mish.SECOND_PASS_REVERSED, bn_mish.L2_HINTS = old
 
 
-def captured(fn: Callable[[], object], device: torch.device, knobs: Knobs) -> Callable[[], object]:
-    """``fn`` with the knobs set: a CUDA graph captured under them, or (off CUDA) a call that sets them."""
-    with knobs_set(knobs):
-        replay = harness.graph_replay(fn, device)
-    if replay is not None:
-        return replay
-
-    def call() -> object:
-        with knobs_set(knobs):
-            return fn()
-
-    return call
-
-
 def passes(x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
     """The training forward and backward kernels on ``x`` [N, C, H, W], with their minimal bytes."""
     from cspmirror.kernels import bn_mish
@@ -127,17 +111,14 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets:
         fns, meta = {}, {}
         for knobs in variants(budgets, programs_per_sm, l2):
             key = "/".join(map(str, knobs))
-            fns[key] = captured(fn, device, knobs)
+            fns[key] = harness.captured_under(fn, device, functools.partial(knobs_set, knobs))
             with knobs_set(knobs):
                 launches = len(bn_mish.pipeline(plan, device, 2 if direction == "fwd" else 4).launches)
             meta[key] = {"budget_bytes": knobs.budget, "programs_per_sm": knobs.programs_per_sm,
                          "reversed": knobs.reversed, "hints": knobs.hints, "launches": launches}
-        copy = harness.copy_fn(num_bytes, device)
-        fns["copy"] = harness.graph_replay(copy, device) or copy
-        timings = harness.time_interleaved(fns, device, warmup=3, repeats=repeats)
-        copy_ms = timings["copy"].median_ms
+        times, copy_ms = harness.time_beside_copy(fns, num_bytes, device, repeats)
         for key, info in meta.items():
-            ms = timings[key].median_ms
+            ms = times[key]
             rows.append({"layout": layout, "direction": direction, "shape": fmt_shape(shape), **info,
                          "l2_bytes": l2, "graph_ms": ms, "copy_graph_ms": copy_ms, "frac_copy": copy_ms / ms,
                          "bytes": num_bytes})
@@ -145,13 +126,10 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [
-        f"# bn_mish training passes vs channel-group size ({env['device_name']})",
-        "",
-        f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}; {env['date']}. bf16, shape "
-        f"{rows[0]['shape']}; CUDA-graph device time, medians, interleaved; 'of copy' = a copy of the same "
-        "minimal bytes / the pass (forward: x in, y out; backward: x and dy in, dx out).",
-        "",
+    lines = harness.sweep_header(
+        "bn_mish training passes vs channel-group size", env,
+        f"bf16, shape {rows[0]['shape']}; CUDA-graph device time, medians, interleaved; 'of copy' = a copy of "
+        "the same minimal bytes / the pass (forward: x in, y out; backward: x and dy in, dx out).") + [
         "| layout | pass | group budget | programs/SM | second pass | L2 hints | launches | graph ms | of copy |",
         "|---|---|---:|---:|---|---|---:|---:|---:|",
     ]
@@ -180,36 +158,16 @@ def plot(rows: list[dict], path: Path) -> None:
             budgets = sorted(best)
             ax.plot([b / 2**20 for b in budgets], [best[b] for b in budgets], marker="o",
                     label=f"{layout} {direction}")
-    ax.axhline(0.8, color="grey", linestyle="--", linewidth=1, label="target 80%")
-    ax.set_xlabel("channel-group budget, MiB (0 = one group)")
-    ax.set_ylabel("fraction of copy bandwidth (best programs/SM)")
-    ax.set_title("bn_mish training passes vs channel-group size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.finish_fraction_plot(fig, ax, path, 0.8, "channel-group budget, MiB (0 = one group)",
+                                 "fraction of copy bandwidth (best programs/SM)",
+                                 "bn_mish training passes vs channel-group size")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="smaller shape, fewer repeats")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.bn_groups: no CUDA device here; nothing measured")
-        return 0
-    device = torch.device("cuda")
-    shape = (GPU_QUICK_SHAPES if args.quick else GPU_SHAPES).bn
-    rows = measure(shape, device, repeats=10 if args.quick else 30)
-    env = harness.environment(device)
-    out = args.out or RESULTS / env["device_slug"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bn_groups.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    table = markdown(rows, env)
-    (out / "bn_groups.md").write_text(table)
-    plot(rows, out / "bn_groups.png")
-    print(table)
-    return 0
+    def measure_at(quick: bool, device: torch.device) -> list[dict]:
+        return measure((GPU_QUICK_SHAPES if quick else GPU_SHAPES).bn, device, repeats=10 if quick else 30)
+
+    return harness.sweep_main(argv, __doc__.split("\n\n")[0], "bn_groups", measure_at, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ description, time budgets and the classification of "this backend cannot run her
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -15,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -108,6 +111,77 @@ def graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callab
         torch.cuda.synchronize(device)
         return None
     return graph.replay
+
+
+def captured_under(fn: Callable[[], object], device: torch.device,
+                   setting: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], object]:
+    """``fn`` under ``setting()`` (module knobs a sweep varies): a CUDA graph captured under it, whose replays
+    keep what it set; or, off CUDA or where ``fn`` cannot be captured, a call that sets it each time."""
+    with setting():
+        replay = graph_replay(fn, device)
+    if replay is not None:
+        return replay
+
+    def call() -> object:
+        with setting():
+            return fn()
+
+    return call
+
+
+def sweep_main(argv: list[str] | None, description: str, name: str,
+               measure: Callable[[bool, torch.device], list[dict]], markdown: Callable[[list[dict], dict], str],
+               plot: Callable[[list[dict], Path], None]) -> int:
+    """The command line of a GPU-only sweep, ``python -m bench.<name> [--out DIR] [--quick]``: rows from
+    ``measure(quick, device)``, written as ``<name>.json``, ``.md`` and ``.png`` into DIR (default:
+    ``bench/results/<device>``); the table is printed. Without CUDA it says so and measures nothing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="smaller shape, fewer repeats")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"bench.{name}: no CUDA device here; nothing measured")
+        return 0
+    device = torch.device("cuda")
+    rows = measure(args.quick, device)
+    env = environment(device)
+    out = args.out or Path(__file__).resolve().parent / "results" / env["device_slug"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    table = markdown(rows, env)
+    (out / f"{name}.md").write_text(table)
+    plot(rows, out / f"{name}.png")
+    print(table)
+    return 0
+
+
+def time_beside_copy(fns: dict, num_bytes: int, device: torch.device, repeats: int) -> tuple[dict, float]:
+    """Median ms of each of a sweep's ``fns`` and of a copy of ``num_bytes`` (captured like them where it can
+    be), timed interleaved: ``({key: ms}, copy ms)``."""
+    copy = copy_fn(num_bytes, device)
+    timings = time_interleaved({**fns, "copy": graph_replay(copy, device) or copy}, device, warmup=3,
+                               repeats=repeats)
+    return {key: timings[key].median_ms for key in fns}, timings["copy"].median_ms
+
+
+def sweep_header(title: str, env: dict, what: str) -> list[str]:
+    """The first lines of a sweep's markdown: its title on the device, the versions, date and ``what``."""
+    return [f"# {title} ({env['device_name']})", "",
+            f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}; {env['date']}. {what}", ""]
+
+
+def finish_fraction_plot(fig, ax, path: Path, target: float, xlabel: str, ylabel: str, title: str) -> None:
+    """Label a sweep's chart of fractions of copy bandwidth, draw the issue's target, save it as ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _release_rng_from_capture(device: torch.device) -> None:

@@ -14,10 +14,9 @@ Writes ``mirror_tiles.json``, ``mirror_tiles.md`` and ``mirror_tiles.png`` into 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +26,6 @@ from tqdm import tqdm
 from bench import harness
 from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, fmt_shape, mirror_fuse_workload, mirror_split_workload
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 WORKLOADS = {"mirror_split": mirror_split_workload, "mirror_fuse": mirror_fuse_workload}
 
@@ -55,21 +53,6 @@ def tiling_set(tiling: Tiling) -> Iterator[None]:
         mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD = old
 
 
-def captured(fn: Callable[[], object], device: torch.device, tiling: Tiling) -> Callable[[], object]:
-    """``fn`` under ``tiling``: a CUDA graph captured under it, or (off CUDA) a call that sets it."""
-    with tiling_set(tiling):
-        fn()  # the plan and the compile, outside the capture
-        replay = harness.graph_replay(fn, device)
-    if replay is not None:
-        return replay
-
-    def call() -> object:
-        with tiling_set(tiling):
-            return fn()
-
-    return call
-
-
 def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[dict]:
     """One row per layout, op and variant (:data:`VARIANTS`), with the copy's time beside it."""
     rows = []
@@ -81,13 +64,10 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
         def fn(args: list[torch.Tensor] = args, work=work) -> object:
             return work.fn("triton", *args)
 
-        fns = {tiling: captured(fn, device, tiling) for tiling in VARIANTS}
-        copy = harness.copy_fn(work.fwd_bytes, device)
-        fns["copy"] = harness.graph_replay(copy, device) or copy
-        timings = harness.time_interleaved(fns, device, warmup=3, repeats=repeats)
-        copy_ms = timings["copy"].median_ms
-        for tiling in VARIANTS:
-            ms = timings[tiling].median_ms
+        fns = {tiling: harness.captured_under(fn, device, functools.partial(tiling_set, tiling))
+               for tiling in VARIANTS}
+        times, copy_ms = harness.time_beside_copy(fns, work.fwd_bytes, device, repeats)
+        for tiling, ms in times.items():
             rows.append({"layout": layout, "op": op, "shape": fmt_shape(shape), "tile_bytes": tiling.tile_bytes,
                          "elements_per_thread": tiling.per_thread, "graph_ms": ms, "copy_graph_ms": copy_ms,
                          "frac_copy": copy_ms / ms, "bytes": work.fwd_bytes})
@@ -95,13 +75,10 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [
-        f"# Triton mirror kernels vs tile size ({env['device_name']})",
-        "",
-        f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}; {env['date']}. bf16, shape "
-        f"{rows[0]['shape']}, forward; CUDA-graph device time, medians, interleaved; 'of copy' = a copy of "
-        "the same bytes / the op.",
-        "",
+    lines = harness.sweep_header(
+        "Triton mirror kernels vs tile size", env,
+        f"bf16, shape {rows[0]['shape']}, forward; CUDA-graph device time, medians, interleaved; 'of copy' = a "
+        "copy of the same bytes / the op.") + [
         "| layout | op | tile KiB | elements/thread | graph ms | of copy |",
         "|---|---|---:|---:|---:|---:|",
     ]
@@ -127,36 +104,15 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar([j + i * width for j in range(len(VARIANTS))], [fracs.get(tuple(t), 0.0) for t in VARIANTS],
                width, label=f"{layout} {op}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(VARIANTS))], labels)
-    ax.axhline(0.85, color="grey", linestyle="--", linewidth=1, label="target 85%")
-    ax.set_xlabel("tile KiB / elements per thread")
-    ax.set_ylabel("fraction of copy bandwidth")
-    ax.set_title("Triton mirror kernels vs tile size (forward)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.finish_fraction_plot(fig, ax, path, 0.85, "tile KiB / elements per thread",
+                                 "fraction of copy bandwidth", "Triton mirror kernels vs tile size (forward)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="smaller shape, fewer repeats")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.mirror_tiles: no CUDA device here; nothing measured")
-        return 0
-    device = torch.device("cuda")
-    shape = (GPU_QUICK_SHAPES if args.quick else GPU_SHAPES).mirror
-    rows = measure(shape, device, repeats=10 if args.quick else 30)
-    env = harness.environment(device)
-    out = args.out or RESULTS / env["device_slug"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mirror_tiles.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    table = markdown(rows, env)
-    (out / "mirror_tiles.md").write_text(table)
-    plot(rows, out / "mirror_tiles.png")
-    print(table)
-    return 0
+    def measure_at(quick: bool, device: torch.device) -> list[dict]:
+        return measure((GPU_QUICK_SHAPES if quick else GPU_SHAPES).mirror, device, repeats=10 if quick else 30)
+
+    return harness.sweep_main(argv, __doc__.split("\n\n")[0], "mirror_tiles", measure_at, markdown, plot)
 
 
 if __name__ == "__main__":

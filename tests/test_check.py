@@ -149,6 +149,31 @@ def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
         assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
 
 
+def test_sweep_command_line(tmp_path, monkeypatch):
+    """A GPU sweep's command line (``harness.sweep_main``) with CUDA faked: measures at the size asked for and
+    writes the rows, the table and the plot; without CUDA it measures nothing."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import harness
+
+    asked = []
+
+    def measure(quick, device):
+        asked.append((quick, device.type))
+        return [{"x": 1}]
+
+    def plot(rows, path):
+        path.write_text("png")
+
+    args = ("a sweep", "demo", measure, lambda rows, env: f"| {env['device_slug']} | {len(rows)} |\n", plot)
+    assert harness.sweep_main(["--out", str(tmp_path)], *args) == 0 and not asked  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "environment", lambda device: {"device_slug": "fake-gpu"})
+    assert harness.sweep_main(["--out", str(tmp_path), "--quick"], *args) == 0
+    assert asked == [(True, "cuda")]
+    assert json.loads((tmp_path / "demo.json").read_text())["rows"] == [{"x": 1}]
+    assert (tmp_path / "demo.md").read_text() == "| fake-gpu | 1 |\n" and (tmp_path / "demo.png").exists()
+
+
 def test_report_targets_on_device_time(monkeypatch):
     """Rows that carry CUDA-graph device times get the same targets on them, beside the eager ones."""
     monkeypatch.syspath_prepend(str(REPO))
