@@ -552,8 +552,13 @@ def _merged_stride(dims: Sequence[tuple[int, int]]) -> int | None:
 
 def view_strides(t: torch.Tensor, merge_n: bool) -> tuple[int, int, int] | None:
     """``(s_a, s_c, s_b)`` of ``t`` [N, C, H, W] as [A, C, B] (A = 1 when ``merge_n``, else N), or None."""
-    n, _, h, w = t.shape
-    sn, sc, sh, sw = t.stride()
+    return _view_strides(t.shape, t.stride(), merge_n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _view_strides(shape: torch.Size, stride: tuple[int, ...], merge_n: bool) -> tuple[int, int, int] | None:
+    n, _, h, w = shape
+    sn, sc, sh, sw = stride
     s_b = _merged_stride([(n, sn), (h, sh), (w, sw)] if merge_n else [(h, sh), (w, sw)])
     if s_b is None:
         return None
@@ -763,6 +768,9 @@ def _prepare(x: torch.Tensor, inputs: Sequence[torch.Tensor | None], output: tor
     """A plan for ``x``, ``inputs`` and ``output``. Tensors that fit no common plan are replaced: inputs by
     copies laid out like ``x``, ``output`` (also when it overlaps an input other than exactly) by a new
     tensor, which the caller then copies into the original."""
+    plan = make_plan(x, [*inputs, output])
+    if plan is not None and (output is None or not _overlaps_inexactly(output, [x, *inputs])):
+        return plan, x, list(inputs), output  # the common case, one plan look-up (host time per call)
     dense = _memory_format(x)
     if make_plan(x) is None:
         x = x.contiguous(memory_format=dense)
