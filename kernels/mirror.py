@@ -38,9 +38,10 @@ from .launch import cdiv, next_power_of_2
 
 _INT32_MAX = 2**31 - 1
 # GPU tiles: bytes of output per program, "along" when the split axis is the contiguous one (NCHW split
-# along W) and "across" otherwise (channels_last), and elements per thread (so warps = elements / (32 * this),
-# at most 8). Measured on an H200 (python -m bench.mirror_tiles, [64, 256, 64, 64] bf16 forward): 8 KiB best
-# along (fuse 10% faster than 4 KiB, split even), 4 KiB best across (split 10%, fuse 45% faster than 8 KiB).
+# along W) and "across" otherwise (channels_last; also NCHW split along H, not measured), and elements per
+# thread (so warps = elements / (32 * this), at most 8). Measured on an H200 (python -m bench.mirror_tiles,
+# [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best along (fuse 10% faster than 4 KiB, split even),
+# 4 KiB best across in channels_last (split 10%, fuse 45% faster than 8 KiB).
 TILE_BYTES = {"along": 8192, "across": 4096}
 ELEMENTS_PER_THREAD = 16
 

@@ -212,6 +212,30 @@ def test_vectorised_mirrored_reads(shape: list[int], overlap: float, dtype: torc
     assert_bit_exact(out_grad, ref_grad, "split backward")
 
 
+@pytest.mark.parametrize("tiling", [None, (4096, 16), (32768, 16), (8192, 8), (8192, 32)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_tile_plans_run_bit_exact(layout: torch.memory_format, dtype: torch.dtype, tiling: tuple | None,
+                                      monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """The tiles a GPU gets (the defaults, 8 KiB along the split axis and 4 KiB across it, and the other
+    tilings bench.mirror_tiles sweeps), run here under the interpreter: several tiles per sample, split and
+    fuse bit-exact. (The interpreter otherwise plans its own large tiles.)"""
+    monkeypatch.setattr(kernels, "triton_interpreted", lambda: False)
+    if tiling is not None:
+        monkeypatch.setattr(kernels, "TILE_BYTES", {"along": tiling[0], "across": tiling[0]})
+        monkeypatch.setattr(kernels, "ELEMENTS_PER_THREAD", tiling[1])
+    x = to_layout(torch.randn(2, 96, 8, 40, device=device, dtype=dtype), layout)
+    length, width = 40, split_width(40, 0.25)
+    y = poison(to_layout(torch.empty(4, 96, 8, width, device=device, dtype=dtype), layout))
+    plan = kernels._plan(x, y, -1, 2, length, width, False)
+    assert plan.grid[0] >= 2 * 2, plan  # several tiles per sample
+    kernels.split(x, y, length, width, -1, True, halve=False)
+    assert_bit_exact(y, reference.mirror_split(x, 0.25, -1, True))
+    out = poison(torch.empty_like(x))
+    kernels.fuse_part(y, out, length, width, -1, True, mean=True)
+    assert_bit_exact(out, reference.mirror_fuse([y], length, 0.25, -1, True, "mean"))
+
+
 @pytest.mark.parametrize("force_int64", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_launchers_write_only_their_output(layout: torch.memory_format, force_int64: bool,
