@@ -1,10 +1,11 @@
-"""The Triton mirror kernels against their tile size and warps per tile (GPU only).
+"""The Triton mirror kernels against their GPU tiling (GPU only).
 
 ``mirror_split`` and ``mirror_fuse`` forward at the ops suite's mirror shape (bf16, split along W, mirrored,
 the suite's overlap), NCHW and channels_last, each captured in a CUDA graph (device time alone) with
-``TILE_BYTES`` (both entries) and ``ELEMENTS_PER_THREAD`` of :mod:`cspmirror.kernels.mirror` set to each
-variant: tile sizes from 4 to 32 KiB at 16 elements per thread, and 8 or 32 elements per thread at 8 KiB.
-Variants and a device copy of the same bytes are timed interleaved.
+:data:`cspmirror.kernels.mirror.TILING` set to each variant: the defaults; 4, 8 and 16 KiB tiles whatever the
+split axis; 8 elements per thread; flat tiles (no idle lanes on rows of P = 40); mirrored reads element-wise
+instead of vector groups flipped in registers; and both of the last two. Variants and a device copy of the same
+bytes are timed interleaved.
 
     python -m bench.mirror_tiles [--out DIR] [--quick]
 
@@ -18,7 +19,6 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -28,29 +28,29 @@ from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, fmt_shape, mirror_fuse_wor
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 WORKLOADS = {"mirror_split": mirror_split_workload, "mirror_fuse": mirror_fuse_workload}
-
-
-class Tiling(NamedTuple):
-    """What one variant sets: the mirror kernels' ``TILE_BYTES`` and ``ELEMENTS_PER_THREAD``."""
-
-    tile_bytes: int
-    per_thread: int
-
-
-VARIANTS = [Tiling(b, 16) for b in (4096, 8192, 16384, 32768)] + [Tiling(8192, 8), Tiling(8192, 32)]
+# label -> the fields of the defaults (``TILING``) that the variant changes
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "4K": {"along": 4096, "across": 4096},
+    "8K": {"along": 8192, "across": 8192},
+    "16K": {"along": 16384, "across": 16384},
+    "8/thread": {"per_thread": 8},
+    "flat": {"flat": True},
+    "element-wise flip": {"flip_in_registers": False},
+    "flat, element-wise flip": {"flat": True, "flip_in_registers": False},
+}
 
 
 @contextlib.contextmanager
-def tiling_set(tiling: Tiling) -> Iterator[None]:
+def tiling_set(changes: dict) -> Iterator[None]:
     from cspmirror.kernels import mirror
 
-    old = mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD
-    mirror.TILE_BYTES = {"along": tiling.tile_bytes, "across": tiling.tile_bytes}
-    mirror.ELEMENTS_PER_THREAD = tiling.per_thread
+    old = mirror.TILING
+    mirror.TILING = old._replace(**changes)
     try:
         yield
     finally:
-        mirror.TILE_BYTES, mirror.ELEMENTS_PER_THREAD = old
+        mirror.TILING = old
 
 
 def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[dict]:
@@ -64,27 +64,36 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
         def fn(args: list[torch.Tensor] = args, work=work) -> object:
             return work.fn("triton", *args)
 
-        fns = {tiling: harness.captured_under(fn, device, functools.partial(tiling_set, tiling))
-               for tiling in VARIANTS}
+        fns = {label: harness.captured_under(fn, device, functools.partial(tiling_set, changes))
+               for label, changes in VARIANTS.items()}
         times, copy_ms = harness.time_beside_copy(fns, work.fwd_bytes, device, repeats)
-        for tiling, ms in times.items():
-            rows.append({"layout": layout, "op": op, "shape": fmt_shape(shape), "tile_bytes": tiling.tile_bytes,
-                         "elements_per_thread": tiling.per_thread, "graph_ms": ms, "copy_graph_ms": copy_ms,
+        for label, ms in times.items():
+            rows.append({"layout": layout, "op": op, "shape": fmt_shape(shape), "variant": label,
+                         "tiling": _tiling_of(label), "graph_ms": ms, "copy_graph_ms": copy_ms,
                          "frac_copy": copy_ms / ms, "bytes": work.fwd_bytes})
     return rows
 
 
+def _tiling_of(label: str) -> dict:
+    from cspmirror.kernels import mirror
+
+    return mirror.TILING._replace(**VARIANTS[label])._asdict()
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = harness.sweep_header(
-        "Triton mirror kernels vs tile size", env,
+        "Triton mirror kernels vs tiling", env,
         f"bf16, shape {rows[0]['shape']}, forward; CUDA-graph device time, medians, interleaved; 'of copy' = a "
         "copy of the same bytes / the op.") + [
-        "| layout | op | tile KiB | elements/thread | graph ms | of copy |",
-        "|---|---|---:|---:|---:|---:|",
+        "| layout | op | variant | tile KiB along / across | elements/thread | flat | flip in registers | graph ms "
+        "| of copy |",
+        "|---|---|---|---:|---:|---|---|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['layout']} | {r['op']} | {r['tile_bytes'] // 1024} | {r['elements_per_thread']} | "
-                     f"{r['graph_ms']:.4f} | {r['frac_copy']:.0%} |")
+        t = r["tiling"]
+        lines.append(f"| {r['layout']} | {r['op']} | {r['variant']} | {t['along'] // 1024} / {t['across'] // 1024} | "
+                     f"{t['per_thread']} | {t['flat']} | {t['flip_in_registers']} | {r['graph_ms']:.4f} | "
+                     f"{r['frac_copy']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,17 +104,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{t.tile_bytes // 1024}K/{t.per_thread}" for t in VARIANTS]
+    labels = list(VARIANTS)
     jobs = sorted({(r["layout"], r["op"]) for r in rows})
     width = 0.8 / len(jobs)
     for i, (layout, op) in enumerate(jobs):
-        fracs = {(r["tile_bytes"], r["elements_per_thread"]): r["frac_copy"] for r in rows
-                 if r["layout"] == layout and r["op"] == op}
-        ax.bar([j + i * width for j in range(len(VARIANTS))], [fracs.get(tuple(t), 0.0) for t in VARIANTS],
+        fracs = {r["variant"]: r["frac_copy"] for r in rows if r["layout"] == layout and r["op"] == op}
+        ax.bar([j + i * width for j in range(len(labels))], [fracs.get(label, 0.0) for label in labels],
                width, label=f"{layout} {op}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(VARIANTS))], labels)
-    harness.finish_fraction_plot(fig, ax, path, 0.85, "tile KiB / elements per thread",
-                                 "fraction of copy bandwidth", "Triton mirror kernels vs tile size (forward)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=20, ha="right")
+    harness.finish_fraction_plot(fig, ax, path, 0.85, "tiling variant", "fraction of copy bandwidth",
+                                 "Triton mirror kernels vs tiling (forward)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,15 @@
 
 Both kernels walk their OUTPUT in its physical order: dim 0 is the batch, dims 1..3 are the output's other
 dims sorted by stride (d3 is the contiguous one: W for NCHW, C for channels_last). Each program owns one
-batch index and one [B1, B2, B3] tile of dims 1..3, so there is no per-element division; the input is read
+batch index and one [B1, B2, B3] tile of dims 1..3, so there is no per-element division (``Tiling.flat``
+instead numbers dims 1..3 as one flat index in tiles of B3, so that no lane idles where a dim is not a power
+of two, e.g. NCHW rows of P = 40; a division per group of lanes finds the indices); the input is read
 through its own strides (permuted into the same order), and the flip and the overlap are index arithmetic on
 whichever of dims 1..3 is the split axis (``SPLIT_DIM``). Loads and stores along d3 vectorise where strides
 allow (see ``ALIGN``). Dim 3 is indexed in groups of ALIGN lanes: a mirrored read along a contiguous split
 axis (NCHW, axis=-1) reads each group forwards, vectorised, and reverses it in registers (:func:`_flip_lanes`),
-where an element-wise backwards read would be scalar.
+where an element-wise backwards read would be scalar (``Tiling.flip_in_registers``; :data:`TILING` holds the
+GPU tiling knobs).
 
 - split: ``y[n] = x[n]`` read at ``j`` (part 1) and at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2);
   one program writes the tile of both parts, so the overlap's second read comes from the cache. One read and
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,13 +41,23 @@ from cspmirror.backends import triton_interpreted
 from .launch import cdiv, next_power_of_2
 
 _INT32_MAX = 2**31 - 1
-# GPU tiles: bytes of output per program, "along" when the split axis is the contiguous one (NCHW split
-# along W) and "across" otherwise (channels_last; also NCHW split along H, not measured), and elements per
-# thread (so warps = elements / (32 * this), at most 8). Measured on an H200 (python -m bench.mirror_tiles,
-# [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best along (fuse 10% faster than 4 KiB, split even),
-# 4 KiB best across in channels_last (split 10%, fuse 45% faster than 8 KiB).
-TILE_BYTES = {"along": 8192, "across": 4096}
-ELEMENTS_PER_THREAD = 16
+
+
+class Tiling(NamedTuple):
+    """How the GPU walks the output (the interpreter plans its own large tiles)."""
+
+    along: int  # bytes of output per program when the split axis is the contiguous one (NCHW split along W)
+    across: int  # the same otherwise (channels_last; also NCHW split along H, not measured)
+    per_thread: int  # elements per thread: warps = elements / (32 * this), at most 8
+    flat: bool  # number dims 1..3 as one flat index (see the module doc) instead of [B1, B2, B3] tiles
+    flip_in_registers: bool  # mirrored reads along the contiguous dim: vector loads flipped in registers, or
+    # reversed element-wise loads
+
+
+# Measured on an H200 (python -m bench.mirror_tiles, [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best
+# along (fuse 10% faster than 4 KiB, split even), 4 KiB best across in channels_last (split 10%, fuse 45% faster
+# than 8 KiB), 16 elements per thread. Flat tiles and element-wise mirrored reads: not measured yet.
+TILING = Tiling(along=8192, across=4096, per_thread=16, flat=False, flip_in_registers=True)
 
 
 @triton.jit
@@ -117,6 +131,25 @@ def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _flat_tile(t, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+    """Tile ``t`` of dims 1..3 numbered as one flat index in their physical order, as :func:`_tile` gives its
+    indices but shaped [1, 1, B3 / V, 1] (lane: [1, 1, 1, V]), and the flat index of each group. V divides
+    size3, so a group never straddles two rows."""
+    flat = t * B3 + tl.arange(0, B3 // V) * V
+    lane = tl.arange(0, V)
+    if INT64:
+        flat = flat.to(tl.int64)
+        lane = lane.to(tl.int64)
+    plane = size2 * size3
+    i1 = flat // plane
+    rest = flat - i1 * plane
+    i2 = rest // size3
+    group = rest - i2 * size3
+    return (i1[None, None, :, None], i2[None, None, :, None], group[None, None, :, None], lane[None, None, None, :],
+            flat[None, None, :, None])
+
+
+@triton.jit
 def _program_tile(tiles1, tiles2, tiles3, INT64: tl.constexpr):
     """(batch index, t1, t2, t3) of this program; the innermost tile varies fastest."""
     pid = tl.program_id(0)
@@ -133,12 +166,16 @@ def _program_tile(tiles1, tiles2, tiles3, INT64: tl.constexpr):
 
 @triton.jit
 def _program_indices(tiles1, tiles2, tiles3, size1, size2, size3, B1: tl.constexpr, B2: tl.constexpr,
-                     B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
-    """This program's batch index, its tile's indices (see :func:`_tile`) and the mask of the tile's
-    positions inside sizes 1..3."""
+                     B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr, FLAT: tl.constexpr):
+    """This program's batch index, its tile's indices (see :func:`_tile`, or :func:`_flat_tile` when FLAT) and
+    the mask of the tile's positions inside sizes 1..3."""
     n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
-    i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, V, INT64)
-    mask = (i1 < size1) & (i2 < size2) & (group + lane < size3)
+    if FLAT:
+        i1, i2, group, lane, flat = _flat_tile(t3, size2, size3, B3, V, INT64)
+        mask = flat + lane < size1 * size2 * size3
+    else:
+        i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, V, INT64)
+        mask = (i1 < size1) & (i2 < size2) & (group + lane < size3)
     return n, i1, i2, group, lane, mask
 
 
@@ -159,15 +196,16 @@ def _flip_lanes(v, V: tl.constexpr):
 
 
 @triton.jit
-def _mirrored_load(base, i1, i2, group, lane, s1, s2, s3, start, mask, SPLIT_DIM: tl.constexpr, V: tl.constexpr):
+def _mirrored_load(base, i1, i2, group, lane, s1, s2, s3, start, mask, SPLIT_DIM: tl.constexpr, V: tl.constexpr,
+                   FLIP: tl.constexpr):
     """Load ``base`` at split-axis index ``start - j`` for each tile position (j its split-axis index), 0 where
     masked.
 
-    Along dim 3 (the contiguous one) a backwards read would be scalar; instead each group of V lanes reads
+    Along dim 3 (the contiguous one) a backwards read would be scalar; with FLIP, each group of V lanes reads
     its V elements forwards, from ``start - (group + V - 1)`` on, and flips them in registers. ``mask`` must
     be uniform over each group (the launcher makes V divide L and P).
     """
-    if SPLIT_DIM == 3:
+    if SPLIT_DIM == 3 and FLIP:
         ahead = (start - (V - 1)) - group + lane
         v = tl.load(base + (i1 * s1 + i2 * s2 + ahead * s3), mask=mask, other=0.0)
         v = _flip_lanes(v, V)
@@ -180,13 +218,14 @@ def _mirrored_load(base, i1, i2, group, lane, s1, s2, s3, start, mask, SPLIT_DIM
 
 @triton.jit
 def _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, start, length, width,
-                FLIP: tl.constexpr, SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr,
-                SOFT_BF16: tl.constexpr, V: tl.constexpr):
-    """Copy one tile of one part: ``y = x`` read at ``start + j`` (or ``start - j`` when FLIP)."""
+                MIRRORED: tl.constexpr, SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr,
+                SOFT_BF16: tl.constexpr, V: tl.constexpr, FLIP: tl.constexpr):
+    """Copy one tile of one part: ``y = x`` read at ``start + j`` (or ``start - j`` when MIRRORED; FLIP: see
+    :func:`_mirrored_load`)."""
     i3 = group + lane
     j = _pick(i1, i2, i3, SPLIT_DIM)
-    if FLIP:
-        v = _mirrored_load(x_base, i1, i2, group, lane, xs1, xs2, xs3, start, mask, SPLIT_DIM, V)
+    if MIRRORED:
+        v = _mirrored_load(x_base, i1, i2, group, lane, xs1, xs2, xs3, start, mask, SPLIT_DIM, V, FLIP)
         src = start - j
     else:
         src = start + j
@@ -206,7 +245,7 @@ def mirror_split_kernel(
     tiles1, tiles2, tiles3,
     SPLIT_DIM: tl.constexpr, MIRROR: tl.constexpr, HALVE: tl.constexpr, ALIGN: tl.constexpr,
     INT64: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
-    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, FLAT: tl.constexpr, FLIP: tl.constexpr,
 ):
     """y [2N, ...] = mirror_split(x [N, ...]); sizes and strides are in y's physical order (see module doc).
 
@@ -225,20 +264,20 @@ def mirror_split_kernel(
         length *= ALIGN
         width *= ALIGN
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
-                                                    B1, B2, B3, ALIGN, INT64)
+                                                    B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane
     x_base = x_ptr + n * xs0
     y_ptrs = y_ptr + n * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
     # Both parts of the tile in one program: the overlap's second read hits the cache.
     _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, 0, length, width,
-                False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
+                False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
     y_ptrs += n_half * ys0
     if MIRROR:
         _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - 1, length, width,
-                    True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
+                    True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
     else:
         _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - width, length, width,
-                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN)
+                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
 
 
 @triton.jit
@@ -250,7 +289,7 @@ def mirror_fuse_kernel(
     tiles1, tiles2, tiles3,
     SPLIT_DIM: tl.constexpr, MIRROR: tl.constexpr, MEAN: tl.constexpr, ALIGN: tl.constexpr,
     INT64: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
-    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, FLAT: tl.constexpr, FLIP: tl.constexpr,
 ):
     """out [N, C_k, ...] (a channel slice) = mirror_fuse of one part [2N, C_k, ...]; sizes and strides in
     out's physical order, row quantities divided by ALIGN as in :func:`mirror_split_kernel`."""
@@ -265,7 +304,7 @@ def mirror_fuse_kernel(
         length *= ALIGN
         width *= ALIGN
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
-                                                    B1, B2, B3, ALIGN, INT64)
+                                                    B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane
     pos = _pick(i1, i2, i3, SPLIT_DIM)
     in_first = pos < width
@@ -275,7 +314,7 @@ def mirror_fuse_kernel(
     second_base = p_ptr + (n + n_half) * ps0
     if MIRROR:
         b = _mirrored_load(second_base, i1, i2, group, lane, ps1, ps2, ps3, length - 1, mask & in_second,
-                           SPLIT_DIM, ALIGN)
+                           SPLIT_DIM, ALIGN, FLIP)
     else:
         src2 = pos - (length - width)
         b = tl.load(second_base + _offsets(i1, i2, i3, ps1, ps2, ps3, src2, SPLIT_DIM),
@@ -352,41 +391,48 @@ def _plan(inp: torch.Tensor, out: torch.Tensor, axis: int, batch: int, length: i
     call is what a user waits for, and working the plan out again costs more than the launch itself."""
     return _cached_plan(tuple(inp.shape), inp.stride(), tuple(out.shape), out.stride(), inp.dtype,
                         inp.element_size(), axis % 4, batch, length, width, force_int64, triton_interpreted(),
-                        ((TILE_BYTES["along"], TILE_BYTES["across"]), ELEMENTS_PER_THREAD))
+                        TILING)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shape: tuple[int, ...],
                  out_stride: tuple[int, ...], dtype: torch.dtype, element_size: int, axis: int, batch: int,
-                 length: int, width: int, force_int64: bool, interpreted: bool,
-                 tiling: tuple[tuple[int, int], int]) -> _Plan:
+                 length: int, width: int, force_int64: bool, interpreted: bool, tiling: Tiling) -> _Plan:
     order = _physical_order(out_stride)
     sizes = [out_shape[d] for d in order[1:]]
     in_strides, out_strides = _strides(in_shape, in_stride, order), _strides(out_shape, out_stride, order)
     split_dim = order.index(axis)
-    # Big tiles in the interpreter, where each program costs Python time.
-    (along, across), per_thread = tiling
-    tile_bytes = along if split_dim == 3 else across
-    max_elems = 8192 if interpreted else max(1024, tile_bytes // element_size)
-    blocks = _blocks(sizes, max_elems)
-    tiles = tuple(cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
     row_values = in_strides[:3] + out_strides[:3] + [sizes[2]]
     if split_dim == 3:
         row_values += [length, width]
     a = _pow2_divisor(row_values, max(1, 16 // element_size))
-    padded = [2 * batch] + [t * b for t, b in zip(tiles, blocks, strict=True)]
+    # Big tiles in the interpreter, where each program costs Python time.
+    tile_bytes = tiling.along if split_dim == 3 else tiling.across
+    max_elems = 8192 if interpreted else max(1024, tile_bytes // element_size)
+    if tiling.flat:
+        flat = sizes[0] * sizes[1] * sizes[2]
+        blocks = (1, 1, max(a, min(next_power_of_2(flat), max_elems)))
+        tiles = (1, 1, cdiv(flat, blocks[2]))
+        # Masked lanes of the last tile reach past the last row of dim 1 (and the flat index past the sizes).
+        padded = [2 * batch, cdiv(tiles[2] * blocks[2], sizes[1] * sizes[2]), sizes[1], sizes[2]]
+        flat_reach = tiles[2] * blocks[2]
+    else:
+        blocks = _blocks(sizes, max_elems)
+        tiles = tuple(cdiv(s, b) for s, b in zip(sizes, blocks, strict=True))
+        padded = [2 * batch] + [t * b for t, b in zip(tiles, blocks, strict=True)]
+        flat_reach = 0
     # On the split axis the input index is start +- j with |start| < L, in masked lanes too.
     in_extents = list(padded)
     in_extents[split_dim] += length
-    int64 = force_int64 or max(_span(in_extents, in_strides), _span(padded, out_strides)) > _INT32_MAX
-    num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // (32 * per_thread)))
+    int64 = force_int64 or max(_span(in_extents, in_strides), _span(padded, out_strides), flat_reach) > _INT32_MAX
+    num_warps = max(1, min(8, blocks[0] * blocks[1] * blocks[2] // (32 * tiling.per_thread)))
     soft_bf16 = interpreted and dtype == torch.bfloat16
     # Row quantities are passed divided by ALIGN (the kernels multiply them back; see mirror_split_kernel).
     row = [length // a, width // a] if split_dim == 3 else [length, width]
     args = (row + sizes[:2] + [sizes[2] // a] + [s // a for s in in_strides[:3]] + [in_strides[3]]
             + [s // a for s in out_strides[:3]] + [out_strides[3]] + list(tiles))
     meta = dict(SPLIT_DIM=split_dim, ALIGN=a, INT64=int64, SOFT_BF16=soft_bf16, B1=blocks[0], B2=blocks[1],
-                B3=blocks[2], num_warps=num_warps)
+                B3=blocks[2], FLAT=tiling.flat, FLIP=tiling.flip_in_registers, num_warps=num_warps)
     programs = batch * tiles[0] * tiles[1] * tiles[2]
     if programs > _INT32_MAX:
         raise ValueError(f"tensor too large for the mirror kernels ({programs} tiles)")

@@ -135,13 +135,17 @@ def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
     mirror_tiles.plot(rows, tmp_path / "mirror_tiles.png")
     assert (tmp_path / "mirror_tiles.png").stat().st_size > 0
     monkeypatch.setattr(mirror, "triton_interpreted", lambda: False)
-    for tiling in mirror_tiles.VARIANTS:  # a bf16 split of [2, 64, 64, 64] along W, planned for a GPU
-        with mirror_tiles.tiling_set(tiling):
+    for changes in mirror_tiles.VARIANTS.values():  # a bf16 split of [2, 64, 64, 64] along W, planned for a GPU
+        with mirror_tiles.tiling_set(changes):
+            tiling = mirror.TILING
             plan = mirror._plan(torch.empty(2, 64, 64, 64, dtype=torch.bfloat16),
                                 torch.empty(4, 64, 64, 40, dtype=torch.bfloat16), 3, 2, 64, 40, False)
-        elements = tiling.tile_bytes // 2
+        assert tiling == mirror.TILING._replace(**changes) != mirror.TILING or not changes
+        elements = tiling.along // 2
         assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
+        assert (plan.blocks[:2] == (1, 1)) == tiling.flat
         assert plan.num_warps == min(8, elements // (32 * tiling.per_thread))
+        assert (plan.meta["FLAT"], plan.meta["FLIP"]) == (tiling.flat, tiling.flip_in_registers)
     x = torch.empty(2, 64, 64, 64, dtype=torch.bfloat16)  # the defaults: 8 KiB along W, 4 KiB across it
     for layout, elements in ((torch.contiguous_format, 4096), (torch.channels_last, 2048)):
         x, y = x.contiguous(memory_format=layout), torch.empty(4, 64, 64, 40, dtype=torch.bfloat16)

@@ -4,8 +4,9 @@ The interpreter checks what the kernels compute, not whether the compiler accept
 splits and joins, vector widths). Here the launchers run on CPU tensors with ``JITFunction.run`` replaced by an
 ahead-of-time compile for sm_90, specialised exactly as a launch would be (alignment and divisibility of the
 arguments), down to a cubin. Checked: every kernel compiles, the mirror kernels' loads and stores at the
-benchmark layout are all 16-byte vectors (the mirrored part too), the implicit-GEMM conv multiplies on
-Hopper's wgmma from operands copied 16 bytes at a time (bf16 and tf32), and nothing spills to local memory.
+benchmark layout are all 16-byte vectors (the mirrored part too, flat tiles too), the implicit-GEMM conv
+multiplies on Hopper's wgmma from operands copied 16 bytes at a time (bf16 and tf32), and nothing spills to
+local memory.
 
 The test session runs Triton's interpreter (conftest), under which ``@triton.jit`` gives interpreted functions
 and the launchers plan for the interpreter; so the compile runs in a fresh process without it (this file,
@@ -74,12 +75,14 @@ def _report() -> dict:
 
     JITFunction.run = run
     bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
-    for dtype in (torch.float32, torch.bfloat16):  # W = 64, P = 40: 16-byte rows in both dtypes
-        for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.empty(2, 8, 4, 64, dtype=dtype).contiguous(memory_format=layout)
-            y = torch.empty(4, 8, 4, 40, dtype=dtype).contiguous(memory_format=layout)
-            mirror.split(x, y, 64, 40, -1, True, halve=False)
-            mirror.fuse_part(y, torch.empty_like(x), 64, 40, -1, True, mean=True)
+    for flat in (False, True):  # the default tiles, then flat ones
+        mirror.TILING = mirror.TILING._replace(flat=flat)
+        for dtype in (torch.float32, torch.bfloat16):  # W = 64, P = 40: 16-byte rows in both dtypes
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(2, 8, 4, 64, dtype=dtype).contiguous(memory_format=layout)
+                y = torch.empty(4, 8, 4, 40, dtype=dtype).contiguous(memory_format=layout)
+                mirror.split(x, y, 64, 40, -1, True, halve=False)
+                mirror.fuse_part(y, torch.empty_like(x), 64, 40, -1, True, mean=True)
     x = torch.empty(4, 16, 8, 8, dtype=torch.bfloat16)
     ones, zeros = torch.ones(16), torch.zeros(16)
     mean, var = bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))

@@ -212,23 +212,31 @@ def test_vectorised_mirrored_reads(shape: list[int], overlap: float, dtype: torc
     assert_bit_exact(out_grad, ref_grad, "split backward")
 
 
-@pytest.mark.parametrize("tiling", [None, (4096, 16), (32768, 16), (8192, 8), (8192, 32)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_gpu_tile_plans_run_bit_exact(layout: torch.memory_format, dtype: torch.dtype, tiling: tuple | None,
+GPU_TILINGS = [  # every value of every knob that bench.mirror_tiles sweeps, with the defaults
+    {}, {"along": 4096, "across": 4096}, {"along": 16384, "across": 16384}, {"per_thread": 8},
+    {"flat": True}, {"flip_in_registers": False}, {"flat": True, "flip_in_registers": False, "per_thread": 8},
+]
+
+
+@pytest.mark.parametrize("tiling", GPU_TILINGS, ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()) or "default")
+@pytest.mark.parametrize(("layout", "dtype", "length"), [
+    pytest.param(torch.contiguous_format, torch.float16, 64, id="nchw"),
+    pytest.param(torch.channels_last, torch.float32, 40, id="nhwc"),
+])
+def test_gpu_tile_plans_run_bit_exact(layout: torch.memory_format, dtype: torch.dtype, length: int, tiling: dict,
                                       monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
-    """The tiles a GPU gets (the defaults, 8 KiB along the split axis and 4 KiB across it, and the other
-    tilings bench.mirror_tiles sweeps), run here under the interpreter: several tiles per sample, split and
-    fuse bit-exact. (The interpreter otherwise plans its own large tiles.)"""
+    """The tiles a GPU gets (the defaults, and the other tilings bench.mirror_tiles sweeps: tile sizes,
+    elements per thread, flat tiles, element-wise mirrored reads), run here under the interpreter: several
+    tiles per sample, split and fuse bit-exact; NCHW mirrored along the contiguous axis in vector groups
+    (W = 64, rows of P = 40), channels_last across it. (The interpreter otherwise plans its own large tiles.)"""
     monkeypatch.setattr(kernels, "triton_interpreted", lambda: False)
-    if tiling is not None:
-        monkeypatch.setattr(kernels, "TILE_BYTES", {"along": tiling[0], "across": tiling[0]})
-        monkeypatch.setattr(kernels, "ELEMENTS_PER_THREAD", tiling[1])
-    x = to_layout(torch.randn(2, 96, 8, 40, device=device, dtype=dtype), layout)
-    length, width = 40, split_width(40, 0.25)
-    y = poison(to_layout(torch.empty(4, 96, 8, width, device=device, dtype=dtype), layout))
-    plan = kernels._plan(x, y, -1, 2, length, width, False)
-    assert plan.grid[0] >= 2 * 2, plan  # several tiles per sample
+    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(**tiling))
+    x = to_layout(torch.randn(1, 32, 8, length, device=device, dtype=dtype), layout)
+    length, width = x.shape[-1], split_width(x.shape[-1], 0.25)
+    y = poison(to_layout(x.new_empty(2, 32, 8, width), layout))
+    plan = kernels._plan(x, y, -1, 1, length, width, False)
+    assert plan.grid[0] >= 2, plan  # several tiles per sample
+    assert plan.align == (8 if layout == torch.contiguous_format else 4), plan  # vector groups
     kernels.split(x, y, length, width, -1, True, halve=False)
     assert_bit_exact(y, reference.mirror_split(x, 0.25, -1, True))
     out = poison(torch.empty_like(x))
@@ -389,8 +397,13 @@ def test_gpu_big_shapes(dtype: torch.dtype, device: torch.device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiling", [{}, {"flat": True}, {"flip_in_registers": False}], ids=["default", "flat",
+                                                                                          "element_wise_flip"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gpu_benchmark_shape(layout: torch.memory_format, device: torch.device) -> None:
+def test_gpu_benchmark_shape(layout: torch.memory_format, tiling: dict, monkeypatch: pytest.MonkeyPatch,
+                             device: torch.device) -> None:
+    """The benchmark shape, split and fused, bit-exact with the default tiling and the untried ones."""
+    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(**tiling))
     x = to_layout(torch.randn(64, 256, 64, 64, device=device, dtype=torch.bfloat16), layout)
     y = ops.mirror_split(x, backend="triton")
     assert_bit_exact(y, reference.mirror_split(x))
