@@ -52,6 +52,23 @@ def assert_within_torch_error(out: torch.Tensor, ref64: torch.Tensor, torch_same
                           f"(max of {floor:.1g} and 2 x PyTorch's {torch_err:.3g} + 1e-6)")
 
 
+class Checks:
+    """Runs several comparisons and fails once, at :meth:`done`, listing every one that failed (so that one
+    GPU run shows them all, not only the first)."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def __call__(self, check, *args, **kwargs) -> None:
+        try:
+            check(*args, **kwargs)
+        except AssertionError as exc:
+            self.failures.append(str(exc).split("\n")[0])
+
+    def done(self) -> None:
+        assert not self.failures, f"{len(self.failures)} comparison(s) failed:\n" + "\n".join(self.failures)
+
+
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN so that unwritten elements fail any comparison."""
     return t.fill_(float("nan"))
