@@ -94,7 +94,19 @@ def markdown(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['layout']} | {r['op']} | {r['variant']} | {t['along'] // 1024} / {t['across'] // 1024} | "
                      f"{t['per_thread']} | {t['flat']} | {t['flip_in_registers']} | {r['graph_ms']:.4f} | "
                      f"{r['frac_copy']:.0%} |")
+    lines += ["", "Fastest per layout (split + fuse time; the defaults' sum beside):", ""]
+    lines += [f"- {layout}: {label} {total:.4f} ms (default {default:.4f} ms)"
+              for layout, (label, total, default) in fastest(rows).items()]
     return "\n".join(lines) + "\n"
+
+
+def fastest(rows: list[dict]) -> dict[str, tuple[str, float, float]]:
+    """Per layout: the variant with the least split + fuse time, that time, and the defaults'."""
+    totals: dict[str, dict[str, float]] = {}
+    for r in rows:
+        per_variant = totals.setdefault(r["layout"], {})
+        per_variant[r["variant"]] = per_variant.get(r["variant"], 0.0) + r["graph_ms"]
+    return {layout: (min(t, key=t.get), min(t.values()), t["default"]) for layout, t in totals.items()}
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -131,7 +131,14 @@ def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
 
     rows = mirror_tiles.measure((1, 2, 4, 8), torch.device("cpu"), repeats=1)
     assert len(rows) == 4 * len(mirror_tiles.VARIANTS) and all(r["graph_ms"] > 0 for r in rows)
-    assert mirror_tiles.markdown(rows, harness.environment("cpu")).count("\n| nhwc |") == 2 * len(mirror_tiles.VARIANTS)
+    md = mirror_tiles.markdown(rows, harness.environment("cpu"))
+    assert md.count("\n| nhwc |") == 2 * len(mirror_tiles.VARIANTS) and md.count("\n- nchw: ") == 1
+    best = mirror_tiles.fastest(rows)
+    for layout, (label, total, default) in best.items():
+        sums = [sum(r["graph_ms"] for r in rows if r["layout"] == layout and r["variant"] == v)
+                for v in mirror_tiles.VARIANTS]
+        assert total == pytest.approx(min(sums)) and default == pytest.approx(sums[0])
+        assert sums[list(mirror_tiles.VARIANTS).index(label)] == pytest.approx(total)
     mirror_tiles.plot(rows, tmp_path / "mirror_tiles.png")
     assert (tmp_path / "mirror_tiles.png").stat().st_size > 0
     monkeypatch.setattr(mirror, "triton_interpreted", lambda: False)
