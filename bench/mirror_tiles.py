@@ -4,7 +4,8 @@
 the suite's overlap), NCHW and channels_last, each captured in a CUDA graph (device time alone) with
 :data:`cspmirror.kernels.mirror.TILING` set to each variant: the defaults; 4, 8 and 16 KiB tiles whatever the
 split axis; 8 elements per thread; flat tiles (no idle lanes on rows of P = 40); mirrored reads element-wise
-instead of vector groups flipped in registers; and both of the last two. Variants and a device copy of the same
+instead of vector groups flipped in registers; and both of the last two; the split reading both parts before
+writing either, with the default and with flat tiles. Variants and a device copy of the same
 bytes are timed interleaved.
 
     python -m bench.mirror_tiles [--out DIR] [--quick]
@@ -38,6 +39,8 @@ VARIANTS: dict[str, dict] = {
     "flat": {"flat": True},
     "element-wise flip": {"flip_in_registers": False},
     "flat, element-wise flip": {"flat": True, "flip_in_registers": False},
+    "split loads first": {"split_loads_first": True},
+    "flat, split loads first": {"flat": True, "split_loads_first": True},
 }
 
 
@@ -85,19 +88,24 @@ def markdown(rows: list[dict], env: dict) -> str:
         "Triton mirror kernels vs tiling", env,
         f"bf16, shape {rows[0]['shape']}, forward; CUDA-graph device time, medians, interleaved; 'of copy' = a "
         "copy of the same bytes / the op.") + [
-        "| layout | op | variant | tile KiB along / across | elements/thread | flat | flip in registers | graph ms "
-        "| of copy |",
-        "|---|---|---|---:|---:|---|---|---:|---:|",
+        "| layout | op | variant | tiling | graph ms | of copy |",
+        "|---|---|---|---|---:|---:|",
     ]
     for r in rows:
-        t = r["tiling"]
-        lines.append(f"| {r['layout']} | {r['op']} | {r['variant']} | {t['along'] // 1024} / {t['across'] // 1024} | "
-                     f"{t['per_thread']} | {t['flat']} | {t['flip_in_registers']} | {r['graph_ms']:.4f} | "
+        lines.append(f"| {r['layout']} | {r['op']} | {r['variant']} | {_describe(r['tiling'])} | {r['graph_ms']:.4f} | "
                      f"{r['frac_copy']:.0%} |")
     lines += ["", "Fastest per layout (split + fuse time; the defaults' sum beside):", ""]
     lines += [f"- {layout}: {label} {total:.4f} ms (default {default:.4f} ms)"
               for layout, (label, total, default) in fastest(rows).items()]
     return "\n".join(lines) + "\n"
+
+
+def _describe(tiling: dict) -> str:
+    """E.g. ``8/4 KiB, 16/thread, rows, flip in registers, read-write-read-write``."""
+    return (f"{tiling['along'] // 1024}/{tiling['across'] // 1024} KiB, {tiling['per_thread']}/thread, "
+            f"{'flat' if tiling['flat'] else 'rows'}, "
+            f"{'flip in registers' if tiling['flip_in_registers'] else 'element-wise flip'}, "
+            f"{'reads first' if tiling['split_loads_first'] else 'read-write-read-write'}")
 
 
 def fastest(rows: list[dict]) -> dict[str, tuple[str, float, float]]:

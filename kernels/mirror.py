@@ -52,12 +52,15 @@ class Tiling(NamedTuple):
     flat: bool  # number dims 1..3 as one flat index (see the module doc) instead of [B1, B2, B3] tiles
     flip_in_registers: bool  # mirrored reads along the contiguous dim: vector loads flipped in registers, or
     # reversed element-wise loads
+    split_loads_first: bool  # the split reads both parts before it writes either (else: read, write, read, write)
 
 
 # Measured on an H200 (python -m bench.mirror_tiles, [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best
 # along (fuse 10% faster than 4 KiB, split even), 4 KiB best across in channels_last (split 10%, fuse 45% faster
-# than 8 KiB), 16 elements per thread. Flat tiles and element-wise mirrored reads: not measured yet.
-TILING = Tiling(along=8192, across=4096, per_thread=16, flat=False, flip_in_registers=True)
+# than 8 KiB), 16 elements per thread. Flat tiles, element-wise mirrored reads and the split's reads first: not
+# measured yet.
+TILING = Tiling(along=8192, across=4096, per_thread=16, flat=False, flip_in_registers=True,
+                split_loads_first=False)
 
 
 @triton.jit
@@ -217,11 +220,11 @@ def _mirrored_load(base, i1, i2, group, lane, s1, s2, s3, start, mask, SPLIT_DIM
 
 
 @triton.jit
-def _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, start, length, width,
+def _split_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, start, length, width,
                 MIRRORED: tl.constexpr, SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr,
                 SOFT_BF16: tl.constexpr, V: tl.constexpr, FLIP: tl.constexpr):
-    """Copy one tile of one part: ``y = x`` read at ``start + j`` (or ``start - j`` when MIRRORED; FLIP: see
-    :func:`_mirrored_load`)."""
+    """One tile of one part: ``x`` read at ``start + j`` (or ``start - j`` when MIRRORED; FLIP: see
+    :func:`_mirrored_load`), the overlap halved when HALVE."""
     i3 = group + lane
     j = _pick(i1, i2, i3, SPLIT_DIM)
     if MIRRORED:
@@ -233,7 +236,21 @@ def _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, start,
     if HALVE:
         in_overlap = (src >= length - width) & (src < width)
         v = tl.where(in_overlap, _round(_widen(v, COMPUTE, SOFT_BF16) * 0.5, v.dtype, SOFT_BF16), v)
-    tl.store(y_ptrs, v, mask=mask)
+    return v
+
+
+@triton.jit
+def _second_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length, width, MIRROR: tl.constexpr,
+                 SPLIT_DIM: tl.constexpr, HALVE: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                 V: tl.constexpr, FLIP: tl.constexpr):
+    """:func:`_split_part` of the second part: from the end, mirrored or not."""
+    if MIRROR:
+        v = _split_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length - 1, length, width,
+                        True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, V, FLIP)
+    else:
+        v = _split_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length - width, length, width,
+                        False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, V, FLIP)
+    return v
 
 
 @triton.jit
@@ -246,6 +263,7 @@ def mirror_split_kernel(
     SPLIT_DIM: tl.constexpr, MIRROR: tl.constexpr, HALVE: tl.constexpr, ALIGN: tl.constexpr,
     INT64: tl.constexpr, COMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, FLAT: tl.constexpr, FLIP: tl.constexpr,
+    LOADS_FIRST: tl.constexpr,
 ):
     """y [2N, ...] = mirror_split(x [N, ...]); sizes and strides are in y's physical order (see module doc).
 
@@ -269,15 +287,17 @@ def mirror_split_kernel(
     x_base = x_ptr + n * xs0
     y_ptrs = y_ptr + n * ys0 + (i1 * ys1 + i2 * ys2 + i3 * ys3)
     # Both parts of the tile in one program: the overlap's second read hits the cache.
-    _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, 0, length, width,
-                False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
-    y_ptrs += n_half * ys0
-    if MIRROR:
-        _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - 1, length, width,
-                    True, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
+    first = _split_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, 0, length, width,
+                        False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
+    if LOADS_FIRST:  # both reads in flight at once (the compiler cannot move a load above a store)
+        second = _second_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length, width, MIRROR,
+                              SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
+        tl.store(y_ptrs, first, mask=mask)
     else:
-        _split_part(x_base, y_ptrs, mask, i1, i2, group, lane, xs1, xs2, xs3, length - width, length, width,
-                    False, SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
+        tl.store(y_ptrs, first, mask=mask)
+        second = _second_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length, width, MIRROR,
+                              SPLIT_DIM, HALVE, COMPUTE, SOFT_BF16, ALIGN, FLIP)
+    tl.store(y_ptrs + n_half * ys0, second, mask=mask)
 
 
 @triton.jit
@@ -351,6 +371,7 @@ class _Plan:
     args: tuple[int, ...]  # the kernels' integer arguments after ``n_half``
     meta: dict = field(hash=False)  # their constexpr and launch options
     grid: tuple[int]
+    split_loads_first: bool  # the split kernel's own constexpr
 
 
 def _physical_order(stride: tuple[int, ...]) -> list[int]:
@@ -437,7 +458,7 @@ def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shap
     if programs > _INT32_MAX:
         raise ValueError(f"tensor too large for the mirror kernels ({programs} tiles)")
     return _Plan(tuple(sizes), tuple(in_strides), tuple(out_strides), split_dim, blocks, tiles, a, int64,
-                 soft_bf16, num_warps, tuple(args), meta, (programs,))
+                 soft_bf16, num_warps, tuple(args), meta, (programs,), tiling.split_loads_first)
 
 
 def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -467,7 +488,7 @@ def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, 
     with _on_device(x):
         mirror_split_kernel[plan.grid](
             x, y, n, *plan.args, MIRROR=bool(mirror), HALVE=bool(halve), COMPUTE=_compute_dtype(x.dtype),
-            **plan.meta)
+            LOADS_FIRST=plan.split_loads_first, **plan.meta)
 
 
 def fuse_part(part: torch.Tensor, out: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
