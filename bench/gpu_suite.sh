@@ -163,7 +163,7 @@ step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pyt
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@"
 step ops "$(cap 130)" "exec $SUITE --suite ops"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
-step mirror_tiles "$(cap 40)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
+step mirror_tiles "$(cap 60)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
 step models "$(cap 60)" "exec $SUITE --suite models"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
 
