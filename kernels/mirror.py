@@ -134,22 +134,26 @@ def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _flat_tile(t, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
-    """Tile ``t`` of dims 1..3 numbered as one flat index in their physical order, as :func:`_tile` gives its
-    indices but shaped [1, 1, B3 / V, 1] (lane: [1, 1, 1, V]), and the flat index of each group. V divides
-    size3, so a group never straddles two rows."""
+def _flat_tile(t, size1, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+    """Tile ``t`` of dims 1..3 numbered as one flat index in their physical order: the indices as :func:`_tile`
+    gives them, but shaped [1, 1, B3 / V, 1] (lane: [1, 1, 1, V]), and the mask of the positions inside the
+    sizes. V divides size3, so a group never straddles two rows."""
     flat = t * B3 + tl.arange(0, B3 // V) * V
     lane = tl.arange(0, V)
     if INT64:
         flat = flat.to(tl.int64)
         lane = lane.to(tl.int64)
+        size1 = size1.to(tl.int64)
+        size2 = size2.to(tl.int64)
+        size3 = size3.to(tl.int64)
     plane = size2 * size3
     i1 = flat // plane
     rest = flat - i1 * plane
     i2 = rest // size3
     group = rest - i2 * size3
+    mask = flat[:, None] + lane[None, :] < size1 * plane
     return (i1[None, None, :, None], i2[None, None, :, None], group[None, None, :, None], lane[None, None, None, :],
-            flat[None, None, :, None])
+            mask[None, None, :, :])
 
 
 @triton.jit
@@ -174,8 +178,7 @@ def _program_indices(tiles1, tiles2, tiles3, size1, size2, size3, B1: tl.constex
     the mask of the tile's positions inside sizes 1..3."""
     n, t1, t2, t3 = _program_tile(tiles1, tiles2, tiles3, INT64)
     if FLAT:
-        i1, i2, group, lane, flat = _flat_tile(t3, size2, size3, B3, V, INT64)
-        mask = flat + lane < size1 * size2 * size3
+        i1, i2, group, lane, mask = _flat_tile(t3, size1, size2, size3, B3, V, INT64)
     else:
         i1, i2, group, lane = _tile(t1, t2, t3, B1, B2, B3, V, INT64)
         mask = (i1 < size1) & (i2 < size2) & (group + lane < size3)

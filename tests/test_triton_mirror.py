@@ -245,12 +245,14 @@ def test_gpu_tile_plans_run_bit_exact(layout: torch.memory_format, dtype: torch.
     assert_bit_exact(out, reference.mirror_fuse([y], length, 0.25, -1, True, "mean"))
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["rows", "flat"])
 @pytest.mark.parametrize("force_int64", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_launchers_write_only_their_output(layout: torch.memory_format, force_int64: bool,
-                                           device: torch.device) -> None:
+def test_launchers_write_only_their_output(layout: torch.memory_format, force_int64: bool, flat: bool,
+                                           monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
     """Kernels launched directly into NaN-filled slices of bigger buffers: every element of the slice is
-    written, nothing around it is; 64-bit offsets (forced) give the same bits."""
+    written, nothing around it is; 64-bit offsets (forced) give the same bits; with row tiles and flat ones."""
+    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(flat=flat))
     x = to_layout(torch.randn(3, 4, 6, 9, device=device, dtype=torch.float16), layout)
     length, width = 9, split_width(9, 0.25)
     y_buf = poison(to_layout(torch.empty(6, 6, 6, width + 2, device=device, dtype=x.dtype), layout))
