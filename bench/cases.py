@@ -80,8 +80,10 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------ workloads
 
 
-def mirror_split_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Workload:
-    x = torch.randn(*shape, device=device, dtype=dtype)
+def mirror_split_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype,
+                          layout: torch.memory_format = torch.contiguous_format) -> Workload:
+    """x [N, C, H, W] split along W (mirrored), in ``layout``."""
+    x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     n, c, h, w = shape
     y_numel = 2 * n * c * h * split_width(w)
 
@@ -92,11 +94,14 @@ def mirror_split_workload(shape: Sequence[int], device: torch.device, dtype: tor
     return Workload(fn, (x,), moved, moved, grad_args=(0,))
 
 
-def mirror_fuse_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Workload:
-    """Two parts [2N, C/2, H, P] (bypass and processed halves of a stage) fused into [N, C, H, W]."""
+def mirror_fuse_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype,
+                         layout: torch.memory_format = torch.contiguous_format) -> Workload:
+    """Two parts [2N, C/2, H, P] (bypass and processed halves of a stage) fused into [N, C, H, W], in
+    ``layout``."""
     n, c, h, w = shape
     p = split_width(w)
-    parts = [torch.randn(2 * n, c // 2, h, p, device=device, dtype=dtype) for _ in range(2)]
+    parts = [torch.randn(2 * n, c // 2, h, p, device=device, dtype=dtype).contiguous(memory_format=layout)
+             for _ in range(2)]
 
     def fn(backend: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return ops.mirror_fuse([a, b], w, OVERLAP, -1, True, "sum", backend=backend)
@@ -268,9 +273,12 @@ def op_cases(shapes: Shapes, max_layers: int | None = None, compile_layers: int 
     """Every fused op, forward and backward where defined, then the model's conv layers (heaviest first;
     the ``compile_layers`` most representative ones also get the torch.compile baseline)."""
     m, b = shapes.mirror, shapes.bn
+    cl = torch.channels_last
     cases = [
         OpCase("mirror_split", fmt_shape(m), lambda d, t: mirror_split_workload(m, d, t)),
         OpCase("mirror_fuse", fmt_shape(m), lambda d, t: mirror_fuse_workload(m, d, t)),
+        OpCase("mirror_split", f"{fmt_shape(m)} channels_last", lambda d, t: mirror_split_workload(m, d, t, cl)),
+        OpCase("mirror_fuse", f"{fmt_shape(m)} channels_last", lambda d, t: mirror_fuse_workload(m, d, t, cl)),
         OpCase("bn_mish_train", fmt_shape(b), lambda d, t: bn_mish_workload(b, d, t, True)),
         OpCase("bn_mish_eval", fmt_shape(b), lambda d, t: bn_mish_workload(b, d, t, False), ("fwd",)),
     ]

@@ -61,11 +61,10 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
     rows = []
     jobs = [(layout, op) for layout in LAYOUTS for op in WORKLOADS]
     for layout, op in tqdm(jobs, desc="mirror tiles", mininterval=10):
-        work = WORKLOADS[op](shape, device, torch.bfloat16)
-        args = [a.contiguous(memory_format=LAYOUTS[layout]) for a in work.args]
+        work = WORKLOADS[op](shape, device, torch.bfloat16, LAYOUTS[layout])
 
-        def fn(args: list[torch.Tensor] = args, work=work) -> object:
-            return work.fn("triton", *args)
+        def fn(work=work) -> object:
+            return work.fn("triton", *work.args)
 
         fns = {label: harness.captured_under(fn, device, functools.partial(tiling_set, changes))
                for label, changes in VARIANTS.items()}

@@ -201,27 +201,28 @@ def target_rows(ops_rows: Sequence[dict]) -> list[dict]:
     def select(op: str, d: str, v: str) -> list[dict]:
         return [r for r in ok if r["op"] == op and r["direction"] == d and r["variant"] == v]
 
+    def measured(op: str, d: str, v: str, metric: str) -> list[tuple[str, float | None, str, float | None]]:
+        """(where, value, where on device time, value on device time): one per shape, or one over the conv
+        layers (time-weighted)."""
+        mine = select(op, d, v)
+        if op != "conv_bn_mish":
+            return [(r["shape"], r.get(metric), r["shape"], r.get(f"{metric}_graph")) for r in mine]
+        if not mine:
+            return []
+        base = select(op, d, CONV_BASELINES[metric])
+        (value, n), (graph_value, n_graph) = weighted_speedup(mine, base), weighted_speedup(mine, base, "graph_ms")
+        return [(f"{n} layers, time-weighted", value, f"{n_graph} layers, time-weighted", graph_value)]
+
     out = []
     for ops_, directions, metric, bound in TARGETS:
         for v, op, d in ((v, op, d) for v in variants for op in ops_ for d in directions):
-            mine = select(op, d, v)
-            if not mine:
-                continue
-            if op == "conv_bn_mish":
-                base = select(op, d, CONV_BASELINES[metric])
-                value, n = weighted_speedup(mine, base)
-                where = f"{n} layers, time-weighted"
-                graph_value, n_graph = weighted_speedup(mine, base, "graph_ms")
-                graph_where = f"{n_graph} layers, time-weighted"
-            else:
-                value, where = mine[0].get(metric), mine[0]["shape"]
-                graph_value, graph_where = mine[0].get(f"{metric}_graph"), where
-            out.append({"variant": v, "op": op, "dir": d, "metric": METRIC_NAMES[metric], "where": where,
-                        "target": bound, "measured": value, "met": None if value is None else value >= bound})
-            if graph_value is not None:  # the same target on device time, where the rows have it
-                out.append({"variant": v, "op": op, "dir": d, "metric": METRIC_NAMES[f"{metric}_graph"],
-                            "where": graph_where, "target": bound, "measured": graph_value,
-                            "met": graph_value >= bound})
+            for where, value, graph_where, graph_value in measured(op, d, v, metric):
+                out.append({"variant": v, "op": op, "dir": d, "metric": METRIC_NAMES[metric], "where": where,
+                            "target": bound, "measured": value, "met": None if value is None else value >= bound})
+                if graph_value is not None:  # the same target on device time, where the rows have it
+                    out.append({"variant": v, "op": op, "dir": d, "metric": METRIC_NAMES[f"{metric}_graph"],
+                                "where": graph_where, "target": bound, "measured": graph_value,
+                                "met": graph_value >= bound})
     return out
 
 

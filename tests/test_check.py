@@ -202,6 +202,11 @@ def test_report_targets_on_device_time(monkeypatch):
     assert ("of copy bandwidth, device time (CUDA graph)", 0.9) in {(m, round(v, 6)) for m, v in targets}
     assert ("speed-up vs torch.compile, device time (CUDA graph)", 2.0) in targets
     assert "of copy bw (graph)" in report.markdown_table(rows, report.OPS_COLUMNS)
+    # one target row per shape (the mirror ops are timed in both layouts)
+    cl = "64x256x64x64 channels_last"
+    rows += ops_suite.derive([row("copy", 0.10, 0.09, shape=cl), row("triton", 0.20, 0.10, shape=cl)])
+    copy_fracs = {t["where"]: t["measured"] for t in report.target_rows(rows) if t["metric"] == "of copy bandwidth"}
+    assert copy_fracs == {"64x256x64x64": 0.25, cl: 0.5}
     # conv layers: time-weighted over the layers (count in the model), device time where both have it
     conv = [row("eager_cbm", 1.0, 0.8, "conv_bn_mish", "a", 3), row("triton", 2.0, 0.4, "conv_bn_mish", "a", 3),
             row("eager_cbm", 1.0, None, "conv_bn_mish", "b"), row("triton", 1.0, 0.5, "conv_bn_mish", "b")]
