@@ -2,7 +2,7 @@
 
 ``mirror_split`` and ``mirror_fuse`` forward at the ops suite's mirror shape (bf16, split along W, mirrored,
 the suite's overlap), NCHW and channels_last, each captured in a CUDA graph (device time alone) with
-:data:`cspmirror.kernels.mirror.TILING` set to each variant: the defaults; 4, 8 and 16 KiB tiles whatever the
+:data:`cspmirror.kernels.mirror.TILINGS` set to each variant: the defaults; 4, 8 and 16 KiB tiles whatever the
 split axis; 8 elements per thread; flat tiles (no idle lanes on rows of P = 40); mirrored reads element-wise
 instead of vector groups flipped in registers; and both of the last two; the split reading both parts before
 writing either, with the default and with flat tiles. Variants and a device copy of the same
@@ -29,12 +29,12 @@ from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, fmt_shape, mirror_fuse_wor
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 WORKLOADS = {"mirror_split": mirror_split_workload, "mirror_fuse": mirror_fuse_workload}
-# label -> the fields of the defaults (``TILING``) that the variant changes
+# label -> the fields of every entry of the defaults (``TILINGS``) that the variant changes
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "4K": {"along": 4096, "across": 4096},
-    "8K": {"along": 8192, "across": 8192},
-    "16K": {"along": 16384, "across": 16384},
+    "4K": {"tile_bytes": 4096},
+    "8K": {"tile_bytes": 8192},
+    "16K": {"tile_bytes": 16384},
     "8/thread": {"per_thread": 8},
     "flat": {"flat": True},
     "element-wise flip": {"flip_in_registers": False},
@@ -42,18 +42,20 @@ VARIANTS: dict[str, dict] = {
     "split loads first": {"split_loads_first": True},
     "flat, split loads first": {"flat": True, "split_loads_first": True},
 }
+# The kind of call (an entry of TILINGS) each layout makes when split along W
+KIND = {"nchw": "along", "nhwc": "across"}
 
 
 @contextlib.contextmanager
 def tiling_set(changes: dict) -> Iterator[None]:
     from cspmirror.kernels import mirror
 
-    old = mirror.TILING
-    mirror.TILING = old._replace(**changes)
+    old = mirror.TILINGS
+    mirror.TILINGS = mirror.tilings_with(**changes)
     try:
         yield
     finally:
-        mirror.TILING = old
+        mirror.TILINGS = old
 
 
 def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[dict]:
@@ -71,15 +73,16 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
         times, copy_ms = harness.time_beside_copy(fns, work.fwd_bytes, device, repeats)
         for label, ms in times.items():
             rows.append({"layout": layout, "op": op, "shape": fmt_shape(shape), "variant": label,
-                         "tiling": _tiling_of(label), "graph_ms": ms, "copy_graph_ms": copy_ms,
+                         "tiling": _tiling_of(label, layout), "graph_ms": ms, "copy_graph_ms": copy_ms,
                          "frac_copy": copy_ms / ms, "bytes": work.fwd_bytes})
     return rows
 
 
-def _tiling_of(label: str) -> dict:
+def _tiling_of(label: str, layout: str) -> dict:
+    """The tiling variant ``label`` gives a call in ``layout``."""
     from cspmirror.kernels import mirror
 
-    return mirror.TILING._replace(**VARIANTS[label])._asdict()
+    return mirror.tilings_with(**VARIANTS[label])[KIND[layout]]._asdict()
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -93,15 +96,16 @@ def markdown(rows: list[dict], env: dict) -> str:
     for r in rows:
         lines.append(f"| {r['layout']} | {r['op']} | {r['variant']} | {_describe(r['tiling'])} | {r['graph_ms']:.4f} | "
                      f"{r['frac_copy']:.0%} |")
-    lines += ["", "Fastest per layout (split + fuse time; the defaults' sum beside):", ""]
+    lines += ["", "Fastest per layout (split + fuse time; the defaults' sum beside; nchw sets TILINGS['along'], "
+              "nhwc TILINGS['across']):", ""]
     lines += [f"- {layout}: {label} {total:.4f} ms (default {default:.4f} ms)"
               for layout, (label, total, default) in fastest(rows).items()]
     return "\n".join(lines) + "\n"
 
 
 def _describe(tiling: dict) -> str:
-    """E.g. ``8/4 KiB, 16/thread, rows, flip in registers, read-write-read-write``."""
-    return (f"{tiling['along'] // 1024}/{tiling['across'] // 1024} KiB, {tiling['per_thread']}/thread, "
+    """E.g. ``8 KiB, 16/thread, rows, flip in registers, read-write-read-write``."""
+    return (f"{tiling['tile_bytes'] // 1024} KiB, {tiling['per_thread']}/thread, "
             f"{'flat' if tiling['flat'] else 'rows'}, "
             f"{'flip in registers' if tiling['flip_in_registers'] else 'element-wise flip'}, "
             f"{'reads first' if tiling['split_loads_first'] else 'read-write-read-write'}")

@@ -9,7 +9,7 @@ through its own strides (permuted into the same order), and the flip and the ove
 whichever of dims 1..3 is the split axis (``SPLIT_DIM``). Loads and stores along d3 vectorise where strides
 allow (see ``ALIGN``). Dim 3 is indexed in groups of ALIGN lanes: a mirrored read along a contiguous split
 axis (NCHW, axis=-1) reads each group forwards, vectorised, and reverses it in registers (:func:`_flip_lanes`),
-where an element-wise backwards read would be scalar (``Tiling.flip_in_registers``; :data:`TILING` holds the
+where an element-wise backwards read would be scalar (``Tiling.flip_in_registers``; :data:`TILINGS` holds the
 GPU tiling knobs).
 
 - split: ``y[n] = x[n]`` read at ``j`` (part 1) and at ``L - P + j`` or, mirrored, ``L - 1 - j`` (part 2);
@@ -44,10 +44,9 @@ _INT32_MAX = 2**31 - 1
 
 
 class Tiling(NamedTuple):
-    """How the GPU walks the output (the interpreter plans its own large tiles)."""
+    """How the GPU walks the output of one kind of call (the interpreter plans its own large tiles)."""
 
-    along: int  # bytes of output per program when the split axis is the contiguous one (NCHW split along W)
-    across: int  # the same otherwise (channels_last; also NCHW split along H, not measured)
+    tile_bytes: int  # bytes of output per program
     per_thread: int  # elements per thread: warps = elements / (32 * this), at most 8
     flat: bool  # number dims 1..3 as one flat index (see the module doc) instead of [B1, B2, B3] tiles
     flip_in_registers: bool  # mirrored reads along the contiguous dim: vector loads flipped in registers, or
@@ -55,12 +54,20 @@ class Tiling(NamedTuple):
     split_loads_first: bool  # the split reads both parts before it writes either (else: read, write, read, write)
 
 
-# Measured on an H200 (python -m bench.mirror_tiles, [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best
-# along (fuse 10% faster than 4 KiB, split even), 4 KiB best across in channels_last (split 10%, fuse 45% faster
-# than 8 KiB), 16 elements per thread. Flat tiles, element-wise mirrored reads and the split's reads first: not
-# measured yet.
-TILING = Tiling(along=8192, across=4096, per_thread=16, flat=False, flip_in_registers=True,
-                split_loads_first=False)
+# The tiling per kind of call: "along" when the split axis is the contiguous one (NCHW split along W), "across"
+# otherwise (channels_last; also NCHW split along H, not measured). Measured on an H200 (python -m
+# bench.mirror_tiles, [64, 256, 64, 64] bf16 forward, split along W): 8 KiB best along (fuse 10% faster than
+# 4 KiB, split even), 4 KiB best across in channels_last (split 10%, fuse 45% faster than 8 KiB), 16 elements
+# per thread. Flat tiles, element-wise mirrored reads and the split's reads first: not measured yet.
+TILINGS = {
+    "along": Tiling(tile_bytes=8192, per_thread=16, flat=False, flip_in_registers=True, split_loads_first=False),
+    "across": Tiling(tile_bytes=4096, per_thread=16, flat=False, flip_in_registers=True, split_loads_first=False),
+}
+
+
+def tilings_with(**changes: object) -> dict[str, Tiling]:
+    """:data:`TILINGS` with ``changes`` (fields of :class:`Tiling`) made to every kind of call."""
+    return {kind: tiling._replace(**changes) for kind, tiling in TILINGS.items()}
 
 
 @triton.jit
@@ -415,13 +422,14 @@ def _plan(inp: torch.Tensor, out: torch.Tensor, axis: int, batch: int, length: i
     call is what a user waits for, and working the plan out again costs more than the launch itself."""
     return _cached_plan(tuple(inp.shape), inp.stride(), tuple(out.shape), out.stride(), inp.dtype,
                         inp.element_size(), axis % 4, batch, length, width, force_int64, triton_interpreted(),
-                        TILING)
+                        (TILINGS["along"], TILINGS["across"]))
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shape: tuple[int, ...],
                  out_stride: tuple[int, ...], dtype: torch.dtype, element_size: int, axis: int, batch: int,
-                 length: int, width: int, force_int64: bool, interpreted: bool, tiling: Tiling) -> _Plan:
+                 length: int, width: int, force_int64: bool, interpreted: bool,
+                 tilings: tuple[Tiling, Tiling]) -> _Plan:
     order = _physical_order(out_stride)
     sizes = [out_shape[d] for d in order[1:]]
     in_strides, out_strides = _strides(in_shape, in_stride, order), _strides(out_shape, out_stride, order)
@@ -430,9 +438,9 @@ def _cached_plan(in_shape: tuple[int, ...], in_stride: tuple[int, ...], out_shap
     if split_dim == 3:
         row_values += [length, width]
     a = _pow2_divisor(row_values, max(1, 16 // element_size))
+    tiling = tilings[0] if split_dim == 3 else tilings[1]  # along, across
     # Big tiles in the interpreter, where each program costs Python time.
-    tile_bytes = tiling.along if split_dim == 3 else tiling.across
-    max_elems = 8192 if interpreted else max(1024, tile_bytes // element_size)
+    max_elems = 8192 if interpreted else max(1024, tiling.tile_bytes // element_size)
     if tiling.flat:
         flat = sizes[0] * sizes[1] * sizes[2]
         blocks = (1, 1, max(a, min(next_power_of_2(flat), max_elems)))

@@ -142,13 +142,13 @@ def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
     mirror_tiles.plot(rows, tmp_path / "mirror_tiles.png")
     assert (tmp_path / "mirror_tiles.png").stat().st_size > 0
     monkeypatch.setattr(mirror, "triton_interpreted", lambda: False)
-    for changes in mirror_tiles.VARIANTS.values():  # a bf16 split of [2, 64, 64, 64] along W, planned for a GPU
+    for changes in mirror_tiles.VARIANTS.values():  # a bf16 NCHW split of [2, 64, 64, 64] along W, for a GPU
         with mirror_tiles.tiling_set(changes):
-            tiling = mirror.TILING
+            tiling = mirror.TILINGS["along"]
             plan = mirror._plan(torch.empty(2, 64, 64, 64, dtype=torch.bfloat16),
                                 torch.empty(4, 64, 64, 40, dtype=torch.bfloat16), 3, 2, 64, 40, False)
-        assert tiling == mirror.TILING._replace(**changes) != mirror.TILING or not changes
-        elements = tiling.along // 2
+        assert tiling == mirror.TILINGS["along"]._replace(**changes)
+        elements = tiling.tile_bytes // 2
         assert plan.blocks[0] * plan.blocks[1] * plan.blocks[2] == elements
         assert (plan.blocks[:2] == (1, 1)) == tiling.flat
         assert plan.num_warps == min(8, elements // (32 * tiling.per_thread))

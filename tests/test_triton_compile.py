@@ -76,7 +76,7 @@ def _report() -> dict:
     JITFunction.run = run
     bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
     for flat in (False, True):  # the default tiling, then flat tiles with the split's reads first
-        mirror.TILING = mirror.TILING._replace(flat=flat, split_loads_first=flat)
+        mirror.TILINGS = mirror.tilings_with(flat=flat, split_loads_first=flat)
         for dtype in (torch.float32, torch.bfloat16):  # W = 64, P = 40: 16-byte rows in both dtypes
             for layout in (torch.contiguous_format, torch.channels_last):
                 x = torch.empty(2, 8, 4, 64, dtype=dtype).contiguous(memory_format=layout)

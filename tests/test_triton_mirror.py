@@ -213,7 +213,7 @@ def test_vectorised_mirrored_reads(shape: list[int], overlap: float, dtype: torc
 
 
 GPU_TILINGS = [  # every value of every knob that bench.mirror_tiles sweeps, with the defaults
-    {}, {"along": 4096, "across": 4096}, {"along": 16384, "across": 16384}, {"per_thread": 8},
+    {}, {"tile_bytes": 4096}, {"tile_bytes": 16384}, {"per_thread": 8},
     {"flat": True}, {"flip_in_registers": False}, {"flat": True, "flip_in_registers": False, "per_thread": 8},
     {"split_loads_first": True}, {"flat": True, "split_loads_first": True},
 ]
@@ -231,7 +231,7 @@ def test_gpu_tile_plans_run_bit_exact(layout: torch.memory_format, dtype: torch.
     tiles per sample, split and fuse bit-exact; NCHW mirrored along the contiguous axis in vector groups
     (W = 64, rows of P = 40), channels_last across it. (The interpreter otherwise plans its own large tiles.)"""
     monkeypatch.setattr(kernels, "triton_interpreted", lambda: False)
-    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(**tiling))
+    monkeypatch.setattr(kernels, "TILINGS", kernels.tilings_with(**tiling))
     x = to_layout(torch.randn(1, 32, 8, length, device=device, dtype=dtype), layout)
     length, width = x.shape[-1], split_width(x.shape[-1], 0.25)
     y = poison(to_layout(x.new_empty(2, 32, 8, width), layout))
@@ -252,7 +252,7 @@ def test_launchers_write_only_their_output(layout: torch.memory_format, force_in
                                            monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
     """Kernels launched directly into NaN-filled slices of bigger buffers: every element of the slice is
     written, nothing around it is; 64-bit offsets (forced) give the same bits; with row tiles and flat ones."""
-    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(flat=flat))
+    monkeypatch.setattr(kernels, "TILINGS", kernels.tilings_with(flat=flat))
     x = to_layout(torch.randn(3, 4, 6, 9, device=device, dtype=torch.float16), layout)
     length, width = 9, split_width(9, 0.25)
     y_buf = poison(to_layout(torch.empty(6, 6, 6, width + 2, device=device, dtype=x.dtype), layout))
@@ -406,7 +406,7 @@ def test_gpu_big_shapes(dtype: torch.dtype, device: torch.device) -> None:
 def test_gpu_benchmark_shape(layout: torch.memory_format, tiling: dict, monkeypatch: pytest.MonkeyPatch,
                              device: torch.device) -> None:
     """The benchmark shape, split and fused, bit-exact with the default tiling and the untried ones."""
-    monkeypatch.setattr(kernels, "TILING", kernels.TILING._replace(**tiling))
+    monkeypatch.setattr(kernels, "TILINGS", kernels.tilings_with(**tiling))
     x = to_layout(torch.randn(64, 256, 64, 64, device=device, dtype=torch.bfloat16), layout)
     y = ops.mirror_split(x, backend="triton")
     assert_bit_exact(y, reference.mirror_split(x))
