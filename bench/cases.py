@@ -120,9 +120,11 @@ def bn_params(c: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.T
     return weight, bias, mean, var
 
 
-def bn_mish_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype, training: bool) -> Workload:
-    """``bn_mish``; the running statistics are arguments too (updated in place when training)."""
-    x = torch.randn(*shape, device=device, dtype=dtype)
+def bn_mish_workload(shape: Sequence[int], device: torch.device, dtype: torch.dtype, training: bool,
+                     layout: torch.memory_format = torch.contiguous_format) -> Workload:
+    """``bn_mish`` on x in ``layout``; the running statistics are arguments too (updated in place when
+    training)."""
+    x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     weight, bias, mean, var = bn_params(shape[1], device, dtype)
 
     def fn(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,

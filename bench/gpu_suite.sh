@@ -9,7 +9,7 @@
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
 #   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension ops bn_groups
-#                            mirror_tiles models compare)
+#                            mirror_tiles models kernel_breakdown compare)
 #   PYTHON=python3           the interpreter that has torch
 #
 # OUTDIR receives at most 8 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
@@ -165,6 +165,7 @@ step ops "$(cap 130)" "exec $SUITE --suite ops"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step mirror_tiles "$(cap 60)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
 step models "$(cap 60)" "exec $SUITE --suite models"
+step kernel_breakdown "$(cap 30)" "exec $PY -m bench.kernel_breakdown --out $RES $QUICK"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
 
 # The report and the summary run in the reserve.

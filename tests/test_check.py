@@ -117,6 +117,46 @@ def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     assert (tmp_path / "bn_groups.png").stat().st_size > 0
 
 
+def test_kernel_breakdown_sweep_runs(tmp_path, monkeypatch):
+    """``python -m bench.kernel_breakdown`` (a GPU measurement) end to end on tiny shapes with the reference
+    backend and the profiler faked (it needs CUDA): a row per op, layout, direction and variant; the
+    aggregation of profiler events per call (host-side events and those without device time left out); table
+    and plot."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    from bench import harness, kernel_breakdown
+    from bench.cases import Shapes
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def fake_profile(fn, calls):
+        for _ in range(calls):
+            fn()
+        events = [SimpleNamespace(key="void stats_kernel<4>(float*)", count=2 * calls,
+                                  self_device_time_total=30.0 * calls, device_type=cuda),
+                  SimpleNamespace(key="Memset (Device)", count=calls, self_device_time_total=1.0 * calls,
+                                  device_type=cuda),
+                  SimpleNamespace(key="aten::add", count=calls, self_device_time_total=5.0, device_type=cpu),
+                  SimpleNamespace(key="cudaLaunchKernel", count=calls, self_device_time_total=0.0, device_type=cuda)]
+        return kernel_breakdown.kernel_times(events, calls)
+
+    monkeypatch.setattr(kernel_breakdown, "profile", fake_profile)
+    monkeypatch.setattr(kernel_breakdown, "VARIANTS", ("reference",))
+    rows = kernel_breakdown.measure(Shapes((1, 2, 4, 8), (2, 3, 4, 4), "cspmirrornet53", 1, 32),
+                                    torch.device("cpu"), calls=2)
+    assert len(rows) == 2 * (2 + 2 + 2 + 1)  # layouts x (split, fuse, train: fwd + bwd; eval: fwd)
+    for r in rows:
+        assert [k["kernel"] for k in r["kernels"]] == ["void stats_kernel<4>(float*)", "Memset (Device)"]
+        assert (r["total_us"], r["launches"], r["copy_us"]) == (31.0, 3.0, 31.0) and r["bytes"] > 0
+    md = kernel_breakdown.markdown(rows, harness.environment("cpu"))
+    assert md.count("\n| bn_mish_train | nhwc | bwd | reference | 31.0 | 100% | 3 | stats_kernel: 30.0 (2); "
+                    "Memset: 1.0 (1) |") == 1
+    kernel_breakdown.plot(rows, tmp_path / "kernel_breakdown.png")
+    assert (tmp_path / "kernel_breakdown.png").stat().st_size > 0
+
+
 def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
     """``python -m bench.mirror_tiles`` (a GPU measurement) end to end on a tiny shape under the interpreter,
     and each variant's tiling reaching the GPU launch plan (tile elements, warps)."""
