@@ -24,32 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-HOPPER = ("cuda", 90, 32)
+from offline_compile import InternalsDiffer, compile_for_hopper, spills
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class InternalsDiffer(Exception):
-    """Triton's launch binder is not the one this file was written against."""
-
-
-def _compile(kernel, args: tuple, kwargs: dict):
-    """Compile ``kernel`` for sm_90 as a launch with ``args`` / ``kwargs`` would specialise it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-
-    target = GPUTarget(*HOPPER)
-    backend = make_backend(target)
-    kwargs = {"debug": False, **kwargs}
-    try:
-        from triton.runtime.jit import create_function_from_signature
-
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    except (ImportError, AttributeError, TypeError) as exc:
-        raise InternalsDiffer(f"{type(exc).__name__}: {exc}") from exc
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def _report() -> dict:
@@ -61,12 +38,12 @@ def _report() -> dict:
     launches: dict[str, list[dict]] = {}
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = _compile(self, args, kwargs)
+        kernel = compile_for_hopper(self, args, kwargs)
         ptx = kernel.asm["ptx"]
         launches.setdefault(self.__name__, []).append({
             "cubin": "cubin" in kernel.asm,
             "memory_ops": sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx))),
-            "spills": bool(re.search(r"\b(?:ld|st)\.local", ptx)),
+            "spills": spills(kernel),
             "l2_hints": sorted(set(re.findall(r"L2::evict_\w+", ptx))),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
             "async_copy_sizes": sorted(set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
