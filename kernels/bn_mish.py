@@ -57,7 +57,7 @@ import triton.language as tl
 
 from cspmirror.backends import triton_interpreted
 
-from .activations import mish
+from .activations import mish, mish_grad
 from .launch import cdiv, next_power_of_2
 
 INTERPRETED = triton_interpreted()
@@ -95,24 +95,6 @@ MERGE_ROWS = 64
 
 
 # --- device code ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def mish_grad(v):
-    """``d mish / dv`` in fp32: ``t + v * sigmoid(v) * (1 - t^2)`` with ``t = tanh(softplus(v))``.
-
-    With ``e = e^v``, ``n = e (e + 2)``, ``d = n + 2``, ``s = 1 + e``: ``t = n / d``,
-    ``1 - t^2 = 4 (n + 1) / d^2`` (no cancellation near t = 1) and ``sigmoid(v) = e / s``, so
-    ``mish'(v) = (n d s + 4 v e (n + 1)) / (d^2 s)``: one division (the backward must stay memory-bound).
-    For ``v > 15`` the derivative is 1 in fp32 (``1 - t^2 < 1e-12``); clamping ``e`` there keeps ``d^2 s``
-    below 4e32. For very negative ``v``, ``e`` underflows to 0 and so does the result (no NaN).
-    """
-    e = tl.exp(tl.minimum(v, 15.0))
-    n = e * (e + 2.0)
-    d = n + 2.0
-    s = 1.0 + e
-    grad = (n * d * s + 4.0 * v * e * (n + 1.0)) / (d * d * s)
-    return tl.where(v > 15.0, 1.0, grad)
-
 
 @triton.jit
 def _tile(item, nbb, C, B, pid_c, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr):
@@ -219,8 +201,9 @@ def _channel(ptr, pid_c, C, BLOCK_C: tl.constexpr, default):
 
 @triton.jit
 def _rstd(var, eps):
-    """``1 / sqrt(var + eps)``: every kernel computes it alike, from the same fp32 var."""
-    return 1.0 / tl.sqrt(var + eps)
+    """``1 / sqrt(var + eps)``, correctly rounded (as PyTorch's): every kernel computes it alike, from the
+    same fp32 var. (The GPU's approximate square root and division would put one error on a whole channel.)"""
+    return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
@@ -332,7 +315,8 @@ def _apply_tiles(
     for i in range(start, end):
         a, c, b, mask = _tile(_nth_item(i, start, end, REVERSED), nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
         # (x - mean) first: x * scale + (b - mean * scale) would cancel for large means.
-        y = mish((_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * scale + shift)
+        y = mish((_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * scale + shift,
+                 y_ptr.dtype.element_ty.primitive_bitwidth > 16)
         if res_ptr is not None:
             y += _load(res_ptr, a, c, b, sra, src, srb, mask, EVICT)
         _store(y_ptr, a, c, b, sya, syc, syb, mask, y)
@@ -442,7 +426,8 @@ def _backward_tiles(
         a, c, b, mask = _tile(_nth_item(i, start, end, REVERSED), nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
         x_hat = (_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * rstd
         # Masked lanes load dy = 0, so g = 0 there.
-        g = _load(dy_ptr, a, c, b, sda, sdc, sdb, mask, EVICT) * mish_grad(x_hat * w + bias)
+        g = _load(dy_ptr, a, c, b, sda, sdc, sdb, mask, EVICT) * mish_grad(
+            x_hat * w + bias, x_ptr.dtype.element_ty.primitive_bitwidth > 16)
         if REDUCE:
             acc_g += g
             acc_gx += g * x_hat

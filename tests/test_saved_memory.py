@@ -119,15 +119,17 @@ def test_lone_dense_block_ratio():
     assert fused.total <= (4 / 7 + 0.01) * ref.total
 
 
-def test_recomputed_input_gives_the_same_gradients():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_recomputed_input_gives_the_same_gradients(layout):
     """conv2's backward on the recomputed x1 gives the very bits of the backward on the kept x1 (on the CPU;
-    on a GPU up to cuDNN's own run-to-run differences)."""
+    on a GPU up to cuDNN's own run-to-run differences), in either layout."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     grads = []
     for recompute in (True, False):
-        block = cspmirror.set_backend(build("dense_block").to(device), "triton")
+        block = cspmirror.set_backend(build("dense_block").to(device), "triton").to(memory_format=layout)
         block.conv2.recompute_input = recompute
-        x = torch.randn(SHAPE, device=device, generator=torch.Generator(device).manual_seed(1), requires_grad=True)
+        x = torch.randn(SHAPE, device=device, generator=torch.Generator(device).manual_seed(1))
+        x = x.contiguous(memory_format=layout).requires_grad_()
         grads.append(torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()]))
     for a, b in zip(*grads, strict=True):
         if device == "cpu":

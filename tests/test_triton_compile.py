@@ -5,8 +5,8 @@ splits and joins, vector widths). Here the launchers run on CPU tensors with ``J
 ahead-of-time compile for sm_90, specialised exactly as a launch would be (alignment and divisibility of the
 arguments), down to a cubin. Checked: every kernel compiles, the mirror kernels' loads and stores at the
 benchmark layout are all 16-byte vectors (the mirrored part too, flat tiles too), the implicit-GEMM conv
-multiplies on Hopper's wgmma from operands copied 16 bytes at a time (bf16 and tf32), and nothing spills to
-local memory.
+multiplies on Hopper's wgmma from operands copied 16 bytes at a time (bf16 and tf32), Mish in fp32 takes the
+accurate exp and half precision the fast one, and nothing spills to local memory.
 
 The test session runs Triton's interpreter (conftest), under which ``@triton.jit`` gives interpreted functions
 and the launchers plan for the interpreter; so the compile runs in a fresh process without it (this file,
@@ -48,6 +48,8 @@ def _report() -> dict:
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
             "async_copy_sizes": sorted(set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)",
                                                       ptx))),
+            "exp": sorted(set(re.findall(r"\bex2\.approx[.\w]*", ptx))),
+            "dtype": str(next(a.dtype for a in args if isinstance(a, torch.Tensor))),
         })
 
     JITFunction.run = run
@@ -60,13 +62,14 @@ def _report() -> dict:
                 y = torch.empty(4, 8, 4, 40, dtype=dtype).contiguous(memory_format=layout)
                 mirror.split(x, y, 64, 40, -1, True, halve=False)
                 mirror.fuse_part(y, torch.empty_like(x), 64, 40, -1, True, mean=True)
-    x = torch.empty(4, 16, 8, 8, dtype=torch.bfloat16)
     ones, zeros = torch.ones(16), torch.zeros(16)
-    mean, var = bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
-    bn_mish.update_running(mean, var, zeros.clone(), ones.clone(), 0.1, 256)
-    bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
-    for training in (True, False):
-        bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(4, 16, 8, 8, dtype=dtype)
+        mean, var = bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
+        bn_mish.update_running(mean, var, zeros.clone(), ones.clone(), 0.1, 256)
+        bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
+        for training in (True, False):
+            bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)
     bn_mish.L2_HINTS = {"forward": True, "backward": True}  # the training passes again, hints on in both
     bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
     bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, True, torch.empty_like(x), True)
@@ -124,6 +127,13 @@ def test_kernels_compile_for_hopper(tmp_path):
             assert r["cubin"] and not r["spills"], (name, r)
             if name.startswith("mirror_"):  # no scalar access, the mirrored reads included
                 assert set(r["memory_ops"]) <= {"ld.global.v4.b32", "st.global.v4.b32"}, (name, r)
+    # Mish in fp32: libdevice's range-reduced exp (its ex2 flushes subnormals), never the bare fast ex2 that
+    # half precision keeps (see kernels/activations.py)
+    for name in ("_train_forward_kernel", "_apply_kernel", "_backward_kernel", "_train_backward_kernel",
+                 "_conv_mish_kernel"):
+        assert {r["dtype"] for r in launches[name]} == {"torch.float32", "torch.bfloat16"}, name
+        for r in launches[name]:
+            assert r["exp"] == (["ex2.approx.ftz.f32"] if r["dtype"] == "torch.float32" else ["ex2.approx.f32"]), r
     assert len(launches["_conv_mish_kernel"]) == 2
     for r in launches["_conv_mish_kernel"]:
         assert r["wgmma"] > 0 and r["async_copy_sizes"] == ["0x10"], r

@@ -58,7 +58,11 @@ class _ConvOnRecomputed(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         x = ctx.recipe().to(ctx.dtype)
         need_x, need_w = ctx.needs_input_grad[:2]
-        # The engine casts each gradient to its input's dtype, as for autocast's own casts.
-        grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding) if need_x else None
-        grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, ctx.stride, ctx.padding) if need_w else None
+        # The very call conv2d's own backward makes, on the real x and weight: torch.nn.grad.conv2d_input /
+        # conv2d_weight pass a stride-0 stand-in for one of them, and the backend then picks its algorithm (and
+        # layout: NCHW for a channels_last model) from that, with another rounding than the reference's. The
+        # engine casts each gradient to its input's dtype, as for autocast's own casts.
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, (ctx.stride,) * 2, (ctx.padding,) * 2, (1, 1), False, (0, 0), 1,
+            (need_x, need_w, False))
         return grad_x, grad_w, None, None, None
