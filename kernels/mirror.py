@@ -78,14 +78,22 @@ def _tile(t1, t2, t3, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, V: t
     (vectorisable) read of each group, flipped in registers (see :func:`_mirrored_load`)."""
     i1 = t1 * B1 + tl.arange(0, B1)
     i2 = t2 * B2 + tl.arange(0, B2)
-    group = t3 * B3 + tl.arange(0, B3 // V) * V
-    lane = tl.arange(0, V)
     if INT64:
         i1 = i1.to(tl.int64)
         i2 = i2.to(tl.int64)
-        group = group.to(tl.int64)
-        lane = lane.to(tl.int64)
+    group, lane = _lane_groups(t3, B3, V, INT64)
     return i1[:, None, None, None], i2[None, :, None, None], group[None, None, :, None], lane[None, None, None, :]
+
+
+@triton.jit
+def _lane_groups(t, B: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+    """The first index of each group of V lanes of tile ``t`` of B indices [B / V], and the lanes [V]."""
+    first = t * B + tl.arange(0, B // V) * V
+    lane = tl.arange(0, V)
+    if INT64:
+        first = first.to(tl.int64)
+        lane = lane.to(tl.int64)
+    return first, lane
 
 
 @triton.jit
@@ -145,11 +153,8 @@ def _flat_tile(t, size1, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64:
     """Tile ``t`` of dims 1..3 numbered as one flat index in their physical order: the indices as :func:`_tile`
     gives them, but shaped [1, 1, B3 / V, 1] (lane: [1, 1, 1, V]), and the mask of the positions inside the
     sizes. V divides size3, so a group never straddles two rows."""
-    flat = t * B3 + tl.arange(0, B3 // V) * V
-    lane = tl.arange(0, V)
+    flat, lane = _lane_groups(t, B3, V, INT64)
     if INT64:
-        flat = flat.to(tl.int64)
-        lane = lane.to(tl.int64)
         size1 = size1.to(tl.int64)
         size2 = size2.to(tl.int64)
         size3 = size3.to(tl.int64)
