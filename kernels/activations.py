@@ -3,8 +3,8 @@
 Mish and its derivative are written with ``exp`` only (no libdevice tanh/log1p, which the interpreter lacks):
 ``tanh(softplus(v)) = n / (n + 2)`` with ``n = e^v (e^v + 2)``.
 
-``ACCURATE`` (the kernels set it for fp32 and fp64 tensors, ``ptr.dtype.element_ty.primitive_bitwidth > 16``,
-a compile-time constant): on the GPU ``tl.exp`` is ``ex2.approx`` of
+``OUT_DTYPE`` is the dtype the result is stored in; fp32 and fp64 get the accurate forms (``ACCURATE``): on the
+GPU ``tl.exp`` is ``ex2.approx`` of
 ``v * log2(e)``, whose relative error grows with ``|v|`` (about 1e-6 at ``|v| = 10``), and ``/`` is an
 approximate division; in fp32 that made the fused ops several times less accurate than PyTorch's, enough to
 show through a whole network's gradients. ACCURATE takes libdevice's range-reduced ``exp`` and IEEE
@@ -57,20 +57,23 @@ def _tanh_softplus(e, v, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def mish(v, ACCURATE: tl.constexpr):
-    """``v * tanh(softplus(v))`` elementwise, in ``v``'s dtype (fp32 or fp64), like ``F.mish``.
+def mish(v, OUT_DTYPE: tl.constexpr):
+    """``v * tanh(softplus(v))`` elementwise, in ``v``'s dtype (fp32 or fp64), like ``F.mish``, for a result
+    stored in OUT_DTYPE (see the module doc).
 
     ``mish(v) = v`` for ``v > 20`` (softplus's threshold), and ``e^v`` is clamped there so that nothing
     overflows to inf / NaN.
     """
+    ACCURATE: tl.constexpr = OUT_DTYPE.primitive_bitwidth > 16
     e = _exp(tl.minimum(v, 20.0), ACCURATE)
     t, _, _ = _tanh_softplus(e, v, ACCURATE)
     return tl.where(v > 20.0, v, v * t)
 
 
 @triton.jit
-def mish_grad(v, ACCURATE: tl.constexpr):
-    """``d mish / dv`` in fp32: ``t + v * sigmoid(v) * (1 - t^2)`` with ``t = tanh(softplus(v))``.
+def mish_grad(v, OUT_DTYPE: tl.constexpr):
+    """``d mish / dv`` in fp32: ``t + v * sigmoid(v) * (1 - t^2)`` with ``t = tanh(softplus(v))``, for a
+    gradient stored in OUT_DTYPE (see the module doc).
 
     With ``e = e^v``, ``n = e (e + 2)``, ``d = n + 2``, ``s = 1 + e``: ``t = n / d``,
     ``1 - t^2 = 4 (n + 1) / d^2`` (no cancellation near t = 1) and ``sigmoid(v) = e / s``, so
@@ -79,6 +82,7 @@ def mish_grad(v, ACCURATE: tl.constexpr):
     For ``v > 15`` the derivative is 1 in fp32 (``1 - t^2 < 1e-12``); clamping ``e`` there keeps ``d^2 s``
     below 4e32. For very negative ``v``, ``e`` underflows to 0 and so does the result (no NaN).
     """
+    ACCURATE: tl.constexpr = OUT_DTYPE.primitive_bitwidth > 16
     e = _exp(tl.minimum(v, 15.0), ACCURATE)
     t, n, d = _tanh_softplus(e, v, ACCURATE)
     s = 1.0 + e

@@ -316,7 +316,7 @@ def _apply_tiles(
         a, c, b, mask = _tile(_nth_item(i, start, end, REVERSED), nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
         # (x - mean) first: x * scale + (b - mean * scale) would cancel for large means.
         y = mish((_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * scale + shift,
-                 y_ptr.dtype.element_ty.primitive_bitwidth > 16)
+                 y_ptr.dtype.element_ty)
         if res_ptr is not None:
             y += _load(res_ptr, a, c, b, sra, src, srb, mask, EVICT)
         _store(y_ptr, a, c, b, sya, syc, syb, mask, y)
@@ -427,7 +427,7 @@ def _backward_tiles(
         x_hat = (_load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT) - mean) * rstd
         # Masked lanes load dy = 0, so g = 0 there.
         g = _load(dy_ptr, a, c, b, sda, sdc, sdb, mask, EVICT) * mish_grad(
-            x_hat * w + bias, x_ptr.dtype.element_ty.primitive_bitwidth > 16)
+            x_hat * w + bias, x_ptr.dtype.element_ty)
         if REDUCE:
             acc_g += g
             acc_gx += g * x_hat

@@ -131,7 +131,7 @@ def _mish_store(acc, rm, rn, M, C, HW, W, bias_ptr, res_ptr, rs_n, rs_c, rs_h, r
     mask = (rm < M)[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
-    y = mish(acc, out_ptr.dtype.element_ty.primitive_bitwidth > 16)
+    y = mish(acc, out_ptr.dtype.element_ty)
     if HAS_RES:
         res_offsets = _nchw_offsets(n, h, w, rn, rs_n, rs_c, rs_h, rs_w)
         y = y + tl.load(res_ptr + res_offsets, mask=mask, other=0.0).to(acc.dtype)
