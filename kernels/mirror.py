@@ -269,6 +269,18 @@ def _second_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length, width
 
 
 @triton.jit
+def _aligned_back(in0, in1, in2, out0, out1, out2, size3, length, width, SPLIT_DIM: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """The row quantities the launcher divided by ALIGN (strides of dims 0..2 in and out, size3, and L, P
+    when SPLIT_DIM == 3), multiplied back: the compiler then knows they are multiples of ALIGN."""
+    if SPLIT_DIM == 3:
+        length *= ALIGN
+        width *= ALIGN
+    return (in0 * ALIGN, in1 * ALIGN, in2 * ALIGN, out0 * ALIGN, out1 * ALIGN, out2 * ALIGN, size3 * ALIGN,
+            length, width)
+
+
+@triton.jit
 def mirror_split_kernel(
     x_ptr, y_ptr, n_half, length, width,
     size1, size2, size3,
@@ -286,16 +298,8 @@ def mirror_split_kernel(
     by ALIGN; multiplying back here tells the compiler they are multiples of ALIGN, which vectorises
     loads and stores along dim 3 (Triton alone only knows "multiple of 16").
     """
-    xs0 *= ALIGN
-    xs1 *= ALIGN
-    xs2 *= ALIGN
-    ys0 *= ALIGN
-    ys1 *= ALIGN
-    ys2 *= ALIGN
-    size3 *= ALIGN
-    if SPLIT_DIM == 3:
-        length *= ALIGN
-        width *= ALIGN
+    xs0, xs1, xs2, ys0, ys1, ys2, size3, length, width = _aligned_back(
+        xs0, xs1, xs2, ys0, ys1, ys2, size3, length, width, SPLIT_DIM, ALIGN)
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
                                                     B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane
@@ -328,16 +332,8 @@ def mirror_fuse_kernel(
 ):
     """out [N, C_k, ...] (a channel slice) = mirror_fuse of one part [2N, C_k, ...]; sizes and strides in
     out's physical order, row quantities divided by ALIGN as in :func:`mirror_split_kernel`."""
-    ps0 *= ALIGN
-    ps1 *= ALIGN
-    ps2 *= ALIGN
-    os0 *= ALIGN
-    os1 *= ALIGN
-    os2 *= ALIGN
-    size3 *= ALIGN
-    if SPLIT_DIM == 3:
-        length *= ALIGN
-        width *= ALIGN
+    ps0, ps1, ps2, os0, os1, os2, size3, length, width = _aligned_back(
+        ps0, ps1, ps2, os0, os1, os2, size3, length, width, SPLIT_DIM, ALIGN)
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
                                                     B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane
