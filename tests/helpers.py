@@ -35,7 +35,7 @@ def assert_within_spec(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch
     2x the error PyTorch's own eager op makes in that dtype (``torch_lowp``), + 1e-6."""
     if out.dtype in (torch.float32, torch.float64) or torch_lowp is None:
         err = rel_err(out, ref64)
-        assert err <= fp32_tol, f"{what}: rel err {err:.3g} > {fp32_tol:.1g}"
+        assert err <= fp32_tol, f"{what}: rel err {err:.3g} > {fp32_tol:.1g}; {worst_elements(out, ref64)}"
     else:
         assert_within_torch_error(out, ref64, torch_lowp, what=what)
 
@@ -49,7 +49,27 @@ def assert_within_torch_error(out: torch.Tensor, ref64: torch.Tensor, torch_same
     err, torch_err = rel_err(out, ref64), rel_err(torch_same, ref64)
     bound = max(floor, 2 * torch_err + 1e-6)
     assert err <= bound, (f"{what}: rel err {err:.3g} > {bound:.3g} "
-                          f"(max of {floor:.1g} and 2 x PyTorch's {torch_err:.3g} + 1e-6)")
+                          f"(max of {floor:.1g} and 2 x PyTorch's {torch_err:.3g} + 1e-6); "
+                          f"{worst_elements(out, ref64, torch_same)}")
+
+
+def worst_elements(out: torch.Tensor, ref64: torch.Tensor, torch_same: torch.Tensor | None = None,
+                   count: int = 3) -> str:
+    """The ``count`` elements of ``out`` farthest from ``ref64`` (non-finite ones first): index, value, the
+    reference's (and PyTorch's) value, and how many elements differ from PyTorch's. What a failure message
+    needs to tell a few gross errors from a spread of rounding-sized ones."""
+    out, ref = out.detach().double().cpu().flatten(), ref64.detach().double().cpu().flatten()
+    same = None if torch_same is None else torch_same.detach().double().cpu().flatten()
+    shape = tuple(ref64.shape)
+    worst = (out - ref).abs().nan_to_num(nan=float("inf")).topk(min(count, out.numel())).indices.tolist()
+
+    def describe(i: int) -> str:
+        index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), shape))
+        theirs = "" if same is None else f" (PyTorch {same[i].item():.6g})"
+        return f"{index}: {out[i].item():.6g} vs {ref[i].item():.6g}{theirs}"
+
+    differing = "" if same is None else f"; {int((out != same).sum())} of {out.numel()} differ from PyTorch's"
+    return "worst at " + ", ".join(describe(i) for i in worst) + differing
 
 
 class Checks:
