@@ -81,6 +81,18 @@ def check_backend(model: nn.Module, backend: str) -> None:
                     ) from exc
 
 
+def preload(model: nn.Module) -> None:
+    """Load and cache the implementations of every fused op for the backends ``model``'s cspmirror modules
+    use, on the devices its tensors are on (what :func:`check_backend` does), raising nothing: a backend that
+    cannot run says so at its first call. Then ``torch.compile(model, fullgraph=True)`` meets no import, which
+    it cannot trace, also inside ``torch.utils.checkpoint`` regions, where it cannot fill the look-up cache."""
+    for backend in {m.backend for m in model.modules() if isinstance(m, BackendMixin)}:
+        try:
+            check_backend(model, backend)
+        except BackendUnavailableError:
+            pass
+
+
 def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Run ``model``'s fused ops on ``backend``, in place; the weights (and state-dict keys) stay as they are.
 

@@ -19,18 +19,34 @@ class BackendMixin:
     backend: str = "auto"
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside autograd's backward on this thread: a recomputation, as by
+    ``torch.utils.checkpoint`` (never under ``torch.compile``, whose backward graphs do not run modules)."""
+    if torch.compiler.is_compiling():
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # private; present since torch 2.0
+    return task_id is not None and task_id() != -1
+
+
 class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
     """Drop-in for ``Sequential(BatchNorm2d(c), Mish())`` with BatchNorm2d's parameters and buffers.
 
     ``forward(x, residual=None, out=None)`` returns ``mish(bn(x)) (+ residual)`` [N, C, H, W], written into
-    ``out`` when given. Running statistics update exactly as :class:`torch.nn.BatchNorm2d`'s.
+    ``out`` when given. Running statistics update exactly as :class:`torch.nn.BatchNorm2d`'s, with one
+    exception: a forward that autograd runs again during a backward (``torch.utils.checkpoint``'s
+    recomputation) leaves them and ``num_batches_tracked`` as they are, where ``nn.BatchNorm2d`` would count
+    the step twice.
     """
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if self.training and _recomputing():
+            # The same calls as the first time (autograd checks that the same tensors are saved), with a
+            # factor of 0: running = 1 * running + 0 * batch statistic, the value it has.
+            factor = 0.0
+        elif self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or self.running_mean is None

@@ -192,3 +192,31 @@ def test_fx_traces_a_model_that_wraps_the_backbone():
         got = extractor(x)
         assert torch.equal(got["p3"], backbone.forward_intermediates(x)[3])
         assert torch.equal(got["logits"], backbone(x))
+
+
+def test_group_matcher_and_layer_decay():
+    """timm's parameter groups from ``group_matcher``: the stem first, each dense block its own group (both
+    branches of a stage's block together) with the stage's transitions and final conv joining its last block,
+    the classifier last; coarse: one group per stage. ``layer_decay`` optimizers build from them."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("cspmirrornet_tiny", num_classes=10, siamese=False)
+    names = [name for name, _ in model.named_parameters()]
+    groups = [sorted(g) for g in group_parameters(model, model.group_matcher()).values()]
+    assert sorted(n for g in groups for n in g) == sorted(names)  # each parameter in exactly one group
+    assert all(n.startswith("stem.") for n in groups[0]) and groups[-1] == ["fc.bias", "fc.weight"]
+    stages = len(model.stages)
+    depths = [len(stage.branches[0].blocks) for stage in model.stages]
+    assert len(groups) == 2 + sum(max(d, 1) for d in depths)
+    block = next(g for g in groups if any(".branches.0.blocks.0." in n for n in g))
+    assert any(".branches.1.blocks.0." in n for n in block)  # siamese=False: two branches, one group
+    last_of_stage = next(g for g in groups if "stages.0.final.conv.weight" in g)
+    assert any(f".blocks.{depths[0] - 1}." in n for n in last_of_stage)
+    assert any(".transition." in n for n in last_of_stage)
+    assert len(group_parameters(model, model.group_matcher(coarse=True))) == stages + 2
+    optimizer = create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.75)
+    scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    assert len(scales) == len(groups) and scales[-1] == 1.0
+    model(_x()).sum().backward()
+    optimizer.step()

@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
+from ..accelerate import preload
 from ..layers import ConvBNMish, CSPMirrorStage
 from ..ops._validate import check_tensor
 from .registry import register_model
+
+# timm's marker for "the group before" (timm.models._manipulate.MATCH_PREV_GROUP; timm is optional here).
+MATCH_PREV_GROUP = (99999,)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class CSPMirrorNet(nn.Module):
             c_in = s.out_chs
             self.feature_info.append(dict(num_chs=c_in, reduction=2 ** (i + 1), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        self.grad_checkpointing = False
         self.num_features = c_in
         self.head_hidden_size = c_in
 
@@ -147,6 +153,14 @@ class CSPMirrorNet(nn.Module):
         else:
             self.reset_classifier(num_classes, global_pool)
         self._init_weights()
+        preload(self)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), then :func:`cspmirror.accelerate.preload` for
+        the device the model is now on, so that ``torch.compile(model.cuda(), fullgraph=True)`` works."""
+        super()._apply(fn, recurse)
+        preload(self)
+        return self
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -173,9 +187,33 @@ class CSPMirrorNet(nn.Module):
         self.head_drop = nn.Dropout(self.drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in the backward instead of keeping its activations (``torch.utils.checkpoint``,
+        non-reentrant), as timm's models do; training only, any backend. BatchNorm running statistics are
+        updated once per step, not again by the recomputation (see :class:`cspmirror.BatchNormMish2d`)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise learning-rate decay, ``timm.optim``): the stem, then one
+        group per stage (``coarse``) or per dense block, a stage's transition and final conv joining its last
+        block and its down-sampling conv its first."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.branches\.\d+\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.(?:branches\.\d+\.transition|final)", MATCH_PREV_GROUP),
+                (r"^stages\.(\d+)", (0,)),
+            ],
+        )
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[N, in_chans, H, W] -> [N, num_features, H / 2**S, W / 2**S]."""
-        return self.stages(self.stem(check_tensor(x, "x")))
+        x = self.stem(check_tensor(x, "x"))
+        for stage in self.stages:
+            x = self._stage(stage, x)
+        return x
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every level in ``out_indices``: [N, C_i, H / r_i, W / r_i]."""
@@ -184,10 +222,15 @@ class CSPMirrorNet(nn.Module):
         if 0 in wanted:
             outs.append(x)
         for i, stage in enumerate(self.stages, start=1):
-            x = stage(x)
+            x = self._stage(stage, x)
             if i in wanted:
                 outs.append(x)
         return outs
+
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """[N, num_features, h, w] -> logits [N, num_classes] (pooled features with ``pre_logits``)."""

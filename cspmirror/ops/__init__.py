@@ -2,7 +2,8 @@
 
 Each op validates its arguments here (so every backend raises the same errors), resolves ``backend``
 ("auto" | "triton" | "extension" | "reference") for the input's device, and calls that backend's
-implementation. Backend modules are imported lazily, on first use:
+implementation. The fast backends' modules are imported lazily, on first use (the reference, plain PyTorch,
+always is: it is what "auto" runs off CUDA):
 
 =============  ==========================================
 backend        module
@@ -17,12 +18,13 @@ extension      :mod:`cspmirror.ops.extension`
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import backends
-from . import _validate
+from . import _validate, reference  # noqa: F401  (loaded: see _load_implementation)
 
 # (op, backend) -> module holding a function named after the op.
 _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
@@ -65,12 +67,17 @@ def _load_implementation(op: str, backend: str, device: torch.device) -> Callabl
     module_name = _IMPLEMENTATIONS.get((op, concrete))
     if module_name is None:
         raise NotImplementedError(f"backend={concrete!r} does not implement {op}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise backends.BackendUnavailableError(
-            f"backend={concrete!r} for {op} could not be loaded: {exc}"
-        ) from exc
+    # A loaded module is a dict look-up, which torch.compile traces; it cannot trace an import (a graph break,
+    # an error with fullgraph=True): a first call inside torch.compile finds the reference loaded, and
+    # cspmirror.accelerate / CSPMirrorNet.to() load the fast backends beforehand.
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise backends.BackendUnavailableError(
+                f"backend={concrete!r} for {op} could not be loaded: {exc}"
+            ) from exc
     return getattr(module, op)
 
 

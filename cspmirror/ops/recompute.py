@@ -9,7 +9,8 @@ This is the issue's "recompute the activation inside the next conv's backward": 
 the reference's 7 half-size activations instead of 5.
 
 :func:`input_recipe` says whether an input can be recomputed (never for another backend, a view, a residual
-sum, ``torch.compile``, tracing or without autograd); callers run their plain convolution otherwise.
+sum, ``torch.compile``, tracing, without autograd or inside ``torch.utils.checkpoint``); callers run their plain
+convolution otherwise.
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ def input_recipe(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """How to recompute ``x`` from what its producer saved for its own backward, or None (also whenever
     autograd is off or the call is not plain eager: compile, tracing, fake tensors, dispatch modes)."""
     if not (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and plain_eager([x]) and x.requires_grad
-            and x.grad_fn is not None):  # (FX tracing passes proxies)
+            and x.grad_fn is not None) or _under_checkpoint():  # (FX tracing passes proxies)
         return None
     triton_bn_mish = sys.modules.get(f"{__package__}.triton_bn_mish")  # loaded if x can have come from it
     return None if triton_bn_mish is None else triton_bn_mish.recompute_recipe(x)
+
+
+def _under_checkpoint() -> bool:
+    """Whether ``torch.utils.checkpoint``'s saved-tensor hooks are on (its forward or its recomputation): they
+    let each saved tensor be unpacked once, which a recipe and ``bn_mish``'s backward cannot share, and the
+    region keeps no activation anyway."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private; torch >= 2.0
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
 def conv2d_on_recomputed(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
