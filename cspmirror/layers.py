@@ -41,14 +41,7 @@ class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and _recomputing():
-            # The same calls as the first time (autograd checks that the same tensors are saved), with a
-            # factor of 0: running = 1 * running + 0 * batch statistic, the value it has.
-            factor = 0.0
-        elif self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = self._step_factor() if self.training else 0.0
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return ops.bn_mish(
@@ -56,6 +49,19 @@ class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
             self.running_mean if track else None, self.running_var if track else None,
             use_batch_stats, factor, self.eps, residual, out=out, backend=self.backend,
         )
+
+    def _step_factor(self) -> float:
+        """A training step's exponential-average factor for the running statistics, the step counted in
+        ``num_batches_tracked`` (``nn.BatchNorm2d``'s rule), or 0 in a recomputation: the same update calls as
+        the first time (autograd checks that the same tensors are saved) leave the running statistics as they
+        are (``1 * running + 0 * statistic``), and the step is not counted again."""
+        if _recomputing():
+            return 0.0
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+        return 0.0 if self.momentum is None else self.momentum
 
 
 class ConvBNMish(nn.Module, BackendMixin):

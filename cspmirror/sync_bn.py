@@ -132,10 +132,7 @@ class SyncBatchNormMish2d(BatchNormMish2d):
         if not self.training or world <= 1:
             return super().forward(x, residual, out)
         self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = self._step_factor()
         y, mean, var, count = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps, self.process_group,
                                                    world)
         if self.track_running_stats and self.running_mean is not None:

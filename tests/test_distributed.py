@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from cspmirror import get_model
 from cspmirror.layers import BatchNormMish2d
@@ -49,20 +50,27 @@ def _syncbn_inputs() -> dict[str, torch.Tensor]:
 
 
 def _syncbn_check(rank: int, out: Path) -> None:
-    """This rank's slice through SyncBatchNormMish2d (with residual), forward and backward, saved to disk."""
+    """This rank's slice through SyncBatchNormMish2d (with residual), forward and backward, saved to disk;
+    also inside ``torch.utils.checkpoint``."""
     t = _syncbn_inputs()
     lo = sum(SIZES[:rank])
     part = slice(lo, lo + SIZES[rank])
+    torch.save(_syncbn_step(t, part, lambda bn, x, r: bn(x, r)), out / f"syncbn{rank}.pt")
+    torch.save(_syncbn_step(t, part, lambda bn, x, r: checkpoint(bn, x, r, use_reentrant=False)),
+               out / f"syncbn_checkpointed{rank}.pt")
+
+
+def _syncbn_step(t: dict[str, torch.Tensor], part: slice, forward) -> dict[str, torch.Tensor]:
     bn = SyncBatchNormMish2d(CHANNELS).train()
     with torch.no_grad():
         bn.weight.copy_(t["weight"])
         bn.bias.copy_(t["bias"])
     x = t["x"][part].clone().requires_grad_(True)
     residual = t["residual"][part].clone().requires_grad_(True)
-    y = bn(x, residual)
+    y = forward(bn, x, residual)
     (y * t["grad"][part]).sum().backward()
-    torch.save(dict(y=y.detach(), gx=x.grad, gr=residual.grad, gw=bn.weight.grad, gb=bn.bias.grad,
-                    running_mean=bn.running_mean, running_var=bn.running_var), out / f"syncbn{rank}.pt")
+    return dict(y=y.detach(), gx=x.grad, gr=residual.grad, gw=bn.weight.grad, gb=bn.bias.grad,
+                running_mean=bn.running_mean, running_var=bn.running_var, steps=bn.num_batches_tracked)
 
 
 def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
@@ -135,6 +143,16 @@ def test_sync_bn_mish_matches_full_batch_bn_mish(ddp_results):
     for r in ranks:
         _close(r["running_mean"], ref_bn.running_mean, "running_mean")
         _close(r["running_var"], ref_bn.running_var, "running_var")
+
+
+def test_sync_bn_mish_under_checkpoint_is_the_same_step(ddp_results):
+    """Recomputed in the backward (a second all-reduce), with the running statistics counted once."""
+    for rank in range(WORLD):
+        plain = torch.load(ddp_results / f"syncbn{rank}.pt", weights_only=True)
+        checkpointed = torch.load(ddp_results / f"syncbn_checkpointed{rank}.pt", weights_only=True)
+        assert int(plain["steps"]) == int(checkpointed["steps"]) == 1
+        for name, value in plain.items():
+            assert torch.equal(value, checkpointed[name]), (rank, name)
 
 
 def test_combine_moments_is_exact():

@@ -59,6 +59,17 @@ def test_mish_and_derivative_as_accurate_as_pytorch(device, band):
     """Mean error at most 1.6x PyTorch's + 0.1 ulp, largest at most 2x PyTorch's + 1 ulp: the accurate fp32
     forms are about as good as PyTorch's everywhere (before them, Mish' had 2-3x PyTorch's error for
     -3 < v < -0.5, where its two terms cancel)."""
+    _check_band(device, band)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("band", BANDS, ids=lambda b: f"{b[0]}..{b[1]}")
+def test_gpu_mish_and_derivative_as_accurate_as_pytorch(band):
+    """The same on the GPU, where the kernels take libdevice's exp and PyTorch CUDA's own."""
+    _check_band(torch.device("cuda"), band)
+
+
+def _check_band(device: torch.device, band: tuple[float, float]) -> None:
     v = torch.linspace(*band, POINTS_PER_BAND, dtype=torch.float32)
     exact = _mish_and_grad(v.double())
     ours = _probe(v.to(device))

@@ -228,6 +228,7 @@ class CSPMirrorNet(nn.Module):
         return outs
 
     def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``stage(x)``, in a checkpointed region when grad checkpointing is on and autograd records."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(stage, x, use_reentrant=False)
         return stage(x)
