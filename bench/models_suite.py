@@ -27,10 +27,11 @@ class ModelCase:
     dtype: torch.dtype
     batch: int
     resolution: int
+    checkpointing: bool = False  # model.set_grad_checkpointing() (training only)
 
     @property
     def name(self) -> str:
-        c = "+compile" if self.compiled else ""
+        c = ("+compile" if self.compiled else "") + ("+ckpt" if self.checkpointing else "")
         return f"{self.model} {self.mode} {self.backend}{c} {str(self.dtype).removeprefix('torch.')}"
 
 
@@ -48,6 +49,7 @@ class ModelPlan:
     repeats: int
     compile_min_s: float
     compiled_modes: tuple[str, ...] = ("train", "infer")
+    checkpointed_backends: tuple[str, ...] = ("reference",)  # training with gradient checkpointing
 
 
 def plan_for(device: torch.device, quick: bool, dtypes: tuple[torch.dtype, ...] | None) -> ModelPlan:
@@ -58,7 +60,8 @@ def plan_for(device: torch.device, quick: bool, dtypes: tuple[torch.dtype, ...] 
             batches = {k: max(v // 8, 2) for k, v in batches.items()}
         return ModelPlan("cspmirrornet_s" if quick else "cspmirrornet53", 128 if quick else 256, batches,
                          ("reference", "triton", "extension"), ("triton", "reference"),
-                         dtypes or (bf16, fp32), 3, 10 if quick else 15, compile_min_s=60.0)
+                         dtypes or (bf16, fp32), 3, 10 if quick else 15, compile_min_s=60.0,
+                         checkpointed_backends=("triton", "reference"))
     batches = {("train", fp32): 2 if quick else 4, ("infer", fp32): 4 if quick else 8,
                ("train", bf16): 2, ("infer", bf16): 4}
     # Inductor's C++ compile of a training graph is slow on small CPUs (556 s for cspmirrornet_s on a
@@ -70,12 +73,16 @@ def plan_for(device: torch.device, quick: bool, dtypes: tuple[torch.dtype, ...] 
 
 def model_cases(plan: ModelPlan) -> list[ModelCase]:
     """Every case, in the order a time budget should cut them last-first: all eager cases (cheap and
-    the baselines), then compiled training and inference of the first dtype, then the other dtypes'."""
+    the baselines), eager training with gradient checkpointing in the first dtype, then compiled training
+    and inference of the first dtype, then the other dtypes'."""
     eager = [ModelCase(plan.model, mode, b, False, d, plan.batches[(mode, d)], plan.resolution)
              for d in plan.dtypes for b in plan.backends for mode in ("train", "infer")]
+    first = plan.dtypes[0]
+    checkpointed = [ModelCase(plan.model, "train", b, False, first, plan.batches[("train", first)],
+                              plan.resolution, checkpointing=True) for b in plan.checkpointed_backends]
     compiled = [ModelCase(plan.model, mode, b, True, d, plan.batches[(mode, d)], plan.resolution)
                 for d in plan.dtypes for mode in plan.compiled_modes for b in plan.compiled_backends]
-    return eager + compiled
+    return eager + checkpointed + compiled
 
 
 def backend_skip(backend: str, device: torch.device) -> str | None:
@@ -96,6 +103,7 @@ def builder(case: ModelCase, master: nn.Module, device: torch.device) -> Callabl
     def build() -> nn.Module:
         model = copy.deepcopy(master).to(device)
         if case.mode == "train":
+            model.set_grad_checkpointing(case.checkpointing)
             return set_backend(model.train(), case.backend)
         return fuse_for_inference(model, backend=case.backend).to(case.dtype)
     return build
@@ -103,7 +111,8 @@ def builder(case: ModelCase, master: nn.Module, device: torch.device) -> Callabl
 
 def base_row(case: ModelCase) -> dict:
     return {"suite": "models", "model": case.model, "mode": case.mode, "backend": case.backend,
-            "compiled": case.compiled, "dtype": str(case.dtype).removeprefix("torch."), "batch": case.batch,
+            "compiled": case.compiled, "checkpointing": case.checkpointing,
+            "dtype": str(case.dtype).removeprefix("torch."), "batch": case.batch,
             "resolution": case.resolution}
 
 

@@ -103,9 +103,15 @@ OPS_COLUMNS: list[Column] = [
     ("vs eager (graph)", lambda r: _times(r.get("vs_eager_graph"))), ("1st call s", lambda r: r.get("first_call_s")),
     ("note", _note),
 ]
+def model_variant(r: dict) -> str:
+    """A models row's variant: backend, ``+compile``, ``+ckpt`` (gradient checkpointing)."""
+    return (f"{r.get('backend')}{'+compile' if r.get('compiled') else ''}"
+            f"{'+ckpt' if r.get('checkpointing') else ''}")
+
+
 MODELS_COLUMNS: list[Column] = [
-    ("model", lambda r: r["model"]), ("mode", lambda r: r["mode"]), ("backend", lambda r: r["backend"]),
-    ("compiled", lambda r: r["compiled"]), ("dtype", lambda r: r["dtype"]), ("batch", lambda r: r.get("batch")),
+    ("model", lambda r: r["model"]), ("mode", lambda r: r["mode"]), ("variant", model_variant),
+    ("dtype", lambda r: r["dtype"]), ("batch", lambda r: r.get("batch")),
     ("ms/step", lambda r: r.get("median_ms")), ("p20–p80 ms", _spread), ("img/s", lambda r: r.get("images_per_s")),
     ("peak MiB", lambda r: r.get("peak_mib")), ("saved-act MiB", lambda r: r.get("act_mib")),
     ("1st call s", lambda r: r.get("first_call_s")), ("note", _note),
@@ -146,7 +152,7 @@ SUITE_TITLES = {
 
 SKIP_KEYS: dict[str, Callable[[dict], str]] = {
     "ops": lambda r: r.get("variant", "*"),
-    "models": lambda r: f"{r.get('backend')}{'+compile' if r.get('compiled') else ''} {r.get('mode')}",
+    "models": lambda r: f"{model_variant(r)} {r.get('mode')}",
     "compare": lambda r: r.get("model", "*"),
 }
 
@@ -362,11 +368,11 @@ def plot_models(data: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     for ax, mode in zip(axes[:2], ("train", "infer"), strict=True):
         sel = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['backend']}{'+compile' if r['compiled'] else ''} {r['dtype']} b{r['batch']}" for r in sel]
+        labels = [f"{model_variant(r)} {r['dtype']} b{r['batch']}" for r in sel]
         _bars(ax, labels, [r["images_per_s"] for r in sel], f"{mode}: images/s", "images/s")
     train = [r for r in rows if r["mode"] == "train"]
     key = "peak_mib" if any(r.get("peak_mib") for r in train) else "act_mib"
-    labels = [f"{r['backend']}{'+compile' if r['compiled'] else ''} {r['dtype']} b{r['batch']}" for r in train]
+    labels = [f"{model_variant(r)} {r['dtype']} b{r['batch']}" for r in train]
     _bars(axes[2], labels, [r.get(key) for r in train],
           "train: peak memory" if key == "peak_mib" else "train: saved activations", "MiB")
     fig.suptitle(f"{rows[0]['model']} · {_title(data['meta'])}", fontsize=9)

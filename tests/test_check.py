@@ -93,6 +93,22 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     assert torch.__version__ in md and "cpu" in md
 
 
+def test_bench_checkpointed_training_keeps_fewer_activations(tmp_path, monkeypatch):
+    """The models suite's gradient-checkpointing case: a row of its own (variant ``reference+ckpt``) that
+    keeps fewer saved activations than the plain training step."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("matplotlib")
+    from bench import runner
+
+    assert runner.main(["--suite", "models", "--only", "train reference", "--quick", "--device", "cpu", "--out",
+                        str(tmp_path), "--no-progress", "--no-compile"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["models"]["rows"]
+    plain, checkpointed = (next(r for r in rows if r["checkpointing"] is c and r["status"] == "ok")
+                           for c in (False, True))
+    assert 0 < checkpointed["act_mib"] < plain["act_mib"] / 2
+    assert "| reference+ckpt |" in (tmp_path / "results.md").read_text()
+
+
 def test_bn_groups_sweep_runs(tmp_path, monkeypatch):
     """``python -m bench.bn_groups`` (a GPU measurement) end to end on a tiny shape, timed eagerly under the
     interpreter: one row per layout, pass and variant (each budget; one group also walked in order and with
