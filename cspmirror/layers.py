@@ -19,6 +19,20 @@ class BackendMixin:
     backend: str = "auto"
 
 
+class PreloadOnMove:
+    """Mixin for modules that hold fused ops (put it before ``nn.Module`` among the bases): after
+    ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), :func:`cspmirror.accelerate.preload` loads the
+    ops' implementations for the device the module is now on, so that a model moved to a GPU and then
+    compiled with ``fullgraph=True`` meets no import (which Dynamo cannot trace) at its first call."""
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        from .accelerate import preload  # (accelerate imports this module)
+
+        preload(self)
+        return result
+
+
 def _recomputing() -> bool:
     """Whether this forward runs inside autograd's backward on this thread: a recomputation, as by
     ``torch.utils.checkpoint`` (never under ``torch.compile``, whose backward graphs do not run modules)."""
@@ -202,7 +216,7 @@ class CSPMirrorBranch(nn.Module):
         return [xs, self.transition(self.blocks(self.block_in(xb)))]
 
 
-class CSPMirrorStage(nn.Module):
+class CSPMirrorStage(PreloadOnMove, nn.Module):
     """SPEC §1.4: downsample, mirrored split, shared-weight (or two-branch) CSP body, sum+concat fusion,
     final transition.
 

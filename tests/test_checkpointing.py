@@ -121,11 +121,14 @@ def test_compiled_fullgraph_checkpointed_step_on_a_fresh_model(monkeypatch):
         torch.testing.assert_close(buffers[name], buffer, rtol=1e-6, atol=0, msg=name)
 
 
-def test_moving_a_model_loads_its_ops_for_the_new_device(monkeypatch):
+@pytest.mark.parametrize("kind", ["model", "stage"])
+def test_moving_a_model_loads_its_ops_for_the_new_device(monkeypatch, kind):
+    """A model, or a bare stage (the Ultralytics block is one), loads its ops' implementations for the device
+    it is moved to (``.to()`` of any kind: here a dtype, the device staying the CPU)."""
     from cspmirror import ops
 
-    model = cspmirror.cspmirrornet_tiny()
+    module = cspmirror.cspmirrornet_tiny() if kind == "model" else CSPMirrorStage(4, 8, depth=1)
     monkeypatch.setattr(ops, "_RESOLVED", {})
-    model.to(torch.float64)
+    module.to(torch.float64)
     assert {key[0] for key in ops._RESOLVED if key[1:] == ("auto", "cpu", None)} == {
         "mirror_split", "mirror_fuse", "bn_mish", "conv_bn_mish"}

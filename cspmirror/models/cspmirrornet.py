@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..accelerate import preload
-from ..layers import ConvBNMish, CSPMirrorStage
+from ..layers import ConvBNMish, CSPMirrorStage, PreloadOnMove
 from ..ops._validate import check_tensor
 from .registry import register_model
 
@@ -99,7 +99,7 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
     return cfg
 
 
-class CSPMirrorNet(nn.Module):
+class CSPMirrorNet(PreloadOnMove, nn.Module):
     """The CSPMirrorNet backbone and classifier.
 
     Input [N, in_chans, H, W]; logits [N, num_classes]. Level 0 is the stem (reduction 1); level i is
@@ -153,14 +153,7 @@ class CSPMirrorNet(nn.Module):
         else:
             self.reset_classifier(num_classes, global_pool)
         self._init_weights()
-        preload(self)
-
-    def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), then :func:`cspmirror.accelerate.preload` for
-        the device the model is now on, so that ``torch.compile(model.cuda(), fullgraph=True)`` works."""
-        super()._apply(fn, recurse)
-        preload(self)
-        return self
+        preload(self)  # (also on every move: PreloadOnMove)
 
     def _init_weights(self) -> None:
         for m in self.modules():
