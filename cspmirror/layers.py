@@ -6,6 +6,8 @@ Every module that calls a fused op keeps a ``backend`` attribute ("auto" by defa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -127,13 +129,28 @@ class ConvBNMish(nn.Module, BackendMixin):
         return self
 
 
+def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth (timm's ``drop_path``): each sample of ``x`` [N, ...] zeroed with probability
+    ``rate``, the others scaled by ``1 / (1 - rate)``."""
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def check_drop_path_rate(rate: float, name: str = "drop_path_rate") -> float:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    return float(rate)
+
+
 class MishedDenseBlock(nn.Module):
     """SPEC §1.3: ``x1 = CBM1x1(x)``, ``x2 = CBM3x3(x1)``, ``out = x + cat([x1, x1 + x2])``.
 
-    [N, c, H, W] -> [N, c, H, W]; ``c`` must be even.
+    [N, c, H, W] -> [N, c, H, W]; ``c`` must be even. ``drop_path``: the stochastic-depth rate of the
+    residual branch ``cat([x1, x1 + x2])`` in training (0: none, the paper's model).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, drop_path: float = 0.0):
         super().__init__()
         if channels % 2:
             raise ValueError(f"MishedDenseBlock needs an even channel count, got {channels}")
@@ -141,14 +158,17 @@ class MishedDenseBlock(nn.Module):
         self.conv1 = ConvBNMish(channels, hidden, 1)
         # x1 feeds conv2 and the concatenation: conv2's backward recomputes it instead of keeping it.
         self.conv2 = ConvBNMish(hidden, hidden, 3, recompute_input=True)
+        self.drop_path = check_drop_path_rate(drop_path, "drop_path")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        dropping = self.training and self.drop_path > 0.0
+        if torch.is_grad_enabled() or dropping:
             # With autograd, x1 stays its own tensor: were it a slice of the output buffer, conv2 would save
             # that whole buffer for backward, and autograd would copy the buffer's gradient for each slice.
             x1 = self.conv1(x)
             x12 = self.conv2(x1, residual=x1)  # x1 + x2: the second layer receives the first through summation
-            return x + torch.cat([x1, x12], dim=1)
+            branch = torch.cat([x1, x12], dim=1)
+            return x + (drop_path(branch, self.drop_path) if dropping else branch)
         # No autograd: both halves are written straight into their channel slices (the cat costs nothing).
         hidden = x.shape[1] // 2
         y = torch.empty_like(x)
@@ -191,13 +211,22 @@ class MirrorFuse(nn.Module, BackendMixin):
         return f"overlap={self.overlap}, axis={self.axis}, mirror={self.mirror}, reduce={self.reduce!r}"
 
 
+def _block_rates(drop_path: Sequence[float], depth: int) -> list[float]:
+    """One stochastic-depth rate per dense block: ``drop_path`` itself (``depth`` of them) or zeros."""
+    rates = list(drop_path) or [0.0] * depth
+    if len(rates) != depth:
+        raise ValueError(f"drop_path needs one rate per dense block ({depth}), got {len(rates)}")
+    return rates
+
+
 class CSPMirrorBranch(nn.Module):
     """One section's body of a stage: expand, cross-stage partial split, dense blocks, transition.
 
     [B, c_out, H, P] -> (bypass [B, c_exp/2, H, P], processed [B, c_dense_out, H, P]).
     """
 
-    def __init__(self, c_out: int, depth: int, expand_ratio: float, block_ratio: float, transition: bool):
+    def __init__(self, c_out: int, depth: int, expand_ratio: float, block_ratio: float, transition: bool,
+                 drop_path: Sequence[float] = ()):
         super().__init__()
         c_exp = int(round(c_out * expand_ratio))
         c_blk = int(round(c_out * block_ratio))
@@ -206,7 +235,7 @@ class CSPMirrorBranch(nn.Module):
         half = c_exp // 2
         self.expand = ConvBNMish(c_out, c_exp, 1)
         self.block_in = ConvBNMish(half, c_blk, 1) if c_blk != half else nn.Identity()
-        self.blocks = nn.Sequential(*[MishedDenseBlock(c_blk) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[MishedDenseBlock(c_blk, rate) for rate in _block_rates(drop_path, depth)])
         self.transition = ConvBNMish(c_blk, half, 1) if transition else nn.Identity()
         self.bypass_channels = half
         self.out_channels = half + (half if transition else c_blk)
@@ -227,6 +256,7 @@ class CSPMirrorStage(PreloadOnMove, nn.Module):
         siamese: both sections share one branch (run as one batch of 2N); False gives each its own weights.
         fusion: "sum_concat" (per-branch transition, then fuse) or "concat_first" (fuse the blocks' raw
             output and let the final transition do the work, the paper's Fig. 2(c)).
+        drop_path: the stochastic-depth rate of each dense block, ``depth`` of them (empty: none).
     """
 
     def __init__(
@@ -244,6 +274,7 @@ class CSPMirrorStage(PreloadOnMove, nn.Module):
         siamese: bool = True,
         reduce: str = "sum",
         fusion: str = "sum_concat",
+        drop_path: Sequence[float] = (),
     ):
         super().__init__()
         if fusion not in ("sum_concat", "concat_first"):
@@ -253,7 +284,8 @@ class CSPMirrorStage(PreloadOnMove, nn.Module):
         self.fuse = MirrorFuse(overlap, axis, mirror, reduce) if split else None
         n_branches = 1 if (siamese or not split) else 2
         self.branches = nn.ModuleList(
-            CSPMirrorBranch(c_out, depth, expand_ratio, block_ratio, transition=fusion == "sum_concat")
+            CSPMirrorBranch(c_out, depth, expand_ratio, block_ratio, transition=fusion == "sum_concat",
+                            drop_path=drop_path)
             for _ in range(n_branches)
         )
         self.final = ConvBNMish(self.branches[0].out_channels, c_out, 1)

@@ -20,6 +20,7 @@ def _step(module: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tens
     """One training forward + backward of a copy of ``module`` by ``forward(module, x)``: the loss, the
     gradients, the buffers, and how many tensors autograd kept outside any checkpointed region."""
     module = copy.deepcopy(module).train()
+    torch.manual_seed(0)  # the same stochastic-depth masks in every step compared
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         loss = forward(module, x).square().mean()
@@ -39,7 +40,8 @@ def _assert_same_step(plain: tuple, checkpointed: tuple) -> None:
 
 
 def test_model_grad_checkpointing_is_the_same_step():
-    model = cspmirror.cspmirrornet_tiny(num_classes=5)
+    """Also with stochastic depth: checkpoint replays the RNG, so the recomputation draws the same masks."""
+    model = cspmirror.cspmirrornet_tiny(num_classes=5, drop_path_rate=0.5)
     x = torch.randn(2, 3, 32, 32)
     plain = _step(model, x, lambda m, x: m(x))
 

@@ -167,3 +167,38 @@ def test_bad_knobs_raise():
         cspmirror.cspmirrornet_tiny(split_stages=(True,))
     with pytest.raises(TypeError, match="unknown model argument"):
         cspmirror.cspmirrornet_tiny(overlapp=0.3)
+
+
+def test_drop_path_rates_rise_linearly_and_leave_eval_unchanged():
+    model = cspmirror.cspmirrornet_tiny(num_classes=3, drop_path_rate=0.3)
+    rates = [block.drop_path for stage in model.stages for block in stage.branches[0].blocks]
+    assert rates[0] == 0.0 and rates[-1] == 0.3 and rates == sorted(rates) and len(set(rates)) == len(rates)
+    plain = cspmirror.cspmirrornet_tiny(num_classes=3)
+    plain.load_state_dict(model.state_dict())  # stochastic depth adds no parameter or buffer
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+
+
+def test_drop_path_drops_whole_samples_of_the_residual_branch():
+    """In training each sample's ``cat([x1, x1 + x2])`` is dropped or scaled by 1 / (1 - rate)."""
+    from cspmirror.layers import MishedDenseBlock
+
+    block = MishedDenseBlock(4, drop_path=0.5).train()
+    plain = MishedDenseBlock(4).train()
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(64, 4, 3, 3)
+    branch = plain(x) - x
+    dropped = block(x) - x
+    zero = dropped.flatten(1).abs().amax(1) == 0
+    assert 0 < int(zero.sum()) < 64
+    torch.testing.assert_close(dropped[~zero], branch[~zero] * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_drop_path_rate_raises():
+    with pytest.raises(ValueError, match="drop_path_rate must be in"):
+        cspmirror.cspmirrornet_tiny(drop_path_rate=1.0)
+    with pytest.raises(ValueError, match="drop_path must be in"):
+        from cspmirror.layers import MishedDenseBlock
+
+        MishedDenseBlock(4, drop_path=-0.1)

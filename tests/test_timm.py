@@ -77,8 +77,9 @@ def test_pretrained_cfg_follows_timm_conventions(name, net53):
 
 def test_in_chans_and_knobs_pass_through():
     model = timm.create_model("cspmirrornet_tiny", num_classes=3, in_chans=1, overlap=0.5, siamese=False,
-                              reduce="mean", split_stages=(0, 2))
-    assert model.stem.conv.in_channels == 1
+                              reduce="mean", split_stages=(0, 2), drop_rate=0.1, drop_path_rate=0.2)
+    assert model.stem.conv.in_channels == 1 and model.drop_rate == 0.1
+    assert model.stages[-1].branches[0].blocks[-1].drop_path == 0.2
     assert (model.cfg.overlap, model.cfg.siamese, model.cfg.reduce) == (0.5, False, "mean")
     assert [s.split for s in model.cfg.stages] == [True, False, True, False]
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..accelerate import preload
-from ..layers import ConvBNMish, CSPMirrorStage, PreloadOnMove
+from ..layers import ConvBNMish, CSPMirrorStage, PreloadOnMove, check_drop_path_rate
 from ..ops._validate import check_tensor
 from .registry import register_model
 
@@ -99,12 +99,22 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
     return cfg
 
 
+def _drop_path_rates(cfg: CSPMirrorNetConfig, drop_path_rate: float) -> list[list[float]]:
+    """Per stage, the stochastic-depth rate of each dense block: 0 to ``drop_path_rate`` over all blocks."""
+    depths = [s.depth for s in cfg.stages]
+    last, blocks = check_drop_path_rate(drop_path_rate), sum(depths)
+    rates = [last * i / max(blocks - 1, 1) for i in range(blocks)]
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
 class CSPMirrorNet(PreloadOnMove, nn.Module):
     """The CSPMirrorNet backbone and classifier.
 
     Input [N, in_chans, H, W]; logits [N, num_classes]. Level 0 is the stem (reduction 1); level i is
     stage i (reduction 2**i). With ``features_only=True``, ``forward`` returns the levels in
-    ``out_indices`` as a list of [N, C_i, H / r_i, W / r_i].
+    ``out_indices`` as a list of [N, C_i, H / r_i, W / r_i]. ``drop_rate``: dropout before the classifier;
+    ``drop_path_rate``: stochastic depth of the dense blocks, rising linearly to this rate at the last block
+    (as timm's models); both 0 in the paper's model.
     """
 
     def __init__(
@@ -116,6 +126,7 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
         global_pool: str = "avg",
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.cfg = cfg
@@ -124,11 +135,11 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
         self.stem = ConvBNMish(in_chans, cfg.stem_chs, 3, stride=1)
         stages, c_in = [], cfg.stem_chs
         self.feature_info = [dict(num_chs=cfg.stem_chs, reduction=1, module="stem")]
-        for i, s in enumerate(cfg.stages):
+        for i, (s, rates) in enumerate(zip(cfg.stages, _drop_path_rates(cfg, drop_path_rate), strict=True)):
             stages.append(CSPMirrorStage(
                 c_in, s.out_chs, s.depth, s.expand_ratio, s.block_ratio, split=s.split,
                 overlap=cfg.overlap, axis=cfg.axis, mirror=cfg.mirror, siamese=cfg.siamese,
-                reduce=cfg.reduce, fusion=cfg.fusion,
+                reduce=cfg.reduce, fusion=cfg.fusion, drop_path=rates,
             ))
             c_in = s.out_chs
             self.feature_info.append(dict(num_chs=c_in, reduction=2 ** (i + 1), module=f"stages.{i}"))
@@ -241,15 +252,16 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
 
 
 def build_model(name: str, *, weights: str | None = None, num_classes: int = 1000, in_chans: int = 3,
-                drop_rate: float = 0.0, features_only: bool = False, out_indices: Sequence[int] | None = None,
-                split_stages: Sequence | None = None, **knobs) -> CSPMirrorNet:
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
+                out_indices: Sequence[int] | None = None, split_stages: Sequence | None = None,
+                **knobs) -> CSPMirrorNet:
     """Build family member ``name``; ``knobs`` override config fields (overlap, mirror, siamese, ...).
 
     ``weights`` is a local checkpoint path (nothing is ever downloaded).
     """
     cfg = configure(MODEL_CONFIGS[name], split_stages=split_stages, **knobs)
     model = CSPMirrorNet(cfg, in_chans=in_chans, num_classes=num_classes, drop_rate=drop_rate,
-                         features_only=features_only, out_indices=out_indices)
+                         features_only=features_only, out_indices=out_indices, drop_path_rate=drop_path_rate)
     model.default_cfg = model.pretrained_cfg = pretrained_cfg(name, cfg, num_classes, in_chans)
     if weights is not None:
         from ..checkpoint import load_checkpoint
