@@ -138,6 +138,7 @@ def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 def check_drop_path_rate(rate: float, name: str = "drop_path_rate") -> float:
+    """``rate`` as a float when it is a valid stochastic-depth rate, in [0, 1); else a ValueError naming ``name``."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {rate}")
     return float(rate)
