@@ -74,7 +74,7 @@ def _copy(model: torch.nn.Module, backend: str, dtype: torch.dtype | None = None
 
 def _outputs(model: cspmirror.CSPMirrorNet, x: torch.Tensor) -> list[torch.Tensor]:
     """Logits and every feature level (what ``features_only`` returns) of ``model`` on ``x``."""
-    levels = model.forward_intermediates(x)
+    levels = model.forward_intermediates(x, intermediates_only=True)
     return [model.forward_head(levels[-1]), *levels]
 
 

@@ -202,3 +202,35 @@ def test_bad_drop_path_rate_raises():
         from cspmirror.layers import MishedDenseBlock
 
         MishedDenseBlock(4, drop_path=-0.1)
+
+
+def test_forward_intermediates_follows_timm():
+    """timm's signature and semantics: (final features, levels) or the levels alone; ``indices`` as a count
+    of last levels, a list (negative from the end) or None (all); ``stop_early`` gives the same levels."""
+    model = cspmirror.cspmirrornet_tiny(num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, levels = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x)) and len(levels) == len(model.stages) + 1
+        assert [t.shape[1] for t in levels] == [16, 32, 64, 128, 256]
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(last_two, levels[-2:], strict=True))
+        early = model.forward_intermediates(x, indices=[1, -3], stop_early=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(early, [levels[1], levels[2]], strict=True))
+    for bad in (0, 6, [5], [-6], []):
+        with pytest.raises(ValueError, match="indices must be"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW'"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers():
+    model = cspmirror.cspmirrornet_tiny(num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, levels = model.forward_intermediates(x)
+        assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+        assert len(model.stages) == 2 and model.num_features == 64 and isinstance(model.fc, torch.nn.Identity)
+        final, kept = model.forward_intermediates(x, indices=[1, 2])
+    assert torch.equal(final, levels[2]) and all(torch.equal(a, b) for a, b in zip(kept, levels[1:3], strict=True))
+    assert model(x).shape == (2, 64, 8, 8)  # the head went with the stages (timm: reset_classifier(0, ""))

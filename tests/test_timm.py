@@ -110,6 +110,21 @@ def test_features_only_matches_native_features(feature_cls):
         assert torch.equal(g, e)
 
 
+def test_features_only_getter_prunes_and_matches_native_levels():
+    """``feature_cls="getter"``: timm's wrapper over ``forward_intermediates`` and
+    ``prune_intermediate_layers`` (stages past the last level asked for are dropped)."""
+    torch.manual_seed(0)
+    native = cspmirror.cspmirrornet_tiny().eval()
+    getter = timm.create_model("cspmirrornet_tiny", features_only=True, feature_cls="getter", out_indices=(1, 2))
+    getter.model.load_state_dict(native.state_dict(), strict=False)
+    assert len(getter.model.stages) == 2 and getter.feature_info.channels() == [32, 64]
+    x = _x()
+    with torch.no_grad():
+        levels = native.forward_intermediates(x, intermediates_only=True)
+        got = getter.eval()(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, levels[1:3], strict=True))
+
+
 def test_local_pretrained_weights_and_checkpoint_path(tmp_path):
     source = timm.create_model("cspmirrornet_tiny").eval()
     path = tmp_path / "weights.pth"
@@ -164,7 +179,7 @@ def test_torchvision_feature_extractor_matches_native(fused):
     x = _x()
     with torch.no_grad():
         got = extractor(x)
-        levels = model.forward_intermediates(x)
+        levels = model.forward_intermediates(x, intermediates_only=True)
         expected = {"p2": levels[2], "p3": levels[3], "p4": levels[4], "logits": model(x)}
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -191,7 +206,7 @@ def test_fx_traces_a_model_that_wraps_the_backbone():
     x = _x()
     with torch.no_grad():
         got = extractor(x)
-        assert torch.equal(got["p3"], backbone.forward_intermediates(x)[3])
+        assert torch.equal(got["p3"], backbone.forward_intermediates(x, intermediates_only=True)[3])
         assert torch.equal(got["logits"], backbone(x))
 
 

@@ -12,7 +12,9 @@ timm's own factory builds them through ``timm.models.build_model_with_cfg``, exa
 What works as for timm's own models: ``pretrained_cfg`` (input_size, pool_size, crop_pct, interpolation,
 mean / std, first_conv, classifier), ``forward_features``, ``forward_head(x, pre_logits=True)``,
 ``reset_classifier``, ``get_classifier``, ``feature_info``, ``features_only`` with ``out_indices`` and
-``feature_cls`` ("list" by default, "dict", "hook", "fx"), the ablation knobs of
+``feature_cls`` ("list" by default, "dict", "hook", "fx", "getter": timm's wrapper over
+``forward_intermediates`` and ``prune_intermediate_layers``), ``drop_rate`` / ``drop_path_rate``,
+``set_grad_checkpointing`` and ``group_matcher`` (layer-wise lr decay), the ablation knobs of
 :func:`cspmirror.models.configure` as keywords (``overlap=0.5, siamese=False, ...``), ``checkpoint_path=`` and
 local pretrained weights through ``pretrained=True, pretrained_cfg_overlay=dict(file="weights.pth")``.
 cspmirror ships no weights: ``pretrained=True`` without a local file raises timm's "No pretrained weights

@@ -219,17 +219,64 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
             x = self._stage(stage, x)
         return x
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every level in ``out_indices``: [N, C_i, H / r_i, W / r_i]."""
-        outs, wanted = [], set(self.out_indices)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the levels ``indices`` (the last n when an int, all when None; negative
+        indices count from the end) as a list of [N, C_i, H / r_i, W / r_i], with the final features
+        [N, num_features, h, w] before them unless ``intermediates_only``. ``stop_early`` skips the stages
+        after the last level asked for; ``norm`` is accepted for timm's sake (the model has no final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = self._take_indices(indices)
+        outs = []
         x = self.stem(check_tensor(x, "x"))
-        if 0 in wanted:
+        if 0 in take:
             outs.append(x)
-        for i, stage in enumerate(self.stages, start=1):
+        stages = self.stages[:last] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=1):
             x = self._stage(stage, x)
-            if i in wanted:
+            if i in take:
                 outs.append(x)
-        return outs
+        return outs if intermediates_only else (x, outs)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: drop the stages after the last level in ``indices`` and (``prune_head``, or whenever stages
+        were dropped) the classifier; returns the levels kept, as :meth:`forward_intermediates` takes them."""
+        take, last = self._take_indices(indices)
+        pruned = last < len(self.stages)
+        if pruned:
+            self.stages = self.stages[:last]
+            self.num_features = self.head_hidden_size = self._level_channels(last)
+        if prune_head or pruned:
+            self.reset_classifier(0, "")
+        return take
+
+    def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+        """(levels, the last of them) for timm's ``indices`` (see :meth:`forward_intermediates`)."""
+        levels = len(self.stages) + 1
+        if indices is None:
+            indices = levels
+        if isinstance(indices, int):
+            if not 0 < indices <= levels:
+                raise ValueError(f"indices must be in [1, {levels}] as a count of levels, got {indices}")
+            take = list(range(levels - indices, levels))
+        else:
+            bad = [i for i in indices if not -levels <= i < levels]
+            if bad or not len(indices):
+                raise ValueError(f"indices must be levels in [{-levels}, {levels}), got {list(indices)}")
+            take = [i % levels for i in indices]
+        return take, max(take)
+
+    def _level_channels(self, level: int) -> int:
+        return self.cfg.stem_chs if level == 0 else self.cfg.stages[level - 1].out_chs
 
     def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``stage(x)``, in a checkpointed region when grad checkpointing is on and autograd records."""
@@ -247,7 +294,7 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
-            return self.forward_intermediates(x)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
 
