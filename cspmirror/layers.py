@@ -22,10 +22,11 @@ class BackendMixin:
 
 
 class PreloadOnMove:
-    """Mixin for modules that hold fused ops (put it before ``nn.Module`` among the bases): after
-    ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), :func:`cspmirror.accelerate.preload` loads the
-    ops' implementations for the device the module is now on, so that a model moved to a GPU and then
-    compiled with ``fullgraph=True`` meets no import (which Dynamo cannot trace) at its first call."""
+    """Mixin for the fused-op modules with parameters (put it before ``nn.Module`` among the bases): after
+    ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), :func:`cspmirror.accelerate.preload` loads every
+    fused op's implementation for the module's backend and the device it is now on (the parameter-free
+    mirror modules cannot tell their device; their ops are loaded with the others). A model moved to a GPU and
+    then compiled with ``fullgraph=True`` meets no import (which Dynamo cannot trace) at its first call."""
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -44,7 +45,7 @@ def _recomputing() -> bool:
     return task_id is not None and task_id() != -1
 
 
-class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
+class BatchNormMish2d(PreloadOnMove, nn.BatchNorm2d, BackendMixin):
     """Drop-in for ``Sequential(BatchNorm2d(c), Mish())`` with BatchNorm2d's parameters and buffers.
 
     ``forward(x, residual=None, out=None)`` returns ``mish(bn(x)) (+ residual)`` [N, C, H, W], written into
@@ -80,7 +81,7 @@ class BatchNormMish2d(nn.BatchNorm2d, BackendMixin):
         return 0.0 if self.momentum is None else self.momentum
 
 
-class ConvBNMish(nn.Module, BackendMixin):
+class ConvBNMish(PreloadOnMove, nn.Module, BackendMixin):
     """``conv(bias=False) -> BN -> Mish`` ("CBM"), with an optional residual added after Mish.
 
     Input [N, c_in, H, W] -> output [N, c_out, H / stride, W / stride]. After :meth:`fuse` (inference),
@@ -246,7 +247,7 @@ class CSPMirrorBranch(nn.Module):
         return [xs, self.transition(self.blocks(self.block_in(xb)))]
 
 
-class CSPMirrorStage(PreloadOnMove, nn.Module):
+class CSPMirrorStage(nn.Module):
     """SPEC §1.4: downsample, mirrored split, shared-weight (or two-branch) CSP body, sum+concat fusion,
     final transition.
 

@@ -123,13 +123,15 @@ def test_compiled_fullgraph_checkpointed_step_on_a_fresh_model(monkeypatch):
         torch.testing.assert_close(buffers[name], buffer, rtol=1e-6, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["model", "stage"])
+@pytest.mark.parametrize("kind", ["model", "stage", "layers"])
 def test_moving_a_model_loads_its_ops_for_the_new_device(monkeypatch, kind):
-    """A model, or a bare stage (the Ultralytics block is one), loads its ops' implementations for the device
-    it is moved to (``.to()`` of any kind: here a dtype, the device staying the CPU)."""
+    """A model, a bare stage (the Ultralytics block is one) or any module holding a cspmirror layer loads
+    the fused ops' implementations for the device it is moved to (``.to()`` of any kind: here a dtype, the
+    device staying the CPU)."""
     from cspmirror import ops
 
-    module = cspmirror.cspmirrornet_tiny() if kind == "model" else CSPMirrorStage(4, 8, depth=1)
+    module = {"model": cspmirror.cspmirrornet_tiny, "stage": lambda: CSPMirrorStage(4, 8, depth=1),
+              "layers": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), cspmirror.BatchNormMish2d(4))}[kind]()
     monkeypatch.setattr(ops, "_RESOLVED", {})
     module.to(torch.float64)
     assert {key[0] for key in ops._RESOLVED if key[1:] == ("auto", "cpu", None)} == {

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..accelerate import preload
-from ..layers import ConvBNMish, CSPMirrorStage, PreloadOnMove, check_drop_path_rate
+from ..layers import ConvBNMish, CSPMirrorStage, check_drop_path_rate
 from ..ops._validate import check_tensor
 from .registry import register_model
 
@@ -107,7 +107,7 @@ def _drop_path_rates(cfg: CSPMirrorNetConfig, drop_path_rate: float) -> list[lis
     return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
 
 
-class CSPMirrorNet(PreloadOnMove, nn.Module):
+class CSPMirrorNet(nn.Module):
     """The CSPMirrorNet backbone and classifier.
 
     Input [N, in_chans, H, W]; logits [N, num_classes]. Level 0 is the stem (reduction 1); level i is
@@ -164,7 +164,7 @@ class CSPMirrorNet(PreloadOnMove, nn.Module):
         else:
             self.reset_classifier(num_classes, global_pool)
         self._init_weights()
-        preload(self)  # (also on every move: PreloadOnMove)
+        preload(self)  # (and on every move: cspmirror.layers.PreloadOnMove)
 
     def _init_weights(self) -> None:
         for m in self.modules():

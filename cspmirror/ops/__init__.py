@@ -69,7 +69,7 @@ def _load_implementation(op: str, backend: str, device: torch.device) -> Callabl
         raise NotImplementedError(f"backend={concrete!r} does not implement {op}")
     # A loaded module is a dict look-up, which torch.compile traces; it cannot trace an import (a graph break,
     # an error with fullgraph=True): a first call inside torch.compile finds the reference loaded, and
-    # cspmirror.accelerate / CSPMirrorNet.to() load the fast backends beforehand.
+    # cspmirror.accelerate, building a CSPMirrorNet and moving any cspmirror layer (.to()) load them beforehand.
     module = sys.modules.get(module_name)
     if module is None:
         try:
