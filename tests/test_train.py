@@ -173,6 +173,26 @@ def test_bad_recipe_value_names_the_flag(capsys, tmp_path):
     assert code == 2 and "--lr" in capsys.readouterr().err
 
 
+def test_drop_path_and_grad_checkpointing_flags(tmp_path, monkeypatch):
+    """``--drop-path-rate`` reaches the model's dense blocks and ``--grad-checkpointing`` its stages; a step
+    runs with both; a rate out of range names its flag."""
+    from cspmirror.train import engine
+
+    built = []
+    get_model = engine.get_model
+    monkeypatch.setattr(engine, "get_model", lambda *a, **k: built.append(get_model(*a, **k)) or built[-1])
+    args = ["train", "--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "32",
+            "--synthetic-val", "16", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY]
+    assert main([*args, "--drop-path-rate", "0.2", "--grad-checkpointing"]) == 0
+    (model,) = built
+    assert model.grad_checkpointing and model.stages[-1].branches[0].blocks[-1].drop_path == 0.2
+
+
+def test_bad_drop_path_rate_names_the_flag(capsys, tmp_path):
+    code = main(["train", "--data-format", "synthetic", "--drop-path-rate", "1", "--output", str(tmp_path), *TINY])
+    assert code == 2 and "--drop-path-rate" in capsys.readouterr().err
+
+
 def test_imagefolder_and_modern_recipe(tmp_path):
     """An ImageFolder tree of PNGs, with the modern recipe (augmentation, cosine + warm-up, bf16 AMP)."""
     from PIL import Image

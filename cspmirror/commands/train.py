@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cap validation batches per epoch (smoke runs)")
     g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
                    help="under DDP, keep per-process BatchNorm statistics")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each stage in the backward instead of keeping its activations")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -40,7 +42,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output=args.output, data=cli_args.data_config(args), model=args.model,
         model_kwargs=cli_args.model_knobs(args), recipe=args.recipe,
         recipe_overrides=cli_args.recipe_overrides(args), device=args.device, backend=args.backend,
-        channels_last=args.channels_last, seed=args.seed, resume=resume,
+        channels_last=args.channels_last, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+        resume=resume,
         max_steps_per_epoch=args.max_steps_per_epoch, max_val_batches=args.max_val_batches,
         sync_bn=args.sync_bn, progress=args.progress,
     )

@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     backend: str = "auto"
     channels_last: bool = False
+    grad_checkpointing: bool = False  # recompute each stage in the backward (less memory, more time)
     seed: int = 0
     resume: str | None = None
     max_steps_per_epoch: int | None = None
@@ -258,8 +259,10 @@ def _fit(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> FitResult:
         raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
 
     seed_everything(cfg.seed)
-    model = get_model(model_name, num_classes=data.num_classes, drop_rate=recipe.drop_rate, **model_kwargs)
+    model = get_model(model_name, num_classes=data.num_classes, drop_rate=recipe.drop_rate,
+                      drop_path_rate=recipe.drop_path_rate, **model_kwargs)
     set_backend(model, cfg.backend)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)

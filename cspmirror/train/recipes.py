@@ -58,6 +58,7 @@ class Recipe:
     amp: bool = False
     amp_dtype: str = "auto"
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class Recipe:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("amp_dtype", self.amp_dtype in AMP_DTYPES, f"must be one of {AMP_DTYPES}"),
             ("drop_rate", 0 <= self.drop_rate < 1, "must be in [0, 1)"),
+            ("drop_path_rate", 0 <= self.drop_path_rate < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ]
         for name, ok, rule in checks:
@@ -128,6 +130,7 @@ FIELD_HELP: dict[str, str] = {
     "amp": "automatic mixed precision",
     "amp_dtype": f"autocast dtype, one of {AMP_DTYPES} (auto: bf16 on CPU, bf16 or fp16 on CUDA)",
     "drop_rate": "dropout before the classifier",
+    "drop_path_rate": "stochastic depth of the dense blocks (its rate at the last block)",
     "grad_clip": "clip the gradient norm to this value (0: off)",
 }
 
