@@ -8,8 +8,11 @@
 # works without: the repository goes on PYTHONPATH). Environment knobs:
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
-#   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension ops bn_groups
-#                            mirror_tiles models kernel_breakdown compare)
+#   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension diagnose ops
+#                            bn_groups mirror_tiles models kernel_breakdown compare)
+#   GPU_SUITE_K="expr"       only the gpu tests that pytest's -k EXPR selects (a follow-up run)
+#   GPU_SUITE_ONLY=text      only the benchmark cases whose name contains text (python -m bench --only)
+#   GPU_SUITE_VARIANTS=a,b   only these variants in the ops suite (python -m bench --variants)
 #   PYTHON=python3           the interpreter that has torch
 #
 # OUTDIR receives at most 8 files, no folders: results.tar.gz (everything: logs, JSON, CSV, MD, PNG, the
@@ -142,8 +145,9 @@ XDIST=""
 # keeps the reasons pytest prints only at its end. The whole-model parity tests are the slowest: a step of
 # their own, so that they cannot starve the kernels' tests.
 export CSPMIRROR_FAILURE_LOG="$WORK/failures.log"
-step tests "$(cap 100)" "exec $PYTEST $XDIST -k 'not extension and not test_accelerate' --junitxml=$WORK/pytest-gpu.xml"
-step tests_models "$(cap 90)" "exec $PYTEST $XDIST -k 'not extension and test_accelerate' --junitxml=$WORK/pytest-gpu-models.xml"
+K="${GPU_SUITE_K:+ and ($GPU_SUITE_K)}"
+step tests "$(cap 100)" "exec $PYTEST $XDIST -k 'not extension and not test_accelerate$K' --junitxml=$WORK/pytest-gpu.xml"
+step tests_models "$(cap 90)" "exec $PYTEST $XDIST -k 'not extension and test_accelerate$K' --junitxml=$WORK/pytest-gpu-models.xml"
 
 wait "$BUILD_PID"
 read -r BUILD_RC BUILD_S < "$WORK/build.rc"
@@ -160,8 +164,9 @@ fi
 step check "$(cap 60)" "exec $PY -m cspmirror check --json $WORK/check.json"
 step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pytest-gpu-extension.xml"
 
-SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@"
-step ops "$(cap 130)" "exec $SUITE --suite ops"
+step diagnose 45 "exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 1,2"
+SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@${GPU_SUITE_ONLY:+ --only $GPU_SUITE_ONLY}"
+step ops "$(cap 130)" "exec $SUITE --suite ops${GPU_SUITE_VARIANTS:+ --variants $GPU_SUITE_VARIANTS}"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step mirror_tiles "$(cap 60)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
 step models "$(cap 60)" "exec $SUITE --suite models"
@@ -186,6 +191,7 @@ cat "$WORK/summary.md" 2>/dev/null
 echo
 cat "$RES/bn_groups.md" 2>/dev/null && echo
 cat "$RES/mirror_tiles.md" 2>/dev/null && echo
+[ -s "$LOGS/diagnose.log" ] && { echo "== diagnose"; tail -n 80 "$LOGS/diagnose.log" | cut -c1-300; echo; }
 [ -s "$WORK/failures.log" ] && { echo "== test failures (failures.log, last lines)"; tail -n 80 "$WORK/failures.log" | cut -c1-300; echo; }
 echo "== steps (name, state, seconds, exit code) =="
 cat "$STEPS"
