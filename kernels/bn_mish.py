@@ -275,27 +275,28 @@ def _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask, shift):
 
 @triton.jit
 def _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs, mask, C, B, nbb, items, ipp, splits, n_total,
-                 BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
     """Mean and biased variance of channels ``offs`` [BLOCK_C] from their ``splits`` partials
     (parallel-variance formula, every mean relative to the first program's shift), ROWS partials at a
     time as [BLOCK_C, ROWS] tiles, in a fixed order (deterministic). One partial at a time, the merging
     program waited out one L2 round trip per partial: with hundreds of programs per channel block
-    (channels_last), that wait was most of the pass (seen on an H200)."""
+    (channels_last), that wait was most of the pass (seen on an H200). The tiles add up elementwise and are
+    reduced once, after the loop (see :func:`_column_sums`)."""
     n = n_total.to(tl.float32)
     shift = _load_partial(pshift_ptr + offs, mask)
     offs, mask = offs[:, None], mask[:, None]
-    acc = tl.zeros(shift.shape, tl.float32)
+    acc = tl.zeros([BLOCK_C, ROWS], tl.float32)
     for first in range(0, splits, ROWS):
         rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B, ROWS)
-        acc += tl.sum(n_s * _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]), axis=1)
-    mean_rel = acc / n
-    m2 = tl.zeros(shift.shape, tl.float32)
+        acc += n_s * _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None])
+    mean_rel = tl.sum(acc, axis=1) / n
+    m2 = tl.zeros([BLOCK_C, ROWS], tl.float32)
     for first in range(0, splits, ROWS):
         rows, valid, n_s = _partial_rows(first, splits, ipp, items, nbb, B, BLOCK_B, ROWS)
         d = _split_mean(pshift_ptr, poff_ptr, rows, C, offs, mask & valid, shift[:, None]) - mean_rel[:, None]
         own = _load_partial(pm2_ptr + rows * C + offs, mask & valid)
-        m2 += tl.sum(tl.where(valid, own + n_s * d * d, 0.0), axis=1)
-    return shift + mean_rel, m2 / n
+        m2 += tl.where(valid, own + n_s * d * d, 0.0)
+    return shift + mean_rel, tl.sum(m2, axis=1) / n
 
 
 # --- normalize + Mish --------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def _train_forward_kernel(
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
             mean, var = _merge_stats(pshift_ptr, poff_ptr, pm2_ptr, offs_c, mask_c, C, B, nbb, items, reduce_ipp,
-                                     reduce_splits, n_total, BLOCK_B, MERGE_ROWS)
+                                     reduce_splits, n_total, BLOCK_C, BLOCK_B, MERGE_ROWS)
             tl.store(mean_ptr + offs_c, mean, mask=mask_c)
             tl.store(var_ptr + offs_c, var, mask=mask_c)
     else:
@@ -442,18 +443,22 @@ def _backward_tiles(
 
 
 @triton.jit
-def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, ROWS: tl.constexpr):
+def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """Column sums of the partials [splits, C] at ``offs`` [BLOCK], ROWS rows at a time as [BLOCK, ROWS]
-    tiles, in a fixed order (deterministic; one row at a time, see :func:`_merge_stats`)."""
-    acc_g = tl.zeros(offs.shape, tl.float32)
-    acc_gx = tl.zeros(offs.shape, tl.float32)
+    tiles, in a fixed order (deterministic; one row at a time, see :func:`_merge_stats`).
+
+    The tiles add up elementwise in the loop and are reduced once after it. Written as ``acc += tl.sum(tile,
+    axis=1)`` in the loop, Triton 3.6 (H200) compiled a reshape that mixed channels into each other's sums once
+    the loop ran more than once: eval-mode weight and bias gradients 40-100% off (bench.diagnose_bn_mish)."""
+    acc_g = tl.zeros([BLOCK, ROWS], tl.float32)
+    acc_gx = tl.zeros([BLOCK, ROWS], tl.float32)
     offs, mask = offs[:, None], mask[:, None]
     for first in range(0, splits, ROWS):
         rows = first + tl.arange(0, ROWS)[None, :]
         tile_mask = mask & (rows < splits)
-        acc_g += tl.sum(_load_partial(pg_ptr + rows * C + offs, tile_mask), axis=1)
-        acc_gx += tl.sum(_load_partial(pgx_ptr + rows * C + offs, tile_mask), axis=1)
-    return acc_g, acc_gx
+        acc_g += _load_partial(pg_ptr + rows * C + offs, tile_mask)
+        acc_gx += _load_partial(pgx_ptr + rows * C + offs, tile_mask)
+    return tl.sum(acc_g, axis=1), tl.sum(acc_gx, axis=1)
 
 
 @triton.jit
@@ -496,7 +501,7 @@ def _train_backward_kernel(
                         True, False, False, BLOCK_C, BLOCK_B, IDX64, False, KEEP)
         if _last_to_finish(count_ptr, pid_c, reduce_splits):
             offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
-            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, MERGE_ROWS)
+            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, BLOCK_C, MERGE_ROWS)
             tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
             tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
     else:
@@ -514,7 +519,7 @@ def _sum_partials_kernel(pg_ptr, pgx_ptr, sum_g_ptr, sum_gx_ptr, C, splits, BLOC
     """:func:`_column_sums` of the partials [splits, C] -> sum_g, sum_gx [C]."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
-    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, ROWS)
+    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, BLOCK, ROWS)
     tl.store(sum_g_ptr + offs, acc_g, mask=mask)
     tl.store(sum_gx_ptr + offs, acc_gx, mask=mask)
 

@@ -157,9 +157,10 @@ def _flat_tile(t, size1, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64:
     sizes. V divides size3, so a group never straddles two rows."""
     flat, lane = _lane_groups(t, B3, V, INT64)
     if INT64:
-        size1 = size1.to(tl.int64)
-        size2 = size2.to(tl.int64)
-        size3 = size3.to(tl.int64)
+        # tl.cast, not .to(): a size of 1 arrives as a plain int (Triton specialises arguments equal to 1)
+        size1 = tl.cast(size1, tl.int64)
+        size2 = tl.cast(size2, tl.int64)
+        size3 = tl.cast(size3, tl.int64)
     plane = size2 * size3
     i1 = flat // plane
     rest = flat - i1 * plane
