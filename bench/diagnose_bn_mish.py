@@ -8,6 +8,9 @@
    gradients at 2.5-3x the reference backend's error. Per op, against float64, for the Triton and reference
    backends: y, dx, dweight, dbias, a conv-weight-like sum ``sum_nhw(dx * u)`` per channel (where errors that
    share a sign add up), and Mish' alone (mean and signed mean error in ulps).
+3. The same whole-model case with one thing switched at a time (bn_mish's backend, the mirror ops' backend,
+   the convolutions' recomputed inputs): which one carries the extra error. (On the CPU the reference's BN
+   backward sums in float64, so only a GPU run says anything about the GPU failure.)
 
     python -m bench.diagnose_bn_mish [--out DIR]
 """
@@ -196,7 +199,7 @@ def model_gradients(size: int = 128) -> None:
     from helpers import randomize_bn, rel_err
 
     import cspmirror
-    from cspmirror.layers import BatchNormMish2d, MirrorFuse, MirrorSplit
+    from cspmirror.layers import BatchNormMish2d, ConvBNMish, MirrorFuse, MirrorSplit
 
     print(f"== 3. cspmirrornet53 fp32 eval {size}x{size}: gradient rel err / the reference backend's, per config")
     for layout_name, layout in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
@@ -212,6 +215,7 @@ def model_gradients(size: int = 128) -> None:
             "all triton": ("triton", None, None),
             "triton, bn_mish reference": ("triton", (BatchNormMish2d,), "reference"),
             "triton, mirror ops reference": ("triton", (MirrorSplit, MirrorFuse), "reference"),
+            "triton, convs keep their input": ("triton", (ConvBNMish,), False),
             "reference, bn_mish triton": ("reference", (BatchNormMish2d,), "triton"),
             "reference again": ("reference", None, None),
         }
@@ -219,7 +223,9 @@ def model_gradients(size: int = 128) -> None:
             m = ta._copy(model, base, torch.float32)
             if kinds:
                 for module in m.modules():
-                    if isinstance(module, kinds):
+                    if isinstance(module, ConvBNMish) and other is False:
+                        module.recompute_input = False  # no recomputed conv input (cspmirror.ops.recompute)
+                    elif isinstance(module, kinds):
                         module.backend = other
             _, grads = ta._run(m, x, cotangents)
             ratios = sorted(rel_err(grads[k], g) / max(ref_err[k], 1e-12) for k, g in grads64.items())

@@ -164,7 +164,7 @@ fi
 step check "$(cap 60)" "exec $PY -m cspmirror check --json $WORK/check.json"
 step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pytest-gpu-extension.xml"
 
-step diagnose 45 "exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 1,2"
+step diagnose 90 "exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 3"
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@${GPU_SUITE_ONLY:+ --only $GPU_SUITE_ONLY}"
 step ops "$(cap 130)" "exec $SUITE --suite ops${GPU_SUITE_VARIANTS:+ --variants $GPU_SUITE_VARIANTS}"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"

@@ -90,10 +90,11 @@ def _tile(t1, t2, t3, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, V: t
 @triton.jit
 def _lane_groups(t, B: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
     """The first index of each group of V lanes of tile ``t`` of B indices [B / V], and the lanes [V]."""
+    if INT64:
+        t = tl.cast(t, tl.int64)  # before the product: a flat tile's t * B passes 2^31 past 2^31 elements
     first = t * B + tl.arange(0, B // V) * V
     lane = tl.arange(0, V)
     if INT64:
-        first = first.to(tl.int64)
         lane = lane.to(tl.int64)
     return first, lane
 
