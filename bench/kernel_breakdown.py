@@ -106,14 +106,15 @@ def markdown(rows: list[dict], env: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        detail = "; ".join(f"{_short(k['kernel'])}: {k['us']:.1f} ({k['launches']:g})" for k in r["kernels"])
+        detail = "; ".join(f"{short_kernel_name(k['kernel'])}: {k['us']:.1f} ({k['launches']:g})"
+                           for k in r["kernels"])
         frac = f"{r['copy_us'] / r['total_us']:.0%}" if r["total_us"] else "—"
         lines.append(f"| {r['op']} | {r['layout']} | {r['direction']} | {r['variant']} | {r['total_us']:.1f} | "
                      f"{frac} | {r['launches']:g} | {detail} |")
     return "\n".join(lines) + "\n"
 
 
-def _short(kernel: str, limit: int = 48) -> str:
+def short_kernel_name(kernel: str, limit: int = 48) -> str:
     """A kernel's name without return type, template arguments and parameters, cut to ``limit`` characters."""
     name = kernel.split("(")[0].split("<")[0].strip().removeprefix("void ") or kernel
     return name if len(name) <= limit else name[: limit - 1] + "…"
@@ -145,7 +146,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def _colour(kernel: str) -> tuple:
     import matplotlib
 
-    return matplotlib.colormaps["tab20"](sum(map(ord, _short(kernel))) % 20)
+    return matplotlib.colormaps["tab20"](sum(map(ord, short_kernel_name(kernel))) % 20)
 
 
 def main(argv: list[str] | None = None) -> int:

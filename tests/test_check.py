@@ -173,6 +173,30 @@ def test_kernel_breakdown_sweep_runs(tmp_path, monkeypatch):
     assert (tmp_path / "kernel_breakdown.png").stat().st_size > 0
 
 
+def test_step_profile_runs(tmp_path, monkeypatch):
+    """``python -m bench.step_profile`` end to end on the CPU (quick model; the CUDA profiler faked): the
+    reference backend's step timed, its kernels sorted into kinds; the Triton one skipped with the reason
+    (interpreter only here); table and plot."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("matplotlib")
+    from bench import harness, step_profile
+
+    fake = [{"kernel": "void cudnn::wgrad_alg0_engine<float>(...)", "launches": 2.0, "us": 3000.0},
+            {"kernel": "_train_backward_kernel", "launches": 4.0, "us": 1000.0},
+            {"kernel": "void at::native::vectorized_elementwise_kernel<4>(...)", "launches": 9.0, "us": 500.0}]
+    monkeypatch.setattr(step_profile, "device_kernels", lambda step, device: fake)
+    rows = step_profile.measure(quick=True, device=torch.device("cpu"))
+    reference, triton = rows
+    assert reference["status"] == "ok" and reference["wall_ms"] >= reference["queue_ms"] > 0
+    assert reference["device_ms"] == pytest.approx(4.5) and reference["launches"] == 15
+    assert reference["kinds_ms"] == {"convolution": 3.0, "bn_mish (Triton)": 1.0, "other PyTorch": 0.5}
+    assert triton["status"] == "skip" and "interpreter" in triton["reason"]
+    md = step_profile.markdown(rows, harness.environment("cpu"))
+    assert "| bn_mish (Triton) | 1.00 |" in md and "- cudnn::wgrad_alg0_engine: 3.00 (2)" in md
+    step_profile.plot(rows, tmp_path / "step_profile.png")
+    assert (tmp_path / "step_profile.png").stat().st_size > 0
+
+
 def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
     """``python -m bench.mirror_tiles`` (a GPU measurement) end to end on a tiny shape under the interpreter,
     and each variant's tiling reaching the GPU launch plan (tile elements, warps)."""
