@@ -3,7 +3,9 @@
 1. Eval backward sums: ``test_gpu_matches_reference[(64, 3, 33, 17)-fp16-contiguous-eval]`` got dweight and
    dbias grossly wrong (dx right) on an H200. The per-channel sums of ``g`` and ``g * x_hat`` from
    ``kernels.bn_mish.backward`` in eval, against float64, over shapes and dtypes around that case, with and
-   without dx written in the same pass, under other warps and tile sizes.
+   without dx written in the same pass, under other warps and tile sizes; the kernels' IR is written out.
+   (Found, 2026-11-27: wrong in every dtype once a channel had more than 16 partials, a Triton 3.6
+   miscompile of a reduction inside a loop; fixed in ``_column_sums``.)
 2. fp32 eval gradients: ``test_cspmirrornet53_parity_triton_vs_reference_gpu[fp32-eval-channels_last]`` had
    gradients at 2.5-3x the reference backend's error. Per op, against float64, for the Triton and reference
    backends: y, dx, dweight, dbias, a conv-weight-like sum ``sum_nhw(dx * u)`` per channel (where errors that
