@@ -19,15 +19,62 @@ from triton.language.extra import libdevice
 from cspmirror.backends import triton_interpreted
 
 _INTERPRETED = tl.constexpr(triton_interpreted())
+# e^v = 2^k e^r with v = k ln2 + r, |r| <= ln2 / 2; ln2 = _LN2_HI + _LN2_LO (Cody-Waite), where _LN2_HI has 15
+# significant bits, so k * _LN2_HI is exact for |k| < 512
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2_HI = tl.constexpr(0.693145751953125)
+_LN2_LO = tl.constexpr(1.428606765330187e-06)
 
 
 @triton.jit
 def _exp(v, ACCURATE: tl.constexpr):
-    if ACCURATE and not _INTERPRETED:
+    if ACCURATE and v.dtype == tl.float32:
+        r = _exp_f32(v)
+    elif ACCURATE and not _INTERPRETED:
         r = libdevice.exp(v)
     else:
         r = tl.exp(v)
     return r
+
+
+@triton.jit
+def _exp_f32(v):
+    """``e^v`` for fp32 ``v <= 88``, within about 0.55 ulp and unbiased (mean signed error ~0), the same
+    arithmetic on the GPU and in the interpreter. libdevice's ``expf`` (2 ulp) and numpy's (the interpreter's;
+    -0.07 ulp on average, up to 2.4) are off by amounts that share a sign over many values, and in fp32 such a
+    bias in Mish adds up through a network's sums where independent roundings cancel: it made whole-model fp32
+    gradients 1.5-2x less accurate than PyTorch's (numpy) in the interpreter.
+
+    Range reduction (Cody-Waite) to ``|r| <= ln2 / 2``, ``e^r = 1 + r + r^2 / 2 + r^3 P(r)`` with P from the
+    Taylor series to degree 5 (truncation below 0.01 ulp) by Horner's rule, the sum rounded once with ``1 + r``
+    and ``r^2 / 2`` carried exactly, then ``2^k`` in two exact factors so that results below 2^-126 come out
+    subnormal (or 0 below about e^-104) rather than wrong. (In the interpreter, whose ``fma`` rounds twice,
+    ``r^2`` is not exact: there it is correctly rounded for about 98.7% of inputs in [-20, 20], against over
+    99% on the GPU.)
+    """
+    v = tl.maximum(v, -104.0)
+    k = tl.floor(v * _LOG2E + 0.5)
+    r = tl.fma(k, -_LN2_HI, v)  # exact: k * _LN2_HI is, and the difference fits in 24 bits
+    # e^r = 1 + r + r^2 / 2 + r^3 P(r)
+    p = tl.fma(r, 1.0 / 40320.0, 1.0 / 5040.0)
+    p = tl.fma(r, p, 1.0 / 720.0)
+    p = tl.fma(r, p, 1.0 / 120.0)
+    p = tl.fma(r, p, 1.0 / 24.0)
+    p = tl.fma(r, p, 1.0 / 6.0)
+    r2 = r * r
+    r2_lo = tl.fma(r, r, -r2)  # r^2 = r2 + r2_lo exactly (with a fused multiply-add)
+    m = 1.0 + r
+    # With the rest of the reduced argument, r_lo = -k * _LN2_LO: e^(r + r_lo) = e^r (1 + r_lo (1 + r_lo / 2)).
+    # The small terms first; then 1 + r, carried exactly as m + ((1 - m) + r) (Fast2Sum), and r^2 / 2 (exact
+    # halves of r2 and r2_lo), all rounded once at the end.
+    cubic = r2 * r * p
+    r_lo = k * -_LN2_LO
+    small = tl.fma(r_lo, (m + (0.5 * r2 + cubic)) * (1.0 + 0.5 * r_lo), cubic + 0.5 * r2_lo)
+    m = m + ((((1.0 - m) + r) + 0.5 * r2) + small)
+    ki = k.to(tl.int32)
+    k1 = ki >> 1
+    k2 = ki - k1
+    return m * ((k1 + 127) << 23).to(tl.float32, bitcast=True) * ((k2 + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -14,12 +14,14 @@ bound could not tell a right kernel from a wrong one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import Checks, assert_within_spec, assert_within_torch_error, randomize_bn, triton_or_skip
+from helpers import Checks, assert_within_spec, assert_within_torch_error, randomize_bn, rel_err, triton_or_skip
 
 import cspmirror
 from cspmirror import ops
@@ -114,14 +116,54 @@ def _names(model: cspmirror.CSPMirrorNet) -> list[str]:
     return ["logits"] + [f"level {i} ({info['module']})" for i, info in enumerate(model.feature_info)]
 
 
+def _looser(a: torch.Tensor, b: torch.Tensor, ref64: torch.Tensor) -> torch.Tensor:
+    """Whichever of two fp32 yardsticks ``a``, ``b`` is further from ``ref64``."""
+    return a if rel_err(a, ref64) >= rel_err(b, ref64) else b
+
+
+@contextlib.contextmanager
+def exact_bn_mish() -> Iterator[None]:
+    """The reference backend's ``bn_mish`` computed in float64 and rounded once to its input's dtype, forward
+    and backward: the most accurate any fused ``bn_mish`` can be (each output correctly rounded, or nearly)."""
+    from cspmirror.ops import reference
+
+    original = reference.bn_mish
+
+    def rounded(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, residual=None, *,
+                out=None):
+        def wide(t):
+            return None if t is None else t.double()
+
+        stats = wide(running_mean), wide(running_var)
+        y = original(x.double(), wide(weight), wide(bias), *stats, training, momentum, eps, wide(residual))
+        if training and running_mean is not None:
+            running_mean.copy_(stats[0])
+            running_var.copy_(stats[1])
+        return reference._write(y.to(x.dtype), out)
+
+    reference.bn_mish = rounded
+    ops._RESOLVED.clear()  # the op look-up caches functions
+    try:
+        yield
+    finally:
+        reference.bn_mish = original
+        ops._RESOLVED.clear()
+
+
 def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.dtype,
                    backward: bool = True, compile_backend: str | None = None) -> None:
     """Triton vs reference backend on ``model``'s weights, both against the float64 reference model (SPEC §4):
     logits, every feature level, every parameter gradient and, in training, the BatchNorm running statistics.
+    Every comparison runs; a failure lists all that failed. With ``x`` in channels_last, every feature level
+    must come out in channels_last too. With ``compile_backend``, the Triton model runs through
+    ``torch.compile(fullgraph=True)``.
+
     Feature levels and gradients in fp32, which SPEC §4 gives no whole-model bound for (its 1e-4 is for the
-    logits), must be within 1e-4 or 2x the reference backend's own fp32 error. Every comparison runs; a failure
-    lists all that failed. With ``x`` in channels_last, every feature level must come out in channels_last
-    too. With ``compile_backend``, the Triton model runs through ``torch.compile(fullgraph=True)``."""
+    logits), must be within 1e-4 or 2x the larger error of two fp32 yardsticks: the reference backend, and the
+    reference backend with :func:`exact_bn_mish`. The second is there because a whole network's fp32 gradients
+    are not monotonic in the accuracy of one op: in eval mode with exploding activations, a bn_mish that rounds
+    each output once from float64 gave gradients 3-4x further from float64 than PyTorch's own fp32 ops (CPU,
+    cspmirrornet53, 32x32, some seeds), so PyTorch's error alone is no bound a fused op can be held to there."""
     ref64 = _copy(model, "reference", torch.float64)
     cotangents = _cotangents(ref64, x) if backward else None
     outs64, grads64 = _run(ref64, x, cotangents)
@@ -130,6 +172,11 @@ def _assert_parity(model: cspmirror.CSPMirrorNet, x: torch.Tensor, dtype: torch.
     outs_t, grads_t = _run(tri, x, cotangents, compile_backend)
     ref = _copy(model, "reference", dtype)
     outs_r, grads_r = _run(ref, x, cotangents)
+    if not lowp:
+        with exact_bn_mish():
+            outs_e, grads_e = _run(_copy(model, "reference", dtype), x, cotangents)
+        outs_r = [_looser(r, e, o64) for r, e, o64 in zip(outs_r, outs_e, outs64, strict=True)]
+        grads_r = {name: _looser(grads_r[name], grads_e[name], g64) for name, g64 in grads64.items()}
     channels_last = x.is_contiguous(memory_format=CL) and not x.is_contiguous()
     checks = Checks()
     for i, name in enumerate(_names(model)):
