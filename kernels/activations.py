@@ -4,12 +4,11 @@ Mish and its derivative are written with ``exp`` only (no libdevice tanh/log1p, 
 ``tanh(softplus(v)) = n / (n + 2)`` with ``n = e^v (e^v + 2)``.
 
 ``OUT_DTYPE`` is the dtype the result is stored in; fp32 and fp64 get the accurate forms (``ACCURATE``): on the
-GPU ``tl.exp`` is ``ex2.approx`` of
-``v * log2(e)``, whose relative error grows with ``|v|`` (about 1e-6 at ``|v| = 10``), and ``/`` is an
-approximate division; in fp32 that made the fused ops several times less accurate than PyTorch's, enough to
-show through a whole network's gradients. ACCURATE takes libdevice's range-reduced ``exp`` and IEEE
-divisions, and forms with fewer roundings; half-precision tensors keep the fast forms, whose error their
-rounding hides. The interpreter's ``exp`` (numpy) is accurate either way.
+GPU ``tl.exp`` is ``ex2.approx`` of ``v * log2(e)``, whose relative error grows with ``|v|`` (about 1e-6 at
+``|v| = 10``), and ``/`` is an approximate division; in fp32 that made the fused ops several times less accurate
+than PyTorch's, enough to show through a whole network's gradients. ACCURATE takes an unbiased, nearly
+correctly rounded ``exp`` of our own in fp32 (:func:`_exp_f32`; libdevice's in fp64), IEEE divisions, and
+forms with fewer roundings; half-precision tensors keep the fast forms, whose error their rounding hides.
 """
 
 import triton
