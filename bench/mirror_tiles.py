@@ -2,10 +2,10 @@
 
 ``mirror_split`` and ``mirror_fuse`` forward at the ops suite's mirror shape (bf16, split along W, mirrored,
 the suite's overlap), NCHW and channels_last, each captured in a CUDA graph (device time alone) with
-:data:`cspmirror.kernels.mirror.TILINGS` set to each variant: the defaults; 4, 8 and 16 KiB tiles whatever the
-split axis; 8 elements per thread; flat tiles (no idle lanes on rows of P = 40); mirrored reads element-wise
-instead of vector groups flipped in registers; and both of the last two; the split reading both parts before
-writing either, with the default and with flat tiles. Variants and a device copy of the same
+:data:`cspmirror.kernels.mirror.TILINGS` set to each variant: the defaults (flat tiles); 4, 8 and 16 KiB tiles
+whatever the split axis; 8 elements per thread; row tiles (which leave lanes idle on rows of P = 40); mirrored
+reads element-wise instead of vector groups flipped in registers, with flat and with row tiles; the split
+reading both parts before writing either, with flat and with row tiles. Variants and a device copy of the same
 bytes are timed interleaved.
 
     python -m bench.mirror_tiles [--out DIR] [--quick]
@@ -36,11 +36,11 @@ VARIANTS: dict[str, dict] = {
     "8K": {"tile_bytes": 8192},
     "16K": {"tile_bytes": 16384},
     "8/thread": {"per_thread": 8},
-    "flat": {"flat": True},
+    "rows": {"flat": False},
     "element-wise flip": {"flip_in_registers": False},
-    "flat, element-wise flip": {"flat": True, "flip_in_registers": False},
+    "rows, element-wise flip": {"flat": False, "flip_in_registers": False},
     "split loads first": {"split_loads_first": True},
-    "flat, split loads first": {"flat": True, "split_loads_first": True},
+    "rows, split loads first": {"flat": False, "split_loads_first": True},
 }
 # The kind of call (an entry of TILINGS) each layout makes when split along W
 KIND = {"nchw": "along", "nhwc": "across"}

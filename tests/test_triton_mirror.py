@@ -214,9 +214,9 @@ def test_vectorised_mirrored_reads(shape: list[int], overlap: float, dtype: torc
 
 GPU_TILINGS = [  # every value of every knob that bench.mirror_tiles sweeps, with the defaults
     {}, {"tile_bytes": 4096}, {"tile_bytes": 16384}, {"per_thread": 8},
-    {"flat": False}, {"flat": True}, {"flip_in_registers": False},
-    {"flat": False, "flip_in_registers": False}, {"flat": True, "flip_in_registers": False, "per_thread": 8},
-    {"flat": False, "split_loads_first": True}, {"flat": True, "split_loads_first": True},
+    {"flat": False}, {"flip_in_registers": False},
+    {"flat": False, "flip_in_registers": False}, {"flip_in_registers": False, "per_thread": 8},
+    {"flat": False, "split_loads_first": True}, {"split_loads_first": True},
 ]
 
 
@@ -401,9 +401,8 @@ def test_gpu_big_shapes(dtype: torch.dtype, device: torch.device) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [{}, {"flat": False}, {"flat": True}, {"flip_in_registers": False},
-                                    {"split_loads_first": True}],
-                         ids=["default", "rows", "flat", "element_wise_flip", "split_loads_first"])
+@pytest.mark.parametrize("tiling", [{}, {"flat": False}, {"flip_in_registers": False}, {"split_loads_first": True}],
+                         ids=["default", "rows", "element_wise_flip", "split_loads_first"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gpu_benchmark_shape(layout: torch.memory_format, tiling: dict, monkeypatch: pytest.MonkeyPatch,
                              device: torch.device) -> None:
