@@ -28,9 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from cspmirror.kernels.activations import mish_grad
 
 from cspmirror import ops
 
@@ -148,18 +145,13 @@ def _mish_grad_ulps(v: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
     return err.abs().mean().item(), err.mean().item()
 
 
-@triton.jit
-def _probe_kernel(v_ptr, grad_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(grad_ptr + offs, mish_grad(tl.load(v_ptr + offs, mask=mask), grad_ptr.dtype.element_ty), mask=mask)
+def _tests_importable() -> None:
+    """Put ``tests/`` on the path: its helpers and probes are shared with this script."""
+    import sys
 
-
-def _probe_mish_grad(v: torch.Tensor) -> torch.Tensor:
-    """The kernels' fp32 Mish' of ``v`` [n]."""
-    grad = torch.empty_like(v)
-    _probe_kernel[(triton.cdiv(v.numel(), 4096),)](v, grad, v.numel(), BLOCK=4096)
-    return grad
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
 
 
 def fp32_eval_accuracy() -> None:
@@ -185,7 +177,10 @@ def fp32_eval_accuracy() -> None:
             line.append(f"{key} {t:.2e} | {r:.2e}")
         print(f"  {shape} {layout_name} x~N({loc},{scale}): " + "; ".join(line))
     v = torch.randn(1 << 22, device=DEVICE) * 3
-    ours = _probe_mish_grad(v)
+    _tests_importable()
+    from test_triton_activations import _probe  # the kernels' (mish, mish') of v
+
+    _, ours = _probe(v)
     v_ = v.clone().requires_grad_()
     (theirs,) = torch.autograd.grad(F.mish(v_), v_, torch.ones_like(v_))
     for name, grad in (("triton", ours), ("pytorch", theirs)):
@@ -196,9 +191,7 @@ def fp32_eval_accuracy() -> None:
 def model_gradients(size: int = 128) -> None:
     """The failing whole-model case with each op's backend switched alone: per parameter gradient, the rel
     err against float64 over the reference backend's own (ratio), and how many exceed the test's bound."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    _tests_importable()
     import test_accelerate as ta
     from helpers import randomize_bn, rel_err
 
@@ -254,6 +247,8 @@ def main() -> None:
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to diagnose here")
+    import triton
+
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch.__version__, triton.__version__)
     parts = {"1": eval_sums, "2": fp32_eval_accuracy, "3": lambda: model_gradients(args.model_size)}
     for number in args.parts.split(","):
