@@ -12,7 +12,8 @@ Passes over memory (x: the input, y: the output, dy / dx: their gradients):
 - training forward: a reduction pass reads x for per-program partial statistics; the last program of each
   channel block to finish (an integer count) merges the block's partials, in a fixed order, into the mean and
   biased variance (no floating-point atomics: deterministic); an elementwise pass then reads x (+ residual)
-  and writes y. ``_running_kernel`` updates the running statistics from the mean and variance.
+  and writes y. The running statistics are updated by the merging programs (or by ``_running_kernel``, from
+  the mean and variance, where the training forward runs as an op of its own, without them).
 - eval forward: ``_apply_kernel`` only, from the running statistics.
 - training backward: a reduction pass reads x and dy for per-program partial sums of ``g = dy * mish'(v)``
   and ``g * x_hat`` (the last program of each channel block adds them up, in order), then an elementwise pass
@@ -211,9 +212,12 @@ def _last_to_finish(count_ptr, pid_c, splits):
     """Whether this program is the last of channel block ``pid_c``'s ``splits`` programs to get here (an
     integer count, so whoever it is, what it then computes is the same: deterministic). The barrier orders
     all of this program's stores before its count; acq_rel makes every store counted before visible to the
-    last one."""
+    last one. The last one sets the count back to 0 (every other program has counted by then), so the
+    counters are zero again for the next launch without a fill (see :func:`zeroed_counters`)."""
     tl.debug_barrier()
-    return tl.atomic_add(count_ptr + pid_c, 1, sem="acq_rel") == splits - 1
+    last = tl.atomic_add(count_ptr + pid_c, 1, sem="acq_rel") == splits - 1
+    tl.store(count_ptr + pid_c, 0, mask=last)
+    return last
 
 
 @triton.jit
@@ -347,18 +351,20 @@ PASS_ARGS = ("reduce_block", "reduce_splits", "reduce_ipp", "reduce_programs",
 @triton.jit(do_not_specialize=PASS_ARGS)
 def _train_forward_kernel(
     x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pshift_ptr, poff_ptr, pm2_ptr, count_ptr,
-    C, B, nbb, items, eps, n_total,
+    rmean_ptr, rvar_ptr, C, B, nbb, items, eps, n_total, momentum,
     reduce_block, reduce_splits, reduce_ipp, reduce_programs, elementwise_block, elementwise_splits, elementwise_ipp,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr,
     REVERSED: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
 ):
     """One launch of the pipelined training forward: ``reduce_programs`` programs reduce one channel group
     (:func:`_stats_tiles`; the last program of each channel block merges its partials into the mean and
-    var), the others normalize the group reduced by the launch before (:func:`_apply_tiles`), over the same
-    tiles per program as its reduction (which programs take which role, and REVERSED, which retraces the
-    reduction's schedule and tiles backwards: :func:`_launch_role`). KEEP, STREAM: the eviction policies of
-    the first and the second pass (see :func:`pass_options`)."""
+    var, and with UPDATE_RUNNING updates the block's running statistics from them), the others normalize
+    the group reduced by the launch before (:func:`_apply_tiles`), over the same tiles per program as its
+    reduction (which programs take which role, and REVERSED, which retraces the reduction's schedule and
+    tiles backwards: :func:`_launch_role`). KEEP, STREAM: the eviction policies of the first and the second
+    pass (see :func:`pass_options`)."""
     reducing, index = _launch_role(reduce_programs, REVERSED)
     if reducing:
         split, pid_c = _role(index, reduce_block, reduce_splits)
@@ -370,6 +376,8 @@ def _train_forward_kernel(
                                      reduce_splits, n_total, BLOCK_C, BLOCK_B, MERGE_ROWS)
             tl.store(mean_ptr + offs_c, mean, mask=mask_c)
             tl.store(var_ptr + offs_c, var, mask=mask_c)
+            if UPDATE_RUNNING:
+                _update_running(mean, var, rmean_ptr, rvar_ptr, offs_c, mask_c, n_total, momentum)
     else:
         split, pid_c = _role(index, elementwise_block, elementwise_splits)
         start, end = _items_of(split, elementwise_ipp, items)
@@ -378,20 +386,27 @@ def _train_forward_kernel(
 
 
 @triton.jit
-def _running_kernel(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, C, n_total, momentum, BLOCK: tl.constexpr):
-    """``nn.BatchNorm2d``'s update, in place: ``running = (1 - momentum) * running + momentum * stat``, with
-    the unbiased variance."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < C
+def _update_running(mean, var, rmean_ptr, rvar_ptr, offs, mask, n_total, momentum):
+    """``nn.BatchNorm2d``'s update of channels ``offs``, in place: ``running = (1 - momentum) * running +
+    momentum * stat``, with the unbiased variance (``n_total`` values per channel)."""
     n = n_total.to(tl.float32)
-    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-    unbiased = tl.load(var_ptr + offs, mask=mask, other=0.0) * n / (n - 1.0)
+    unbiased = var * n / (n - 1.0)
     rmean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rvar = tl.load(rvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rmean = momentum * mean + (1.0 - momentum) * rmean
     rvar = momentum * unbiased + (1.0 - momentum) * rvar
     tl.store(rmean_ptr + offs, _cast_for(rmean_ptr, rmean), mask=mask)
     tl.store(rvar_ptr + offs, _cast_for(rvar_ptr, rvar), mask=mask)
+
+
+@triton.jit
+def _running_kernel(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, C, n_total, momentum, BLOCK: tl.constexpr):
+    """:func:`_update_running` from the mean and biased variance in memory (fp32 [C])."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    var = tl.load(var_ptr + offs, mask=mask, other=0.0)
+    _update_running(mean, var, rmean_ptr, rvar_ptr, offs, mask, n_total, momentum)
 
 
 # --- backward ------------------------------------------------------------------------------------------------
@@ -809,34 +824,42 @@ def _may_alias_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None, eps: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  residual: torch.Tensor | None, eps: float, out: torch.Tensor,
+                  running: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = mish((x - mean) / sqrt(var + eps) * weight + bias) (+ residual)`` with x's batch statistics.
 
     Args:
         x, residual, out: [N, C, H, W] (N*H*W >= 2), any strides (``out`` e.g. a channel slice of a larger
             buffer; it may also be ``x`` itself). weight, bias: [C], any float dtype, or None.
+        running: (running_mean, running_var, momentum) to update in place as :func:`update_running` does, in
+            the same launch (no launch of its own), or None.
 
     Returns:
         mean, biased variance: fp32 [C].
     """
     plan, x_in, (res,), y = _prepare(x, [residual], out)
     weight, bias = _vectors(weight, bias)
-    c, device = plan.c, x.device
+    c, device, count = plan.c, x.device, x.numel() // plan.c
+    rmean, rvar, momentum = running if running is not None else (None, None, 0.0)
+    fuse_update = rmean is not None and rmean.is_contiguous() and rvar.is_contiguous()  # (contiguous pointers)
     work = pipeline(plan, device, x_in.element_size())
     pshift, poff, pm2 = (new_fp32(work.rows, c, device=device) for _ in range(3))
     mean, var = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y))
     options = pass_options("forward")
     with _on(device):
-        counts = _new_counts(plan, device)
+        counts = zeroed_counters(plan.c_blocks, device)
         for stats, normalize in work.launches:
             _train_forward_kernel[(stats.programs + normalize.programs,)](
                 x_in, res, y, mean, var, weight, bias, pshift, poff, pm2, counts,
-                c, plan.b, plan.nbb, plan.items, float(eps), x.numel() // c,
+                rmean if fuse_update else None, rvar if fuse_update else None,
+                c, plan.b, plan.nbb, plan.items, float(eps), count, float(momentum),
                 *stats.args(), stats.programs, *normalize.args(), *strides,
-                BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, num_warps=NUM_WARPS,
-                **options,
+                BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, UPDATE_RUNNING=fuse_update,
+                num_warps=NUM_WARPS, **options,
             )
+    if rmean is not None and not fuse_update:
+        update_running(mean, var, rmean, rvar, momentum, count)
     if y is not out:
         out.copy_(y)
     return mean, var
@@ -884,9 +907,29 @@ def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, we
         out.copy_(y)
 
 
-def _new_counts(plan: Plan, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 [channel blocks]: how many programs of each channel block have finished reducing."""
-    return torch.zeros(plan.c_blocks, dtype=torch.int32, device=device)
+_COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}  # (device type, index, stream) -> zeroed int32
+_MAX_COUNTER_SETS = 64
+
+
+def zeroed_counters(blocks: int, device: torch.device) -> torch.Tensor:
+    """int32 [>= blocks] of zeros: how many programs of each channel block have finished reducing.
+
+    The kernels leave them zero (:func:`_last_to_finish`), so one buffer per device and stream serves every
+    launch on that stream one after the other, without a fill kernel per call. A launch being captured into a
+    CUDA graph gets a fresh zeroed buffer instead (the fill is then part of the graph)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(blocks, dtype=torch.int32, device=device)
+        key = ("cuda", index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (device.type, device.index, 0)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < blocks:
+        if len(_COUNTERS) >= _MAX_COUNTER_SETS:
+            _COUNTERS.clear()  # (a buffer still in use on its stream is freed in stream order)
+        counters = _COUNTERS[key] = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def _strides_or_zeros(plan: Plan, t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -937,7 +980,7 @@ def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Ten
     pg, pgx = new_fp32(work.rows, c, device=device), new_fp32(work.rows, c, device=device)
     sum_g, sum_gx = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(dy), *plan.strides(x), *plan.strides(dx))
-    counts = _new_counts(plan, device)
+    counts = zeroed_counters(plan.c_blocks, device)
     options = pass_options("backward")
     for reduce, write_dx in work.launches:
         _train_backward_kernel[(reduce.programs + write_dx.programs,)](

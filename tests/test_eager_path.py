@@ -33,7 +33,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, eager_op) -> None:
 
 def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
     for eager_op in (triton_mirror._split, triton_mirror._fuse, triton_bn_mish._train, triton_bn_mish._train_out,
-                     triton_bn_mish._running_update, triton_bn_mish._apply, triton_bn_mish._apply_out,
+                     triton_bn_mish._apply, triton_bn_mish._apply_out,
                      triton_bn_mish._backward_fused, triton_conv._conv, triton_conv._conv_out):
         _forbid(monkeypatch, eager_op)
     x = torch.randn(2, 4, 3, 6, device=device, requires_grad=True)

@@ -261,6 +261,43 @@ def test_low_precision_module_keeps_its_dtype(device):
     torch.testing.assert_close(fused.running_var, plain.running_var, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("with_out", [False, True], ids=["functional", "out"])
+def test_running_update_in_the_forward_launch(device, kernels, small_tiles, with_out):
+    """Plain eager training forwards update the running statistics in their own launch, strided running
+    buffers in a launch after it, the registered ops (what compile and dispatch modes run) in an op of their
+    own: the same values bit for bit, over several channel blocks and reduction programs. Every launch leaves
+    the channel blocks' counters at zero for the next one."""
+    check_running_update(kernels, make_case((3, 5, 4, 3), device=device), with_out)
+
+
+def check_running_update(kernels, case, with_out: bool) -> None:
+    from cspmirror.ops import triton_bn_mish
+
+    momentum, c, device = 0.3, case.x.shape[1], case.x.device
+    results = {}
+    for variant in ("fused", "strided", "registered ops"):
+        running = [torch.zeros(2 * c, device=device)[::2], torch.ones(2 * c, device=device)[::2]]
+        if variant != "strided":
+            running = [t.contiguous() for t in running]
+        for _ in range(2):
+            if variant == "registered ops":
+                y = triton_bn_mish._train_and_update_ops(case.x, case.weight, case.bias, None, 1e-5, *running,
+                                                         momentum)[0]
+            else:
+                y = ops.bn_mish(case.x, case.weight, case.bias, *running, True, momentum,
+                                out=torch.empty_like(case.x) if with_out else None, backend="triton")
+        results[variant] = [y, *running]
+        assert all(int(counters.abs().sum()) == 0 for counters in kernels._COUNTERS.values())
+    for variant in ("strided", "registered ops"):
+        for got, expected in zip(results[variant], results["fused"], strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    expected = nn.BatchNorm2d(c, momentum=momentum).to(device)
+    for _ in range(2):
+        expected(case.x.float())
+    torch.testing.assert_close(results["fused"][1], expected.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["fused"][2], expected.running_var, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_one_value_per_channel_errors_like_pytorch(device, backend):
     x = torch.randn(1, 3, 1, 1, device=device)
@@ -393,7 +430,10 @@ def _opcheck_samples(device):
         (ops_ns.bn_mish_train_triton, (x.clone().requires_grad_(), w.clone().requires_grad_(), b, res, 1e-5),
          None),
         (ops_ns.bn_mish_train_triton, (x.clone().requires_grad_(), None, None, None, 1e-5), None),
-        (ops_ns.bn_mish_train_triton_out, (x, w, b, res, 1e-5, slice_of.clone()), no_autograd),
+        (ops_ns.bn_mish_train_triton_out, (x, w, b, res, 1e-5, case.running_mean.clone(), case.running_var.clone(),
+                                           0.1, slice_of.clone()), no_autograd),
+        (ops_ns.bn_mish_train_triton_out, (x, None, None, None, 1e-5, None, None, 0.1, slice_of.clone()),
+         no_autograd),
         (ops_ns.bn_running_update_triton, (mean, var, case.running_mean, case.running_var, 0.1, 40), no_autograd),
         (ops_ns.bn_mish_apply_triton, (x.clone().requires_grad_(), mean, var, w.clone().requires_grad_(), b, res,
                                        1e-5, True), None),
@@ -405,7 +445,7 @@ def _opcheck_samples(device):
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(device, index):
     op, args, test_utils = _opcheck_samples(device)[index]
     if test_utils is None:
@@ -459,6 +499,40 @@ def test_gpu_matches_reference(shape, dtype, layout, training):
     case = make_case(shape, dtype, layout, "cuda", training=training,
                      param_dtype=torch.float32 if dtype == torch.bfloat16 else None)
     check_case(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_gpu_running_update_and_counters(kernels, layout):
+    """The running statistics updated in the forward's launch, and the counters left at zero, on the GPU."""
+    check_running_update(kernels, make_case((32, 128, 32, 32), torch.bfloat16, layout, "cuda",
+                                            param_dtype=torch.float32), with_out=False)
+
+
+@pytest.mark.gpu
+def test_gpu_training_forward_in_a_cuda_graph(kernels):
+    """Captured into a CUDA graph, the training forward uses counters of its own (zeroed by the graph);
+    replays compute what eager calls do, running statistics included, and eager calls after it still work."""
+    case = make_case((16, 64, 16, 16), torch.bfloat16, torch.channels_last, "cuda", residual=False,
+                     param_dtype=torch.float32)
+    x, w, b = (t.detach() for t in (case.x, case.weight, case.bias))
+    running = [case.running_mean.clone(), case.running_var.clone()]
+    expected_running = [case.running_mean.clone(), case.running_var.clone()]
+    with torch.no_grad():
+        expected = [ops.bn_mish(x, w, b, *expected_running, True, backend="triton") for _ in range(2)]
+        ops.bn_mish(x, w, b, *[t.clone() for t in running], True, backend="triton")  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            y = ops.bn_mish(x, w, b, *running, True, backend="triton")
+        torch.cuda.current_stream().wait_stream(stream)
+        for step in range(2):
+            graph.replay()
+            torch.testing.assert_close(y, expected[step], rtol=0, atol=0)
+        torch.testing.assert_close(running, expected_running, rtol=0, atol=0)
+        again = ops.bn_mish(x, w, b, *[t.clone() for t in running], True, backend="triton")
+    torch.testing.assert_close(again, expected[0], rtol=0, atol=0)
 
 
 @pytest.mark.gpu

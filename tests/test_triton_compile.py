@@ -67,6 +67,7 @@ def _report() -> dict:
         x = torch.empty(4, 16, 8, 8, dtype=dtype)
         mean, var = bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x))
         bn_mish.update_running(mean, var, zeros.clone(), ones.clone(), 0.1, 256)
+        bn_mish.train_forward(x, ones, zeros, None, 1e-5, torch.empty_like(x), (zeros.clone(), ones.clone(), 0.1))
         bn_mish.apply(x, mean, var, 1e-5, ones, zeros, None, torch.empty_like(x))
         for training in (True, False):
             bn_mish.backward(x, x, mean, var, 1e-5, ones, zeros, training, torch.empty_like(x), True)

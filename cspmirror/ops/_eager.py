@@ -43,8 +43,9 @@ class EagerOp:
     """Callable like the custom op ``op`` (positional arguments), with an eager fast path.
 
     Args:
-        op: the registered op (``torch.library.custom_op(...)(impl)``).
-        impl: its implementation.
+        op: the registered op (``torch.library.custom_op(...)(impl)``), or a function of registered ops that
+            computes what ``impl`` does.
+        impl: the implementation.
         setup_context, backward: what ``op.register_autograd`` was given (None: no autograd), written for
             the op's signature; a list-of-tensors argument gets a list of gradients, as for the custom op.
         mutates: positions of the arguments the op writes in place (its ``mutates_args``): their version
@@ -62,17 +63,20 @@ class EagerOp:
             return self.op(*args)
         if self.function is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             result = self.impl(*args)
-            for i in self.mutates:
-                if args[i] is not None:
-                    torch.autograd.graph.increment_version(args[i])
-            return result
-        flat, unflatten = _flatten(args)
-        return self.function.apply(unflatten, *flat)
+        else:
+            flat, unflatten = _flatten(args)
+            result = self.function.apply(unflatten, *flat)
+        for i in self.mutates:
+            if args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
+        return result
 
 
-def _flatten(args: tuple) -> tuple[list, Callable[[tuple], tuple]]:
+def _flatten(args: tuple) -> tuple[tuple | list, Callable[[tuple], tuple] | None]:
     """``args`` with list-of-tensor arguments spread out (``autograd.Function`` only tracks top-level
-    tensors), and the function that puts them back."""
+    tensors), and the function that puts them back (None when there is no list: ``args`` as they are)."""
+    if not any(isinstance(a, (list, tuple)) for a in args):
+        return args, None
     flat, spans = [], []
     for a in args:
         if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
@@ -93,11 +97,12 @@ def _function(impl: Callable, setup_context: Callable, backward: Callable) -> ty
     class _Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, unflatten, *flat):
-            inputs = unflatten(flat)
+            inputs = flat if unflatten is None else unflatten(flat)
             output = impl(*inputs)
             # As the custom op's backward sees it: one flag per argument (any, for a list of tensors).
-            ctx.needs_input_grad = tuple(any(flags) if isinstance(flags, list) else flags
-                                         for flags in unflatten(ctx.needs_input_grad[1:]))
+            ctx.needs_input_grad = (ctx.needs_input_grad[1:] if unflatten is None else
+                                    tuple(any(flags) if isinstance(flags, list) else flags
+                                          for flags in unflatten(ctx.needs_input_grad[1:])))
             setup_context(ctx, inputs, output)
             return output
 

@@ -9,8 +9,9 @@
   (through the statistics too), as ``native_batch_norm_backward`` does from its saved mean and invstd. It
   saves only ``x``, ``mean`` and ``var`` (plus the weight and bias parameters) and recomputes the normalized
   input and Mish' from them.
-- ``cspmirror::bn_mish_train_triton_out(..., out) -> (mean, var)``: the same, written into ``out`` (any
-  strides, e.g. a channel slice of a larger buffer). No autograd.
+- ``cspmirror::bn_mish_train_triton_out(..., running_mean?, running_var?, momentum, out) -> (mean, var)``:
+  the same, written into ``out`` (any strides, e.g. a channel slice of a larger buffer), updating the running
+  statistics in the same launch. No autograd.
 - ``cspmirror::bn_running_update_triton(mean, var, running_mean, running_var, momentum, count)``: the running
   statistics update, in place (declared in ``mutates_args``).
 - ``cspmirror::bn_mish_apply_triton(x, mean, var, weight?, bias?, residual?, eps, training) -> y``: the
@@ -24,6 +25,9 @@
 :func:`bn_mish` uses the ``_out`` forms only when nothing needs a gradient, and otherwise runs the functional op
 and copies into ``out`` (autograd records the copy, so ``out=`` also works in training, at the cost of that
 copy). Why the running statistics have an op of their own: ``register_autograd`` only accepts functional ops.
+In plain eager mode, where the ops' dispatch is skipped (:mod:`._eager`), the training forward updates the
+running statistics in its own launch (``_train_and_update_impl``); compiled and traced code sees the functional
+op followed by ``bn_running_update_triton``. Both compute the same update, bit for bit.
 
 float64 inputs run the reference (the kernels compute in fp32). Everything is deterministic: reductions write
 per-program partials that are added in a fixed order (no floating-point atomics).
@@ -74,32 +78,22 @@ def bn_mish(
         return reference.bn_mish(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                  residual, out=out)
     if training:
-        y, mean, var = _train_forward(x, weight, bias, residual, eps, out)
-        if running_mean is not None:
-            _running_update(mean, var, running_mean, running_var, momentum, x.numel() // x.shape[1])
-        return y
-    args = (x, running_mean, running_var, weight, bias, residual, eps, False)
+        args = (x, weight, bias, residual, eps, running_mean, running_var, momentum)
+        functional, into = _train_output, _train_out
+    else:
+        args = (x, running_mean, running_var, weight, bias, residual, eps, False)
+        functional, into = _apply, _apply_out
     if out is None:
-        return _apply(*args)
+        return functional(*args)
     if _needs_autograd(x, weight, bias, residual, out):
-        return out.copy_(_apply(*args))
-    _apply_out(*args, out)
+        return out.copy_(functional(*args))
+    into(*args, out)
     return out
 
 
-def _train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   residual: torch.Tensor | None, eps: float, out: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var): ``out`` (when given) or a new tensor, and x's batch statistics (detached)."""
-    if out is None:
-        y, mean, var = _train(x, weight, bias, residual, eps)
-    elif _needs_autograd(x, weight, bias, residual, out):
-        y, mean, var = _train(x, weight, bias, residual, eps)
-        y = out.copy_(y)
-    else:
-        y = out
-        mean, var = _train_out(x, weight, bias, residual, eps, out)
-    return y, mean.detach(), var.detach()
+def _train_output(*args) -> torch.Tensor:
+    """The output of :data:`_train` (without the batch statistics)."""
+    return _train(*args)[0]
 
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -137,7 +131,7 @@ def _(x, weight, bias, residual, eps):
 
 
 def _train_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, eps = inputs
+    x, weight, bias, residual, eps = inputs[:5]
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.eps, ctx.training, ctx.residual_free = eps, True, residual is None
@@ -145,27 +139,62 @@ def _train_setup_context(ctx, inputs, output) -> None:
 
 
 def _train_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+    """Gradients for x, weight, bias and residual; None for the rest (eps, and the running statistics and
+    momentum of :func:`_train_and_update_impl`)."""
     need_x, need_w, need_b, need_residual = ctx.needs_input_grad[:4]
     grad_x, grad_w, grad_b = _input_grads(ctx, grad, need_x, need_w, need_b)
-    return grad_x, grad_w, grad_b, grad if need_residual else None, None
+    return grad_x, grad_w, grad_b, grad if need_residual else None, *[None] * (len(ctx.needs_input_grad) - 4)
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
+def _train_and_update_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           residual: torch.Tensor | None, eps: float, running_mean: torch.Tensor | None,
+                           running_var: torch.Tensor | None, momentum: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_train_impl`, also updating the running statistics (when given) in the same launch."""
+    y = new_like(x)
+    mean, var = kernels.train_forward(x, weight, bias, residual, eps, y, _running(running_mean, running_var,
+                                                                                  momentum))
+    return y, mean, var
+
+
+def _train_and_update_ops(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          residual: torch.Tensor | None, eps: float, running_mean: torch.Tensor | None,
+                          running_var: torch.Tensor | None, momentum: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same through registered ops, for torch.compile, tracing and dispatch modes: the functional
+    training op (autograd needs a functional op), then the running-statistics update."""
+    y, mean, var = _train_op(x, weight, bias, residual, eps)
+    if running_mean is not None:
+        _running_update_op(mean, var, running_mean, running_var, momentum, x.numel() // x.shape[1])
+    return y, mean, var
+
+
+def _running(running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float
+             ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    return None if running_mean is None else (running_mean, running_var, momentum)
+
+
+_RUNNING_ARGS = "Tensor(b!)? running_mean, Tensor(c!)? running_var, float momentum"
+
+
 def _train_out_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    residual: torch.Tensor | None, eps: float, out: torch.Tensor
+                    residual: torch.Tensor | None, eps: float, running_mean: torch.Tensor | None,
+                    running_var: torch.Tensor | None, momentum: float, out: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.train_forward(x, weight, bias, residual, eps, out)
+    return kernels.train_forward(x, weight, bias, residual, eps, out, _running(running_mean, running_var, momentum))
 
 
-_train_out_op = torch.library.custom_op("cspmirror::bn_mish_train_triton_out", _train_out_impl,
-                                        mutates_args=("out",),
-                                        schema=f"({_TRAIN_ARGS}, Tensor(a!) out) -> (Tensor, Tensor)")
+_train_out_op = torch.library.custom_op(
+    "cspmirror::bn_mish_train_triton_out", _train_out_impl, mutates_args=("running_mean", "running_var", "out"),
+    schema=f"({_TRAIN_ARGS}, {_RUNNING_ARGS}, Tensor(a!) out) -> (Tensor, Tensor)",
+)
 
 
 @_train_out_op.register_fake
-def _(x, weight, bias, residual, eps, out):
+def _(x, weight, bias, residual, eps, running_mean, running_var, momentum, out):
     return _stats_like(x), _stats_like(x)
 
 
@@ -277,9 +306,9 @@ def _(dy, x, mean, var, weight, bias, eps, training, need_dx, need_sums):
 
 # What :func:`bn_mish` and the backward call: the registered ops, or in plain eager mode the same code without
 # the custom-op dispatch (see :mod:`._eager`).
-_train = EagerOp(_train_op, _train_impl, _train_setup_context, _train_backward)
-_train_out = EagerOp(_train_out_op, _train_out_impl, mutates=(5,))
-_running_update = EagerOp(_running_update_op, _running_update_impl, mutates=(2, 3))
+_train = EagerOp(_train_and_update_ops, _train_and_update_impl, _train_setup_context, _train_backward,
+                 mutates=(5, 6))
+_train_out = EagerOp(_train_out_op, _train_out_impl, mutates=(5, 6, 8))
 _apply = EagerOp(_apply_op, _apply_impl, _setup_context, _backward)
 _apply_out = EagerOp(_apply_out_op, _apply_out_impl, mutates=(8,))
 _backward_fused = EagerOp(_backward_op, _backward_impl)
