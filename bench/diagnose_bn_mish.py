@@ -121,7 +121,7 @@ def dump_ir(out: Path) -> None:
     folder = out / "ttgir"
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
-    for fn_name in ("_backward_kernel", "_sum_partials_kernel"):
+    for fn_name in ("_backward_kernel",):
         fn = getattr(kernels, fn_name)
         caches = getattr(fn, "device_caches", {})
         for device_cache in caches.values():

@@ -34,7 +34,7 @@ BACKENDS = ("reference", "triton")
 # kind of kernel -> substrings of its name (lower case); the first kind that matches wins
 KINDS: dict[str, tuple[str, ...]] = {
     "bn_mish (Triton)": ("_train_forward_kernel", "_train_backward_kernel", "_apply_kernel", "_backward_kernel",
-                         "_running_kernel", "_sum_partials_kernel"),
+                         "_running_kernel"),
     "mirror (Triton)": ("mirror_split_kernel", "mirror_fuse_kernel"),
     "convolution": ("conv", "xmma", "cudnn", "gemm", "wgrad", "dgrad", "cutlass", "sm90_"),
     "batch norm (PyTorch)": ("batch_norm",),

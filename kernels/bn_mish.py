@@ -19,7 +19,7 @@ Passes over memory (x: the input, y: the output, dy / dx: their gradients):
   and ``g * x_hat`` (the last program of each channel block adds them up, in order), then an elementwise pass
   reads x and dy again and writes dx.
 - eval backward: one ``_backward_kernel`` pass writes dx and the partial sums for the weight and bias grads
-  (``_sum_partials_kernel`` adds them).
+  (the last program of each channel block adds them up, as in the training passes).
 
 The two training passes run **channel group by channel group, pipelined** (``_train_forward_kernel``,
 ``_train_backward_kernel``): launch ``j`` runs the reduction of group ``j`` and the elementwise pass of group
@@ -71,8 +71,7 @@ BLOCK_C_CONTIGUOUS = 64
 # Programs to aim for per SM (GPU) or in all (interpreter), per pass of a launch.
 PROGRAMS_PER_SM = 8
 INTERPRETER_PROGRAMS = 4
-VECTOR_BLOCK = 256  # channels per program of the [C]-vector kernels
-VECTOR_ROWS = 16  # partials per step of _sum_partials_kernel
+VECTOR_BLOCK = 256  # channels per program of the running statistics' kernel
 # Offsets beyond this need int64 index arithmetic.
 INT32_LIMIT = 2**31 - 1
 # Channel groups of the pipelined training passes: the bytes a group's second pass reads again, at most
@@ -477,21 +476,38 @@ def _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, BLOCK: tl.constexpr, RO
 
 
 @triton.jit
+def _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid_c, C, splits,
+                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    """The last of channel block ``pid_c``'s ``splits`` reducing programs adds the block's partials up
+    (:func:`_column_sums`) into ``sum_g`` and ``sum_gx``."""
+    if _last_to_finish(count_ptr, pid_c, splits):
+        offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
+        sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, splits, BLOCK_C, ROWS)
+        tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
+        tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
+
+
+@triton.jit
 def _backward_kernel(
-    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr,
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr,
     C, B, nbb, items, ipp, eps,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
 ):
     """:func:`_backward_tiles` without the batch-statistics terms (eval, or the sums alone), over program
-    ``(split, channel block)``'s tiles (EVICT as in :func:`_apply_kernel`)."""
+    ``(split, channel block)``'s tiles (EVICT as in :func:`_apply_kernel`); with REDUCE, the last program of
+    each channel block adds up the block's partials into ``sum_g`` and ``sum_gx``."""
     split = tl.program_id(0)
     pid_c = tl.program_id(1)
     start, end = _items_of(split, ipp, items)
     _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                     split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
                     REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64, False, EVICT)
+    if REDUCE:
+        _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid_c, C, tl.num_programs(0),
+                              BLOCK_C, MERGE_ROWS)
 
 
 @triton.jit(do_not_specialize=PASS_ARGS)
@@ -514,11 +530,8 @@ def _train_backward_kernel(
         _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                         split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
                         True, False, False, BLOCK_C, BLOCK_B, IDX64, False, KEEP)
-        if _last_to_finish(count_ptr, pid_c, reduce_splits):
-            offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
-            sum_g, sum_gx = _column_sums(pg_ptr, pgx_ptr, offs_c, mask_c, C, reduce_splits, BLOCK_C, MERGE_ROWS)
-            tl.store(sum_g_ptr + offs_c, sum_g, mask=mask_c)
-            tl.store(sum_gx_ptr + offs_c, sum_gx, mask=mask_c)
+        _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid_c, C, reduce_splits,
+                              BLOCK_C, MERGE_ROWS)
     else:
         split, pid_c = _role(index, elementwise_block, elementwise_splits)
         start, end = _items_of(split, elementwise_ipp, items)
@@ -527,16 +540,6 @@ def _train_backward_kernel(
                         _channel(sum_gx_ptr, pid_c, C, BLOCK_C, 0.0) * inv_n,
                         split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
                         False, True, True, BLOCK_C, BLOCK_B, IDX64, REVERSED, STREAM)
-
-
-@triton.jit
-def _sum_partials_kernel(pg_ptr, pgx_ptr, sum_g_ptr, sum_gx_ptr, C, splits, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """:func:`_column_sums` of the partials [splits, C] -> sum_g, sum_gx [C]."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < C
-    acc_g, acc_gx = _column_sums(pg_ptr, pgx_ptr, offs, mask, C, splits, BLOCK, ROWS)
-    tl.store(sum_g_ptr + offs, acc_g, mask=mask)
-    tl.store(sum_gx_ptr + offs, acc_gx, mask=mask)
 
 
 # --- launch helpers ------------------------------------------------------------------------------------------
@@ -995,26 +998,25 @@ def _train_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Ten
 def _reduce_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None,
                      args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel sums of g and g * x_hat in fp32 [C] (and eval's dx in the same pass when given)."""
-    c = plan.c
-    splits, ipp = plan.splits(target_programs(x.device))
-    partials = new_fp32(splits, c, device=x.device), new_fp32(splits, c, device=x.device)
-    _launch_backward(plan, dy, x, dx, args, partials, splits, ipp)
-    sum_g, sum_gx = new_fp32(c, device=x.device), new_fp32(c, device=x.device)
-    _sum_partials_kernel[(cdiv(c, VECTOR_BLOCK),)](
-        *partials, sum_g, sum_gx, c, splits, BLOCK=VECTOR_BLOCK, ROWS=VECTOR_ROWS,
-    )
-    return sum_g, sum_gx
+    c, device = plan.c, x.device
+    splits, ipp = plan.splits(target_programs(device))
+    partials = new_fp32(splits, c, device=device), new_fp32(splits, c, device=device)
+    sums = new_fp32(c, device=device), new_fp32(c, device=device)
+    _launch_backward(plan, dy, x, dx, args, (*partials, zeroed_counters(plan.c_blocks, device), *sums), splits,
+                     ipp)
+    return sums
 
 
 def _launch_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None, args: tuple,
-                     partials: tuple[torch.Tensor, torch.Tensor] | None, programs: int, ipp: int) -> None:
-    """One ``_backward_kernel`` launch (no batch-statistics terms): reduces when ``partials`` is given,
-    writes ``dx`` when given."""
+                     reduction: tuple[torch.Tensor, ...] | None, programs: int, ipp: int) -> None:
+    """One ``_backward_kernel`` launch (no batch-statistics terms): reduces when ``reduction`` (the two
+    partials [programs, C], the zeroed counters, sum_g and sum_gx [C]) is given, writes ``dx`` when given."""
     mean, var, eps, weight, bias = args
-    pg, pgx = partials if partials is not None else (None, None)
     _backward_kernel[(programs, plan.c_blocks)](
-        dy, x, dx, mean, var, weight, bias, pg, pgx, plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
+        dy, x, dx, mean, var, weight, bias, *(reduction if reduction is not None else (None,) * 5),
+        plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
         *plan.strides(dy), *plan.strides(x), *_strides_or_zeros(plan, dx),
-        REDUCE=partials is not None, WRITE_DX=dx is not None,
-        BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", num_warps=NUM_WARPS,
+        REDUCE=reduction is not None, WRITE_DX=dx is not None,
+        BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", MERGE_ROWS=MERGE_ROWS,
+        num_warps=NUM_WARPS,
     )

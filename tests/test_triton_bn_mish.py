@@ -106,17 +106,34 @@ def test_many_tiles_and_programs(small_tiles, kernels, device, dtype, layout, tr
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_merge_steps_over_many_programs(kernels, monkeypatch, device, layout, training):
-    """More reduction programs per channel block than one merge step takes partials (MERGE_ROWS in the
-    training passes, VECTOR_ROWS in the eval backward), the last step partial, around a large mean: each
-    partial counted once, in the parallel-variance merge."""
+    """More reduction programs per channel block than one merge step takes partials (MERGE_ROWS), the last
+    step partial, around a large mean: each partial counted once, in the parallel-variance merge and in the
+    sums of the backward passes (training, and eval's in the same launch as its dx)."""
     monkeypatch.setattr(kernels, "TILE", 8)
     monkeypatch.setattr(kernels, "BLOCK_C_CONTIGUOUS", 2)
     monkeypatch.setattr(kernels, "MERGE_ROWS", 8)
     monkeypatch.setattr(kernels, "target_programs", lambda device: 96)
     case = make_case((5, 3, 6, 7), torch.float32, layout, device, training=training, loc=1e3, scale=3.0)
     splits = kernels.make_plan(case.x).splits(96)[0]
-    assert all(splits > rows and splits % rows for rows in (kernels.MERGE_ROWS, kernels.VECTOR_ROWS))
+    assert splits > kernels.MERGE_ROWS and splits % kernels.MERGE_ROWS
     check_case(case)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_weight_and_bias_gradients_alone(device, small_tiles, training):
+    """x needs no gradient (a frozen layer before it): the backward only reduces, over several channel
+    blocks and reduction programs, the last program of each block adding up its partials."""
+    case = make_case((3, 5, 4, 3), device=device, training=training, residual=False)
+
+    def gradients(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        weight, bias = (t.detach().to(dtype).requires_grad_() for t in (case.weight, case.bias))
+        running = [t.detach().to(dtype) for t in (case.running_mean, case.running_var)]
+        y = ops.bn_mish(case.x.detach().to(dtype), weight, bias, *running, training, backend=backend)
+        return torch.autograd.grad(y, [weight, bias], case.grad.to(dtype))
+
+    for got, expected in zip(gradients("triton", torch.float32), gradients("reference", torch.float64),
+                             strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_odd_strides(device):
