@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -415,6 +416,45 @@ def test_gpu_benchmark_shape(layout: torch.memory_format, tiling: dict, monkeypa
     for reduce in ("sum", "mean"):
         out = ops.mirror_fuse(parts, 64, reduce=reduce, backend="triton")
         assert_bit_exact(out, reference.mirror_fuse(parts, 64, reduce=reduce))
+
+
+def _flat_tile_indices(device: torch.device, t: int, sizes: tuple[int, int, int], int64: bool) -> torch.Tensor:
+    """What ``_flat_tile`` computes for tile ``t`` (B3 = 1024 indices in groups of V = 4): per group, the
+    indices (i1, i2, i3) of its first element and whether it is inside the sizes, as int64 [256, 4]."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, t, size1, size2, size3, B3: tl.constexpr, V: tl.constexpr, INT64: tl.constexpr):
+        i1, i2, group, lane, mask = kernels._flat_tile(t, size1, size2, size3, B3, V, INT64)
+        rows = tl.arange(0, B3 // V)
+        tl.store(out_ptr + rows * 4, tl.reshape(i1, [B3 // V]).to(tl.int64))
+        tl.store(out_ptr + rows * 4 + 1, tl.reshape(i2, [B3 // V]).to(tl.int64))
+        tl.store(out_ptr + rows * 4 + 2, tl.reshape(group, [B3 // V]).to(tl.int64))
+        tl.store(out_ptr + rows * 4 + 3, tl.reshape(tl.max(mask.to(tl.int64), axis=3), [B3 // V]))
+
+    out = torch.full((256, 4), -1, dtype=torch.int64, device=device)
+    probe[(1,)](out, t, *sizes, B3=1024, V=4, INT64=int64)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("on", ["default", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("sizes", [(2**13, 2**10, 2**10), (1, 2**23, 2**10)], ids=["3d", "size1_is_1"])
+def test_flat_tile_indices_past_2_to_the_31(device: torch.device, sizes: tuple[int, int, int], on: str) -> None:
+    """A flat tile's indices past 2^31 elements (the 64-bit path of the launchers, whose only full test needs
+    4 GB: test_gpu_int64_offsets), from a tile number that fits 32 bits; 32-bit indices would wrap here. A
+    size of 1 arrives in the kernel as a plain int (specialised)."""
+    t = 2**22 + 5
+    flat = t * 1024 + torch.arange(256, dtype=torch.int64) * 4
+    plane = sizes[1] * sizes[2]
+    expected = torch.stack([flat // plane, flat % plane // sizes[2], flat % sizes[2],
+                            (flat < sizes[0] * plane).long()], dim=1)
+    assert flat.max() >= 2**32 and bool(expected[:, 3].all())
+    device = torch.device("cuda") if on == "cuda" else device
+    assert torch.equal(_flat_tile_indices(device, t, sizes, int64=True), expected)
+    with warnings.catch_warnings():  # 32-bit sizes of 0 after wrapping: the interpreter warns of / 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert not torch.equal(_flat_tile_indices(device, t, sizes, int64=False), expected)  # the probe's teeth
 
 
 @pytest.mark.gpu
