@@ -9,7 +9,7 @@
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
 #   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension diagnose ops
-#                            bn_groups mirror_tiles step_profile models kernel_breakdown compare)
+#                            host_overhead bn_groups mirror_tiles step_profile models kernel_breakdown compare)
 #   GPU_SUITE_K="expr"       only the gpu tests that pytest's -k EXPR selects (a follow-up run)
 #   GPU_SUITE_ONLY=text      only the benchmark cases whose name contains text (python -m bench --only)
 #   GPU_SUITE_VARIANTS=a,b   only these variants in the ops suite (python -m bench --variants)
@@ -167,6 +167,7 @@ step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pyt
 step diagnose 90 "exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 3"
 SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@${GPU_SUITE_ONLY:+ --only $GPU_SUITE_ONLY}"
 step ops "$(cap 130)" "exec $SUITE --suite ops${GPU_SUITE_VARIANTS:+ --variants $GPU_SUITE_VARIANTS}"
+step host_overhead "$(cap 30)" "exec $PY -m bench.host_overhead --device $DEVICE --rounds 200 --out $RES"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step mirror_tiles "$(cap 60)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"
 step step_profile "$(cap 60)" "exec $PY -m bench.step_profile --out $RES $QUICK"
@@ -193,6 +194,7 @@ echo
 cat "$RES/bn_groups.md" 2>/dev/null && echo
 cat "$RES/mirror_tiles.md" 2>/dev/null && echo
 cat "$RES/step_profile.md" 2>/dev/null && echo
+cat "$RES/host_overhead.md" 2>/dev/null && echo
 [ -s "$LOGS/diagnose.log" ] && { echo "== diagnose"; tail -n 80 "$LOGS/diagnose.log" | cut -c1-300; echo; }
 [ -s "$WORK/failures.log" ] && { echo "== test failures (failures.log, last lines)"; tail -n 80 "$WORK/failures.log" | cut -c1-300; echo; }
 echo "== steps (name, state, seconds, exit code) =="

@@ -1,27 +1,33 @@
-"""Host-side cost per call of the fused ops: what a call costs before any of its kernels runs.
+"""Host-side cost per call of the fused ops: what a call costs its caller's thread, kernels aside.
 
 For small and mid-sized tensors on a GPU an eager op's time is its Python path (validation, dispatch,
-launch plans, allocations, autograd bookkeeping), not its kernels: the CUDA-event timings of the ops suite
-include it, because the GPU idles until the last kernel is queued. This script measures that path on any
-machine: Triton kernel launches are replaced by a no-op that records them (no GPU, no interpreter), the
-Triton backend is declared available, and the ops run on tiny CPU tensors in eager mode, with autograd
-recording (as in training) or under ``no_grad``. The reference backend runs its real PyTorch ops on the same
-tensors as the yardstick. Candidates are timed interleaved, round after round; medians in microseconds.
+launch plans, allocations, autograd bookkeeping) and its kernel launches, not its kernels: the CUDA-event
+timings of the ops suite include it, because the GPU idles until the last kernel is queued. Two modes:
 
-Not included: the Triton driver's own launch cost (argument binding, the kernel-cache look-up,
-``cuLaunchKernel``, typically 5-20 us per launch on a GPU host); the table counts launches so it can be added.
+- ``--device cpu`` (any machine, the default): Triton kernel launches are replaced by a no-op that records
+  them (no GPU, no interpreter), the Triton backend is declared available, and the ops run on tiny CPU
+  tensors. The reference backend runs its real PyTorch ops on the same tensors as the yardstick. Not
+  included: Triton's own launch path (argument binding, the kernel-cache look-up, ``cuLaunchKernel``); the
+  table counts launches so that it can be added.
+- ``--device cuda`` (a GPU): real launches on tiny CUDA tensors, each call timed until it returns, without
+  synchronising (the GPU runs the tiny kernels faster than the host queues them): everything the host does,
+  Triton's and the driver's launch paths included.
 
-Run as ``python -m bench.host_overhead`` (``--out`` for another folder). Writes ``host_overhead.json`` and
-``host_overhead.md`` under ``bench/results/cpu``.
+Each op runs eagerly, with autograd recording (as in training) or under ``no_grad``. Candidates are timed
+interleaved, round after round; medians in microseconds.
+
+Run as ``python -m bench.host_overhead [--device cuda] [--out DIR]``. Writes ``host_overhead.json`` and
+``host_overhead.md`` under ``DIR`` (default ``bench/results/<device type>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,31 +35,59 @@ from triton.runtime.jit import JITFunction
 
 from bench.harness import environment
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (2, 16, 8, 8)
 LAUNCHES: list[str] = []
 
 
-def _stub_triton() -> None:
-    """Launches record their kernel's name and return; the Triton backend counts as available; the
-    reductions plan for a 132-SM GPU (an H100)."""
+def _launch_classes() -> list[type]:
+    """The classes whose ``run`` launches a Triton kernel: compiled, and interpreted (TRITON_INTERPRET=1)."""
+    classes: list[type] = [JITFunction]
+    with contextlib.suppress(ImportError):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    return classes
+
+
+@contextlib.contextmanager
+def _recording_launches(stub: bool) -> Iterator[None]:
+    """Within: every Triton launch appends its kernel's name to LAUNCHES; with ``stub`` it does nothing else,
+    the Triton backend counts as available and the reductions plan for a 132-SM GPU (an H100)."""
     from cspmirror.kernels import bn_mish
 
     from cspmirror import backends
 
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: LAUNCHES.append(self.__name__)
-    backends.triton_status = lambda device=None: backends.BackendStatus("triton", True, "launches stubbed")
-    bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
+    def recording(original: Callable) -> Callable:
+        def run(self, *args, grid, warmup, **kwargs):
+            LAUNCHES.append(self.__name__)
+            return None if stub else original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run
+
+    saved = [(cls, "run", cls.run) for cls in _launch_classes()]
+    if stub:
+        saved += [(backends, "triton_status", backends.triton_status),
+                  (bn_mish, "target_programs", bn_mish.target_programs)]
+        backends.triton_status = lambda device=None: backends.BackendStatus("triton", True, "launches stubbed")
+        bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
+    for cls in _launch_classes():
+        cls.run = recording(cls.run)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
-def _cases() -> dict[str, Callable[[str], Callable[[], object]]]:
+def _cases(device: torch.device) -> dict[str, Callable[[str], Callable[[], object]]]:
     """Per case: backend -> the call to time (everything it needs is built once, outside the timing)."""
     from cspmirror import ops
 
     n, c, h, w = SHAPE
-    x = torch.randn(SHAPE, requires_grad=True)
-    weight, bias = torch.nn.Parameter(torch.rand(c) + 0.5), torch.nn.Parameter(torch.randn(c))  # as in a model
-    running = (torch.zeros(c), torch.ones(c))
+    x = torch.randn(SHAPE, device=device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.rand(c, device=device) + 0.5)  # as in a model
+    bias = torch.nn.Parameter(torch.randn(c, device=device))
+    running = (torch.zeros(c, device=device), torch.ones(c, device=device))
     y = ops.mirror_split(x.detach())
     parts = [y[:, : c // 2].clone().requires_grad_(), y[:, c // 2:].clone().requires_grad_()]
 
@@ -84,7 +118,7 @@ def _cases() -> dict[str, Callable[[str], Callable[[], object]]]:
         "mirror_fuse bwd": backward(fuse, parts),
         "bn_mish train fwd (autograd)": lambda b: lambda: bn_train(b),
         # Own running statistics: the reference's graph saves them, and other forwards update them in place.
-        "bn_mish train bwd": backward(lambda b: bn_train(b, (torch.zeros(c), torch.ones(c))), [x, weight, bias]),
+        "bn_mish train bwd": backward(lambda b: bn_train(b, tuple(t.clone() for t in running)), [x, weight, bias]),
         "bn_mish eval fwd (no_grad)": lambda b: lambda: bn_eval(b),
     }
 
@@ -104,36 +138,47 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def measure(rounds: int) -> list[dict]:
-    _stub_triton()
+def measure(rounds: int, device: torch.device) -> list[dict]:
+    """Per case: the reference's and the Triton backend's host microseconds per call (medians), and the
+    Triton launches of one call. Launches are stubbed off CUDA, real on CUDA (see the module docstring)."""
+    stub = device.type != "cuda"
     rows = []
-    for case, make in _cases().items():
-        calls = {backend: make(backend) for backend in ("reference", "triton")}
-        LAUNCHES.clear()
-        calls["triton"]()
-        launches = len(LAUNCHES)
-        times = _interleaved(calls, rounds)
-        rows.append({"case": case, "reference_us": times["reference"], "triton_us": times["triton"],
-                     "triton_launches": launches})
-        print(f"{case:30s} reference {times['reference']:7.1f} us   triton {times['triton']:7.1f} us "
-              f"({launches} launches)", flush=True)
+    with _recording_launches(stub=True) if stub else contextlib.nullcontext():
+        for case, make in _cases(device).items():
+            calls = {backend: make(backend) for backend in ("reference", "triton")}
+            LAUNCHES.clear()
+            with contextlib.nullcontext() if stub else _recording_launches(stub=False):
+                calls["triton"]()
+            launches = len(LAUNCHES)
+            times = _interleaved(calls, rounds)
+            rows.append({"case": case, "reference_us": times["reference"], "triton_us": times["triton"],
+                         "triton_launches": launches})
+            print(f"{case:30s} reference {times['reference']:7.1f} us   triton {times['triton']:7.1f} us "
+                  f"({launches} launches)", flush=True)
     return rows
 
 
-def write(rows: list[dict], out: Path, rounds: int) -> None:
-    env = environment("cpu")
+def write(rows: list[dict], out: Path, rounds: int, device: torch.device) -> None:
+    env = environment(device)
+    stub = device.type != "cuda"
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": env, "shape": list(SHAPE), "rounds": rounds, "torch_threads": torch.get_num_threads(),
-              "rows": rows}
+              "launches": "stubbed" if stub else "real", "rows": rows}
     (out / "host_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    mode = ("Triton launches stubbed" if stub else
+            "real launches, each call timed until it returns, not synchronised")
+    what = ("everything but the kernels and Triton's own launch path (binding, cache look-up, driver launch), "
+            "which comes on top per launch on a GPU host" if stub else
+            "everything the host does per call, Triton's and the driver's launch paths included")
     lines = [
-        "# Host-side cost per call (Triton launches stubbed; see bench/host_overhead.py)",
+        f"# Host-side cost per call ({mode}; see bench/host_overhead.py)",
         "",
-        f"- CPU: {env['device_name']}; torch {env['torch']}; triton {env.get('triton', '?')}; "
+        f"- {env['device_name']}{'' if stub else ' (host CPU: ' + env['cpu'] + ')'}; torch {env['torch']}; "
+        f"triton {env.get('triton', '?')}; "
         f"Python {env['python']}; {env['date']}",
-        f"- tensors {list(SHAPE)} fp32 on the CPU; medians of {rounds} interleaved rounds; the machine may be "
-        "shared, so compare within a run.",
-        "- triton: everything but the kernels and the driver's launch (add ~5-20 us per launch on a GPU host).",
+        f"- tensors {list(SHAPE)} fp32 on {device.type}; medians of {rounds} interleaved rounds; the machine may "
+        "be shared, so compare within a run.",
+        f"- triton: {what}. Launches: Triton kernels only (not PyTorch's, such as a fill).",
         "",
         "| case | reference us | triton us | triton launches |",
         "|---|---:|---:|---:|",
@@ -144,12 +189,14 @@ def write(rows: list[dict], out: Path, rounds: int) -> None:
     print(f"wrote {out / 'host_overhead.json'} and host_overhead.md")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    write(measure(args.rounds), args.out, args.rounds)
+    parser.add_argument("--device", default="cpu", help="cpu (launches stubbed) or cuda (real launches)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device type>")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    write(measure(args.rounds, device), args.out or RESULTS / device.type, args.rounds, device)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,28 @@ def test_step_profile_runs(tmp_path, monkeypatch):
     assert (tmp_path / "step_profile.png").stat().st_size > 0
 
 
+def test_host_overhead_runs(tmp_path, monkeypatch):
+    """``python -m bench.host_overhead`` end to end on the CPU, launches stubbed (the interpreter's too):
+    every case timed on both backends, each Triton case's launches counted (the bn_mish training passes: two
+    each), the stubs undone afterwards."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from bench import host_overhead
+
+    before = (JITFunction.run, InterpretedFunction.run, backends.triton_status)
+    host_overhead.main(["--rounds", "2", "--out", str(tmp_path)])
+    assert (JITFunction.run, InterpretedFunction.run, backends.triton_status) == before
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["reference_us"] > 0 and r["triton_us"] > 0 for r in rows)
+    launches = {r["case"]: r["triton_launches"] for r in rows}
+    assert launches["bn_mish train fwd (autograd)"] == launches["bn_mish train bwd"] == 2
+    assert launches["bn_mish eval fwd (no_grad)"] == launches["mirror_split fwd (no_grad)"] == 1
+    assert "| bn_mish train fwd (autograd) |" in (tmp_path / "host_overhead.md").read_text()
+
+
 def test_mirror_tiles_sweep_runs(tmp_path, monkeypatch):
     """``python -m bench.mirror_tiles`` (a GPU measurement) end to end on a tiny shape under the interpreter,
     and each variant's tiling reaching the GPU launch plan (tile elements, warps)."""
