@@ -110,7 +110,7 @@ def _cases(device: torch.device) -> dict[str, Callable[[str], Callable[[], objec
             return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
         return make
 
-    return {
+    cases = {
         "mirror_split fwd (autograd)": lambda b: lambda: split(b),
         "mirror_split fwd (no_grad)": lambda b: lambda: split(b, grad=False),
         "mirror_split bwd": backward(split, [x]),
@@ -121,6 +121,13 @@ def _cases(device: torch.device) -> dict[str, Callable[[str], Callable[[], objec
         "bn_mish train bwd": backward(lambda b: bn_train(b, tuple(t.clone() for t in running)), [x, weight, bias]),
         "bn_mish eval fwd (no_grad)": lambda b: lambda: bn_eval(b),
     }
+    if device.type == "cuda":  # the conv's autotuner and its path choice time kernels on first use: a GPU only
+        conv_x = x.detach().contiguous(memory_format=torch.channels_last)
+        conv_w = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+        conv_b = torch.randn(c, device=device)
+        cases["conv_bn_mish 3x3 (inference)"] = lambda b: lambda: ops.conv_bn_mish(conv_x, conv_w, conv_b,
+                                                                                   backend=b)
+    return cases
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
