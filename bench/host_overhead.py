@@ -145,10 +145,15 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _stubbed(device: torch.device) -> bool:
+    """Whether launches are stubbed on ``device``: everywhere but on CUDA, where they are real."""
+    return device.type != "cuda"
+
+
 def measure(rounds: int, device: torch.device) -> list[dict]:
     """Per case: the reference's and the Triton backend's host microseconds per call (medians), and the
     Triton launches of one call. Launches are stubbed off CUDA, real on CUDA (see the module docstring)."""
-    stub = device.type != "cuda"
+    stub = _stubbed(device)
     rows = []
     with _recording_launches(stub=True) if stub else contextlib.nullcontext():
         for case, make in _cases(device).items():
@@ -167,7 +172,7 @@ def measure(rounds: int, device: torch.device) -> list[dict]:
 
 def write(rows: list[dict], out: Path, rounds: int, device: torch.device) -> None:
     env = environment(device)
-    stub = device.type != "cuda"
+    stub = _stubbed(device)
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": env, "shape": list(SHAPE), "rounds": rounds, "torch_threads": torch.get_num_threads(),
               "launches": "stubbed" if stub else "real", "rows": rows}
