@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,33 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton ``triton_version``'s interpreter cannot run the kernels beside NumPy ``numpy_version``,
+    or None when it can.
+
+    Before Triton 3.7 the interpreter turns a loop bound into a Python int with ``int()`` of a 1-element
+    array, which NumPy 2.4 refuses: every kernel with a run-time loop bound fails there.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"TRITON_INTERPRET=1, but Triton {triton_version}'s interpreter cannot run loops with run-time "
+                f"bounds under NumPy {numpy_version} (it calls int() on 1-element arrays, which NumPy 2.4 "
+                "refuses; fixed in Triton 3.7): install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
+@functools.cache
+def _interpreter_error() -> str | None:
+    import numpy  # the interpreter's own dependency
+    import triton
+
+    return interpreter_incompatibility(triton.__version__, numpy.__version__)
+
+
 def triton_status(device: torch.device | str | None = None) -> BackendStatus:
     """Whether Triton kernels can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
@@ -54,6 +82,9 @@ def triton_status(device: torch.device | str | None = None) -> BackendStatus:
     if error:
         return BackendStatus("triton", False, error)
     if triton_interpreted():
+        error = _interpreter_error()
+        if error:
+            return BackendStatus("triton", False, error)
         return BackendStatus("triton", True, "TRITON_INTERPRET=1: kernels run in the CPU interpreter")
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -27,6 +27,7 @@ import cspmirror
 from cspmirror import ops
 from cspmirror.accelerate import OPS, backend_of, ops_used
 from cspmirror.backends import BackendUnavailableError
+from cspmirror.commands.check import tf32_off
 
 FP32_TOL = 1e-4  # SPEC §4, whole model: logits rel <= 1e-4 in fp32 (features, gradients: see _assert_parity)
 CL = torch.channels_last
@@ -37,10 +38,13 @@ CF = torch.contiguous_format
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    """SPEC §4's fp32 bounds are for tf32 off (PyTorch's default lets cuDNN convolutions use tf32)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _no_tf32() -> Iterator[None]:
+    """SPEC §4's fp32 bounds are for tf32 off (PyTorch's default lets cuDNN convolutions use tf32).
+
+    Not monkeypatch: since pytest 9.2 it deletes what it set on objects without a data descriptor, and
+    ``torch.backends.cuda.matmul`` resolves ``allow_tf32`` through ``__getattr__``."""
+    with tf32_off():
+        yield
 
 
 def _tiny(**kwargs) -> cspmirror.CSPMirrorNet:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from cspmirror import backends
 from cspmirror.cli import main
 
 
@@ -27,3 +31,25 @@ def test_import_needs_no_triton():
         "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.8.0+git1a2b3c", "2.5.0rc1", False), ("2.3.1", "1.26.4", False),
+])
+def test_interpreter_incompatibility(triton_version, numpy_version, refused):
+    reason = backends.interpreter_incompatibility(triton_version, numpy_version)
+    assert (reason is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}" in reason and "'numpy<2.4'" in reason and "'triton>=3.7'" in reason
+
+
+def test_an_interpreter_that_cannot_run_makes_triton_unavailable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backends, "_interpreter_error", lambda: "the interpreter cannot run here")
+    status = backends.triton_status("cpu")
+    assert not status.available and status.reason == "the interpreter cannot run here"
+    with pytest.raises(backends.BackendUnavailableError, match="backend='triton' cannot run here: the interpreter"):
+        backends.resolve("triton", torch.device("cpu"))
+    assert backends.resolve("auto", torch.device("cpu")) == "reference"
