@@ -79,3 +79,34 @@ def test_in_place_updates_bump_versions(device):
     assert running_mean._version > versions[0] and running_var._version > versions[1]
     assert out._version > versions[2]
 
+
+
+class _NoGradient(torch.autograd.Function):
+    """Identity whose backward gives its input no gradient."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_backward_fills_no_zero_gradients(device):
+    """bn_mish's batch statistics get no gradient: the eager path must not fill zeros for them (a fill kernel
+    per layer and step on a GPU), and a backward reached with no gradient at all gives none."""
+    x = torch.randn(2, 4, 3, 6, device=device, requires_grad=True)
+    w = torch.ones(4, device=device, requires_grad=True)
+    running = torch.zeros(4, device=device), torch.ones(4, device=device)
+    out = ops.bn_mish(x, w, None, *running, True, backend="triton")
+    grad = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(grad)
+    zeros = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")]
+    assert not zeros and x.grad is not None and w.grad is not None
+    for backend in ("reference", "triton"):
+        x.grad = w.grad = None
+        out = ops.bn_mish(x, w, None, None, None, True, backend=backend)
+        (_NoGradient.apply(out).sum() + w.sum()).backward()
+        assert x.grad is None and torch.equal(w.grad, torch.ones_like(w)), backend

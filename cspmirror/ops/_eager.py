@@ -48,6 +48,8 @@ class EagerOp:
         impl: the implementation.
         setup_context, backward: what ``op.register_autograd`` was given (None: no autograd), written for
             the op's signature; a list-of-tensors argument gets a list of gradients, as for the custom op.
+            In the eager path an output that received no gradient passes None to ``backward``, not zeros
+            (the registered op's autograd fills zeros).
         mutates: positions of the arguments the op writes in place (its ``mutates_args``): their version
             counters are bumped, as the dispatcher does, so that autograd still catches a stale saved tensor.
     """
@@ -104,10 +106,16 @@ def _function(impl: Callable, setup_context: Callable, backward: Callable) -> ty
                                     tuple(any(flags) if isinstance(flags, list) else flags
                                           for flags in unflatten(ctx.needs_input_grad[1:])))
             setup_context(ctx, inputs, output)
+            # No zero-filled gradients for outputs that got none (bn_mish's batch statistics, in every
+            # backward): the op's backward reads only gradients autograd gives it.
+            ctx.set_materialize_grads(False)
+            ctx.num_inputs = len(flat)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
+            if all(g is None for g in grads):
+                return (None,) * (1 + ctx.num_inputs)
             per_input = backward(ctx, *grads)
             flat = []
             for grad in per_input:

@@ -138,9 +138,10 @@ def _train_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, mean, var, weight, bias)
 
 
-def _train_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+def _train_backward(ctx, grad: torch.Tensor, _grad_mean: torch.Tensor | None, _grad_var: torch.Tensor | None):
     """Gradients for x, weight, bias and residual; None for the rest (eps, and the running statistics and
-    momentum of :func:`_train_and_update_impl`)."""
+    momentum of :func:`_train_and_update_impl`). The statistics' gradients are zeros or None (not
+    differentiable)."""
     need_x, need_w, need_b, need_residual = ctx.needs_input_grad[:4]
     grad_x, grad_w, grad_b = _input_grads(ctx, grad, need_x, need_w, need_b)
     return grad_x, grad_w, grad_b, grad if need_residual else None, *[None] * (len(ctx.needs_input_grad) - 4)
