@@ -40,14 +40,16 @@ SHAPE = (2, 16, 8, 8)
 LAUNCHES: list[str] = []
 
 
-def _launch_classes() -> list[type]:
-    """The classes whose ``run`` launches a Triton kernel: compiled, and interpreted (TRITON_INTERPRET=1)."""
-    classes: list[type] = [JITFunction]
+def _launch_points() -> list[tuple[type, str]]:
+    """The methods that launch a Triton kernel: a compiled one's ``JITFunction.run``, and an interpreted one's
+    ``GridExecutor.__call__`` (TRITON_INTERPRET=1; every Triton version's interpreter launches through it,
+    not all through ``InterpretedFunction.run``). Each one's ``self.fn`` is the kernel's Python function."""
+    points: list[tuple[type, str]] = [(JITFunction, "run")]
     with contextlib.suppress(ImportError):
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import GridExecutor
 
-        classes.append(InterpretedFunction)
-    return classes
+        points.append((GridExecutor, "__call__"))
+    return points
 
 
 @contextlib.contextmanager
@@ -59,19 +61,19 @@ def _recording_launches(stub: bool) -> Iterator[None]:
     from cspmirror import backends
 
     def recording(original: Callable) -> Callable:
-        def run(self, *args, grid, warmup, **kwargs):
-            LAUNCHES.append(self.__name__)
-            return None if stub else original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        return run
+        def launch(self, *args, **kwargs):
+            LAUNCHES.append(self.fn.__name__)
+            return None if stub else original(self, *args, **kwargs)
+        return launch
 
-    saved = [(cls, "run", cls.run) for cls in _launch_classes()]
+    saved = [(cls, name, getattr(cls, name)) for cls, name in _launch_points()]
     if stub:
         saved += [(backends, "triton_status", backends.triton_status),
                   (bn_mish, "target_programs", bn_mish.target_programs)]
         backends.triton_status = lambda device=None: backends.BackendStatus("triton", True, "launches stubbed")
         bn_mish.target_programs = lambda device: bn_mish.PROGRAMS_PER_SM * 132
-    for cls in _launch_classes():
-        cls.run = recording(cls.run)
+    for cls, name in _launch_points():
+        setattr(cls, name, recording(getattr(cls, name)))
     try:
         yield
     finally:

@@ -203,14 +203,14 @@ def test_host_overhead_runs(tmp_path, monkeypatch):
     each), the stubs undone afterwards."""
     monkeypatch.syspath_prepend(str(REPO))
     pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import GridExecutor
     from triton.runtime.jit import JITFunction
 
     from bench import host_overhead
 
-    before = (JITFunction.run, InterpretedFunction.run, backends.triton_status)
+    before = (JITFunction.run, GridExecutor.__call__, backends.triton_status)
     host_overhead.main(["--rounds", "2", "--out", str(tmp_path)])
-    assert (JITFunction.run, InterpretedFunction.run, backends.triton_status) == before
+    assert (JITFunction.run, GridExecutor.__call__, backends.triton_status) == before
     rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
     assert len(rows) == 8 and all(r["reference_us"] > 0 and r["triton_us"] > 0 for r in rows)
     launches = {r["case"]: r["triton_launches"] for r in rows}

@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
     for s in statuses.values():
         print(f"  {s}")
     interpreted = backends.triton_interpreted()
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4))
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
     checks = [c for c in CHECKS if not args.only or args.only in f"{c.op} {c.case}"]
     report = Report(args.json, {"device": str(device), "device_name": _device_name(device),

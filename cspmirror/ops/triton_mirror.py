@@ -75,7 +75,10 @@ def _split_impl(x: torch.Tensor, overlap: float, axis: int, mirror: bool, reduce
     return y
 
 
-_split_op = torch.library.custom_op("cspmirror::mirror_split", _split_impl, mutates_args=())
+_split_op = torch.library.custom_op(
+    "cspmirror::mirror_split", _split_impl, mutates_args=(),
+    schema="(Tensor x, float overlap, int axis, bool mirror, str reduce, bool channels_last) -> Tensor",
+)
 
 
 @_split_op.register_fake
@@ -115,7 +118,11 @@ def _fuse_impl(parts: list[torch.Tensor], length: int, overlap: float, axis: int
     return out
 
 
-_fuse_op = torch.library.custom_op("cspmirror::mirror_fuse", _fuse_impl, mutates_args=())
+_fuse_op = torch.library.custom_op(
+    "cspmirror::mirror_fuse", _fuse_impl, mutates_args=(),
+    schema="(Tensor[] parts, int length, float overlap, int axis, bool mirror, str reduce, bool channels_last) "
+           "-> Tensor",
+)
 
 
 @_fuse_op.register_fake
