@@ -47,8 +47,9 @@ def _triton_import_error() -> str | None:
 
 
 def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
+    """``"3.6.0+git1a2b"`` -> (3, 6); (0, 0) when ``version`` does not start with major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:

@@ -35,7 +35,7 @@ def test_import_needs_no_triton():
 
 @pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
     ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
-    ("3.8.0+git1a2b3c", "2.5.0rc1", False), ("2.3.1", "1.26.4", False),
+    ("3.8.0+git1a2b3c", "2.5.0rc1", False), ("2.3.1", "1.26.4", False), ("3.6.0", "unknown", False),
 ])
 def test_interpreter_incompatibility(triton_version, numpy_version, refused):
     reason = backends.interpreter_incompatibility(triton_version, numpy_version)

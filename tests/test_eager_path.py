@@ -80,7 +80,6 @@ def test_in_place_updates_bump_versions(device):
     assert out._version > versions[2]
 
 
-
 class _NoGradient(torch.autograd.Function):
     """Identity whose backward gives its input no gradient."""
 
