@@ -430,6 +430,54 @@ def test_torch_compile_fullgraph(lib, device):
     torch.testing.assert_close(compiled_in[4], eager_in[4])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_eager_skips_the_registered_autograd(lib, monkeypatch, device):
+    """In plain eager mode the operators run below their autograd key, under the same formulas in a plain
+    ``autograd.Function`` (cspmirror/ops/_eager.py): no registered operator is called there, gradients are
+    the reference's, and no zero gradient is filled for the batch statistics. Any dispatch mode sees the
+    registered operators."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cspmirror.ops import extension
+
+    def forbidden(*args):
+        raise AssertionError("the registered operator ran in plain eager mode")
+
+    for eager_op in extension._EAGER.values():
+        monkeypatch.setattr(eager_op, "op", forbidden)
+
+    def step(backend: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        parts = ops.mirror_split(x, backend=backend)
+        y = ops.bn_mish(parts, w, None, torch.zeros(3, device=device), torch.ones(3, device=device), True,
+                        backend=backend)
+        fused = ops.mirror_fuse([y], x.shape[-1], backend=backend)
+        return ops.bn_mish(fused, w, None, torch.zeros(3, device=device), torch.ones(3, device=device), False,
+                           backend=backend)
+
+    x, w = torch.randn(2, 3, 4, 7, device=device), torch.rand(3, device=device) + 0.5
+    leaves = {b: (x.clone().requires_grad_(), w.clone().requires_grad_()) for b in ("extension", "reference")}
+    out = {b: step(b, *leaves[b]) for b in leaves}
+    grad = torch.randn_like(out["reference"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out["extension"].backward(grad)
+    out["reference"].backward(grad)
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_")]  # (fills: NaN poison)
+    torch.testing.assert_close(out["extension"], out["reference"], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(leaves["extension"], leaves["reference"], strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    names: list[str] = []
+    monkeypatch.undo()
+    with Names():
+        ops.bn_mish(torch.randn(2, 3, 4, 7, device=device), None, None, None, None, True, backend="extension")
+    assert "cspmirror_ext.bn_mish_train.default" in names
+
+
 # --- the model -----------------------------------------------------------------------------------------------
 
 

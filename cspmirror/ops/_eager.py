@@ -1,4 +1,4 @@
-"""An eager fast path for the ops registered with ``torch.library.custom_op``.
+"""An eager fast path for the registered ops: ``torch.library.custom_op`` ones and the extension's C++ operators.
 
 A custom op's Python dispatch (schema checks, filling defaults, the generated ``autograd.Function``, the
 Dynamo guard around the implementation) costs tens of microseconds per call: for small tensors on a GPU, as

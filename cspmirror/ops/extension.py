@@ -9,7 +9,9 @@ Loading happens on first use, never at import and never from :func:`status`:
    one folder per torch / Python version and device set; ``CSPMIRROR_VERBOSE_BUILD=1`` shows the compiler.
 
 The operators (schemas in ``csrc/cspmirror_ops.cpp``) are functional. This module registers their fake
-implementations (for ``torch.compile``) and autograd formulas, which call the backward operators:
+implementations (for ``torch.compile``) and autograd formulas; in plain eager mode the same formulas run through
+the eager fast path of :mod:`._eager` instead, with the kernels called below the autograd key. The formulas
+call the backward operators:
 ``mirror_split`` and ``mirror_fuse`` are each other's adjoint (``mirror_fuse_backward`` is the split of each
 channel slice); ``bn_mish_backward`` recomputes normalize + Mish from the saved input and batch statistics.
 ``conv_bn_mish`` (inference) runs ATen's convolution with an in-place Mish (+ residual) epilogue.
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import BackendStatus, BackendUnavailableError
+from ._eager import EagerOp
 from ._validate import conv_output_shape, split_width
 
 _NAMESPACE = "cspmirror_ext"
@@ -231,13 +234,15 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror: bool = True) -> torch.Tensor:
     """[N, C, H, W] -> [2N, C, H, P] for axis=-1 ([2N, C, P, W] for axis=-2), in ``x``'s memory format."""
-    return _lib_for(x).mirror_split(x, split_width(x.shape[axis], overlap), axis, mirror)
+    _lib_for(x)
+    return _EAGER["mirror_split"](x, split_width(x.shape[axis], overlap), axis, mirror)
 
 
 def mirror_fuse(parts: Sequence[torch.Tensor], length: int, overlap: float = 0.25, axis: int = -1,
                 mirror: bool = True, reduce: str = "sum") -> torch.Tensor:
     """Parts [2N, C_i, H, P] -> [N, sum(C_i), H, length] (axis=-1), in ``parts[0]``'s memory format."""
-    return _lib_for(parts[0]).mirror_fuse(list(parts), length, axis, mirror, reduce == "mean")
+    _lib_for(parts[0])
+    return _EAGER["mirror_fuse"](list(parts), length, axis, mirror, reduce == "mean")
 
 
 def bn_mish(
@@ -261,7 +266,7 @@ def bn_mish(
             mean, var = lib.bn_mish_train_out(x, weight, bias, eps, residual, out)
             y = out
         else:
-            y, mean, var = lib.bn_mish_train(x, weight, bias, eps, residual)
+            y, mean, var = _EAGER["bn_mish_train"](x, weight, bias, eps, residual)
         if running_mean is not None:
             lib.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum,
                                         x.numel() // x.shape[1])
@@ -269,7 +274,7 @@ def bn_mish(
         lib.bn_mish_eval_out(x, weight, bias, running_mean, running_var, eps, residual, out)
         y = out
     else:
-        y = lib.bn_mish_eval(x, weight, bias, running_mean, running_var, eps, residual)
+        y = _EAGER["bn_mish_eval"](x, weight, bias, running_mean, running_var, eps, residual)
     if out is None or direct:
         return y
     return out.copy_(y)
@@ -289,7 +294,7 @@ def conv_bn_mish(
     if out is not None and not _needs_grad(x, weight, bias, residual):
         lib.conv_bn_mish_out(x, weight, bias, stride, residual, out)
         return out
-    y = lib.conv_bn_mish(x, weight, bias, stride, residual)
+    y = _EAGER["conv_bn_mish"](x, weight, bias, stride, residual)
     return y if out is None else out.copy_(y)
 
 
@@ -494,11 +499,31 @@ _AUTOGRAD = {
 }
 
 
+_EAGER: dict[str, EagerOp] = {}  # operator name -> the operator with an eager fast path (filled by load())
+
+
+def _eager_op(name: str, backward: Any, setup: Any) -> EagerOp:
+    """In plain eager mode: the kernel called below the autograd key, and the autograd formula in a plain
+    ``autograd.Function`` (no Python dispatch of the registered formula, no zero-filled gradients for the batch
+    statistics). The registered operator everywhere else."""
+    op = getattr(_lib(), name)
+
+    def below_autograd(*args: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    below_autograd.__name__ = name
+    return EagerOp(op, below_autograd, setup, backward)
+
+
 def _register_python_side() -> None:
+    """Fake implementations and autograd formulas, and the eager ops (built here, not on first use: Dynamo
+    cannot trace the class that an :class:`EagerOp` defines)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{_NAMESPACE}::{name}", fake)
     for name, (backward, setup) in _AUTOGRAD.items():
         torch.library.register_autograd(f"{_NAMESPACE}::{name}", backward, setup_context=setup)
+        _EAGER[name] = _eager_op(name, backward, setup)
 
 
 __all__ = ["status", "load", "build_info", "build_directory", "csrc_dir", "mirror_split", "mirror_fuse",
