@@ -171,12 +171,13 @@ class MishedDenseBlock(nn.Module):
             x12 = self.conv2(x1, residual=x1)  # x1 + x2: the second layer receives the first through summation
             branch = torch.cat([x1, x12], dim=1)
             return x + (drop_path(branch, self.drop_path) if dropping else branch)
-        # No autograd: both halves are written straight into their channel slices (the cat costs nothing).
+        # No autograd: both halves are written straight into their channel slices (the cat costs nothing),
+        # in the dtype the convs produce (autocast's, when it casts x).
         hidden = x.shape[1] // 2
-        y = torch.empty_like(x)
-        x1 = self.conv1(x, out=y[:, :hidden])
-        self.conv2(x1, residual=x1, out=y[:, hidden:])
-        return y.add_(x)
+        branch = torch.empty_like(x, dtype=ops.autocast_dtype(x) or x.dtype)
+        x1 = self.conv1(x, out=branch[:, :hidden])
+        self.conv2(x1, residual=x1, out=branch[:, hidden:])
+        return branch.add_(x) if branch.dtype == x.dtype else x + branch
 
 
 class MirrorSplit(nn.Module, BackendMixin):

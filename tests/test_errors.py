@@ -75,10 +75,18 @@ BN_CASES = [
     (_bn_args(running_mean=None, running_var=None, training=False), ValueError, "training=False needs"),
     (_bn_args(momentum=1.5), ValueError, "momentum must be"),
     (_bn_args(eps=0.0), ValueError, "eps must be a positive"),
+    (_bn_args(eps=float("nan")), ValueError, "eps must be a positive"),
+    (_bn_args(weight=torch.ones(3).half()), TypeError, "weight has dtype torch.float16 but x has dtype torch.float32"),
+    (_bn_args(bias=torch.zeros(3).double()), TypeError, "bias has dtype torch.float64 but weight has dtype"),
+    (_bn_args(x=torch.randn(2, 3, 3, 3).bfloat16(), weight=torch.ones(3).half(), bias=torch.zeros(3).half()),
+     TypeError, "weight has dtype torch.float16 but x has dtype torch.bfloat16"),
+    (_bn_args(x=torch.randn(2, 3, 3, 3).bfloat16(), weight=torch.ones(3).bfloat16(), bias=None), TypeError,
+     "running_mean has dtype torch.float32 but weight has dtype torch.bfloat16"),
     (_bn_args(x=torch.randn(1, 3, 1, 1)), ValueError, "Expected more than 1 value per channel"),
     (_bn_args(residual=torch.randn(2, 3, 3, 4)), ValueError, "residual must have shape"),
     (_bn_args(residual=torch.randn(2, 3, 3, 3).double()), TypeError, "residual has dtype"),
     (_bn_args(out=torch.empty(2, 3, 3, 2)), ValueError, "out must have shape"),
+    (_bn_args(out=torch.empty(2, 3, 3, 1).expand(2, 3, 3, 3)), ValueError, "out has a dimension of stride 0"),
 ]
 
 
@@ -104,6 +112,8 @@ CONV_CASES = [
     (dict(weight=torch.randn(4, 2, 3, 3)), ValueError, "weight expects 2 input channels"),
     (dict(weight=torch.randn(4, 3, 3, 3).half()), TypeError, "weight has dtype"),
     (dict(bias=torch.randn(5)), ValueError, "bias must have 4 elements"),
+    (dict(bias=torch.randn(4).half()), TypeError, "bias has dtype torch.float16 but x has dtype torch.float32"),
+    (dict(out=torch.empty(2, 4, 2, 1).expand(2, 4, 2, 3)), ValueError, "out has a dimension of stride 0"),
     (dict(stride=3), ValueError, "stride must be 1 or 2"),
     (dict(residual=torch.randn(2, 4, 4, 6)), ValueError, r"residual must have shape \(2, 4, 2, 3\)"),
 ]
@@ -115,6 +125,21 @@ def test_conv_bn_mish_errors(backend, kwargs, exc, match):
     args = {**dict(x=x4, weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), stride=2), **kwargs}
     with pytest.raises(exc, match=match):
         ops.conv_bn_mish(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["bn_mish", "conv_bn_mish"])
+def test_out_leaf_that_requires_grad_is_refused(backend, op):
+    """Writing into a leaf that requires grad is autograd's error, on every backend (none writes it silently)."""
+    if op == "bn_mish":
+        args = _bn_args()
+        out = torch.empty_like(args["x"]).requires_grad_()
+        call = lambda: ops.bn_mish(**args, out=out, backend=backend)  # noqa: E731
+    else:
+        out = torch.empty(2, 4, 2, 3, requires_grad=True)
+        call = lambda: ops.conv_bn_mish(x4, torch.randn(4, 3, 3, 3), None, 2, out=out, backend=backend)  # noqa: E731
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        call()
 
 
 def test_unknown_backend():

@@ -78,6 +78,9 @@ def _load_implementation(op: str, backend: str, device: torch.device) -> Callabl
             raise backends.BackendUnavailableError(
                 f"backend={concrete!r} for {op} could not be loaded: {exc}"
             ) from exc
+    if concrete == "extension":
+        # Load (or build) the library now: its first load takes a lock, which torch.compile cannot trace.
+        module.load()
     return getattr(module, op)
 
 
@@ -174,12 +177,22 @@ def conv_bn_mish(
         x: [N, C_in, H, W]. weight: [C_out, C_in, k, k] with k in (1, 3). bias: [C_out].
         stride: 1 or 2. residual / out: [N, C_out, H_out, W_out].
     """
-    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         # Under torch.autocast this op behaves like conv2d: its inputs run in the autocast dtype.
-        x, weight, bias, residual = _autocast_cast(torch.get_autocast_dtype(x.device.type), x, weight, bias, residual)
+        x, weight, bias, residual = _autocast_cast(dtype, x, weight, bias, residual)
     x = _validate.check_conv_args(x, weight, bias, stride, residual, out)
     fn = implementation("conv_bn_mish", backend, x.device)
     return fn(x, weight, bias, int(stride), residual, out=out)
+
+
+def autocast_dtype(x: object) -> torch.dtype | None:
+    """The dtype a convolution of ``x`` runs in under an enabled ``torch.autocast`` of its device (None: no
+    autocast there, or ``x`` is float64 or not a tensor, which autocast leaves as they are)."""
+    if (isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and x.dtype != torch.float64
+            and torch.is_autocast_enabled(x.device.type)):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 def _autocast_cast(dtype: torch.dtype, *tensors: object) -> tuple:

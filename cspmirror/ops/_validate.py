@@ -12,13 +12,19 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 REDUCES = ("sum", "mean")
 
 
 def check_tensor(t: object, name: str, ndim: int | None = 4) -> torch.Tensor:
     """Check that ``t`` is a floating-point tensor of rank ``ndim``."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        hint = ""
+        if type(t).__name__ == "Proxy":  # symbolic tracing of a model without the ops marked as leaves
+            hint = ("; to trace a model with torch.fx, use cspmirror.integrations.fx.create_feature_extractor, "
+                    "or pass tracer_kwargs=cspmirror.integrations.fx.tracer_kwargs(), which keep the fused ops "
+                    "as leaves")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -130,13 +136,14 @@ def check_bn_args(
             raise ValueError(f"{name} must have {channels} elements (x's channels), got {t.shape[0]}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_bn_vector_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # (NaN too)
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if training:
         per_channel = x.numel() // channels
@@ -147,6 +154,23 @@ def check_bn_args(
             )
     check_residual_out(x, residual, out)
     return x
+
+
+def _check_bn_vector_dtypes(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    """``nn.BatchNorm2d``'s rule: the [C] tensors all have x's dtype, or all float32 when x is fp16 / bf16."""
+    given = [(name, t) for name, t in vectors.items() if t is not None]
+    if not given:
+        return
+    first_name, first = given[0]
+    allowed = (x.dtype, torch.float32) if x.dtype in HALF_DTYPES else (x.dtype,)
+    if first.dtype not in allowed:
+        raise TypeError(f"{first_name} has dtype {first.dtype} but x has dtype {x.dtype}: weight, bias, "
+                        f"running_mean and running_var must have x's dtype"
+                        + (" or all be float32" if x.dtype in HALF_DTYPES else ""))
+    for name, t in given[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}: weight, "
+                            "bias, running_mean and running_var must share one dtype")
 
 
 def check_residual_out(y_like: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None,
@@ -160,6 +184,10 @@ def check_residual_out(y_like: torch.Tensor, residual: torch.Tensor | None, out:
         check_like(t, y_like, name, "x")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if out is not None and any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride(), strict=True)):
+        # (PyTorch's own "internal overlap" test for a written-to tensor)
+        raise ValueError(f"out has a dimension of stride 0 (an expanded tensor, strides {out.stride()}): "
+                         "several of its elements share memory, so it cannot be written to")
 
 
 def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
@@ -185,8 +213,7 @@ def check_conv_args(
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != c_out:
             raise ValueError(f"bias must have {c_out} elements, got {bias.shape[0]}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+        check_like(bias, x, "bias", "x")
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     check_residual_out(x, residual, out, shape=conv_output_shape(x, weight, stride))

@@ -260,7 +260,7 @@ def bn_mish(
 ) -> torch.Tensor:
     """``mish(batch_norm(x)) (+ residual)`` on x [N, C, H, W]; running stats [C] update in place when training."""
     lib = _lib_for(x)
-    direct = out is not None and not _needs_grad(x, weight, bias, residual)
+    direct = out is not None and not _needs_grad(x, weight, bias, residual, out)
     if training:
         if direct:
             mean, var = lib.bn_mish_train_out(x, weight, bias, eps, residual, out)
@@ -291,7 +291,7 @@ def conv_bn_mish(
 ) -> torch.Tensor:
     """``mish(conv2d(x, weight, bias, stride, padding=k//2)) (+ residual)``: [N, C_out, H_out, W_out]."""
     lib = _lib_for(x)
-    if out is not None and not _needs_grad(x, weight, bias, residual):
+    if out is not None and not _needs_grad(x, weight, bias, residual, out):
         lib.conv_bn_mish_out(x, weight, bias, stride, residual, out)
         return out
     y = _EAGER["conv_bn_mish"](x, weight, bias, stride, residual)

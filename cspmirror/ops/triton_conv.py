@@ -24,14 +24,14 @@ TF32 when it is on (PyTorch's default for convolutions), exact fp32 (``input_pre
 
 Both ops are ``torch.library.custom_op``\\ s (``cspmirror::conv_bn_mish``, and ``cspmirror::conv_bn_mish_out``
 for ``out=``), so they compile with ``torch.compile(fullgraph=True)``. The functional op has a backward
-(recomputed through PyTorch's conv); the ``out=`` form is inference-only and refuses inputs that need grad.
+(recomputed through PyTorch's conv); the ``out=`` form has none: where a gradient is needed, the functional op runs
+and its result is copied into ``out`` (autograd records the copy).
 """
 
 import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from cspmirror.kernels import conv as kernels
 
@@ -70,10 +70,7 @@ def conv_bn_mish(
         return _conv(x, weight, bias, stride, residual, path)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, residual, out)):
-        raise RuntimeError(
-            "conv_bn_mish with out= is inference-only on backend='triton': its inputs require grad. "
-            "Run it under torch.no_grad() / torch.inference_mode(), or call it without out="
-        )
+        return out.copy_(_conv(x, weight, bias, stride, residual, path))  # autograd records the copy
     _conv_out(x, weight, bias, stride, residual, out, path)
     return out
 
@@ -108,9 +105,8 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def clear_caches() -> None:
-    """Forget the per-shape path choices and the channels_last copies of weights."""
+    """Forget the per-shape path choices."""
     _PATH_CHOICES.clear()
-    _WEIGHT_CACHE.clear()
 
 
 # (device, dtype, x shape, weight shape, stride, has bias, has residual, tf32) -> "triton" | "cudnn"
@@ -147,28 +143,15 @@ def _allow_tf32() -> bool:
         return False
 
 
-# --- the weight as both paths read it, cached per weight tensor and version ---------------------------------
-
-_WEIGHT_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
+# --- the weight as both paths read it -----------------------------------------------------------------------
 
 def _channels_last_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as dense channels_last, the form both paths read (the implicit GEMM's ``[C_out, K]``
-    operand); a copy is rebuilt only when the weight changes (version counter or storage)."""
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        return weight.detach()
-
-    def make() -> torch.Tensor:
-        return weight.detach().contiguous(memory_format=torch.channels_last)
-
-    try:
-        stamp = (weight._version, weight.data_ptr())
-    except RuntimeError:  # inference tensors have no version counter: no caching
-        return make()
-    entry = _WEIGHT_CACHE.get(weight)
-    if entry is None or entry[0] != stamp:
-        entry = _WEIGHT_CACHE[weight] = (stamp, make())
-    return entry[1]
+    operand): as it is when it already is, else a copy per call, as cuDNN makes for a channels_last input.
+    Not cached: a write through ``weight.data`` (EMA updates, weight loading) changes no version counter, so
+    no cache could tell that a copy went stale. ``model.to(memory_format=torch.channels_last)`` makes a
+    model's conv weights channels_last, and its calls copy nothing."""
+    return weight.detach().contiguous(memory_format=torch.channels_last)
 
 
 # --- the two paths ------------------------------------------------------------------------------------------
