@@ -58,8 +58,9 @@ def model_devices(model: nn.Module) -> list[torch.device]:
     return sorted(devices, key=str) or [torch.device("cpu")]
 
 
-def check_backend(model: nn.Module, backend: str) -> None:
-    """Raise :class:`BackendUnavailableError` unless ``backend`` runs every op ``model`` uses on its devices.
+def check_backend(model: nn.Module, backend: str, also: tuple[str, ...] = ()) -> None:
+    """Raise :class:`BackendUnavailableError` unless ``backend`` runs every op ``model`` uses on its devices
+    (and the ops in ``also``, which it is about to use).
 
     Resolving an op also loads its implementation and caches the look-up, so that a model compiled with
     ``torch.compile(fullgraph=True)`` afterwards meets no import (a graph break) in its ops. Ops the model does
@@ -68,7 +69,7 @@ def check_backend(model: nn.Module, backend: str) -> None:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    needed = ops_used(model)
+    needed = (*ops_used(model), *also)
     for device in model_devices(model):
         for op in OPS:
             try:
@@ -76,7 +77,7 @@ def check_backend(model: nn.Module, backend: str) -> None:
             except (BackendUnavailableError, NotImplementedError) as exc:
                 if op in needed:
                     raise BackendUnavailableError(
-                        f"cspmirror.accelerate(model, backend={backend!r}): the model's {op} cannot run on "
+                        f"backend={backend!r} cannot run the model: its {op} cannot run on "
                         f"{device}: {exc}"
                     ) from exc
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel's, torch.compile's
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -26,10 +28,46 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{str(path)!r} does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {_unwrapped(k): v for k, v in obj.items()}
+
+
+def _unwrapped(key: str) -> str:
+    """``key`` without the prefixes that wrappers of a model add to its state dict's keys."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load the weights at ``path`` into ``model`` and return it."""
-    model.load_state_dict(read_state_dict(path), strict=strict)
+    """Load the weights at ``path`` into ``model`` and return it.
+
+    The checkpoint's classifier (``pretrained_cfg["classifier"]``, ``fc`` for cspmirror's models) is left out
+    where ``model``'s cannot take it: none (``features_only``, ``num_classes=0``) or another number of classes
+    (a warning says so; the model's own classifier keeps its fresh initialization), as timm loads pretrained
+    weights for fine-tuning.
+    """
+    state = _without_foreign_classifier(read_state_dict(path), model, path)
+    model.load_state_dict(state, strict=strict)
     return model
+
+
+def _without_foreign_classifier(state: dict[str, torch.Tensor], model: nn.Module, path: object
+                                ) -> dict[str, torch.Tensor]:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if not name:
+        return state
+    prefix = name + "."
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    theirs = {k: v.shape for k, v in state.items() if k.startswith(prefix)}
+    if not theirs or theirs == {k: v.shape for k, v in own.items()}:
+        return state
+    if own:
+        warnings.warn(f"weights {str(path)!r}: the classifier {name!r} ({_classes(state, prefix)} classes) does "
+                      f"not fit the model's ({_classes(own, prefix)} classes) and was not loaded; the model's "
+                      "own keeps its fresh initialization", stacklevel=3)
+    return {**{k: v for k, v in state.items() if k not in theirs}, **own}
+
+
+def _classes(state: dict[str, torch.Tensor], prefix: str) -> object:
+    weight = state.get(prefix + "weight")
+    return weight.shape[0] if weight is not None else "?"

@@ -33,14 +33,19 @@ def fuse_for_inference(model: nn.Module, backend: str | None = None) -> nn.Modul
     """Fold every ConvBNMish's BN into its conv, in place; puts ``model`` in eval mode and returns it.
 
     Args:
-        backend: when given, also switch the model's ops to this backend (see :func:`cspmirror.set_backend`).
+        backend: when given, also switch the model's ops to this backend, as :func:`cspmirror.accelerate`
+            does: checked first, so that a backend that cannot run the fused model raises
+            :class:`cspmirror.BackendUnavailableError` and leaves ``model`` unchanged.
     """
+    from .accelerate import check_backend
     from .layers import ConvBNMish
 
+    convs = [module for module in model.modules() if isinstance(module, ConvBNMish)]
+    if backend is not None:
+        check_backend(model, backend, also=("conv_bn_mish",) if convs else ())
     model.eval()
-    for module in model.modules():
-        if isinstance(module, ConvBNMish):
-            module.fuse()
+    for module in convs:
+        module.fuse()
     if backend is not None:
         set_backend(model, backend)
     return model

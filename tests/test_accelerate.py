@@ -237,6 +237,23 @@ def test_accelerate_raises_when_backend_cannot_run_and_leaves_model(monkeypatch)
     with pytest.raises(BackendUnavailableError, match="triton"):
         cspmirror.accelerate(model, "triton")
     assert backend_of(model) == "auto"
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        cspmirror.fuse_for_inference(model, backend="triton")
+    assert backend_of(model) == "auto" and "conv_bn_mish" not in ops_used(model) and model.training
+
+
+def test_accelerate_loads_the_extension_library(monkeypatch):
+    """accelerate(model, "extension") loads (or builds) the C++ library then, not at the first op call, where
+    torch.compile could not trace the load's lock (a graph break; an error with fullgraph=True)."""
+    from cspmirror.ops import extension
+
+    if not extension.status().available:
+        pytest.skip(extension.status().reason)
+    loads = []
+    monkeypatch.setattr(extension, "load", lambda: loads.append(1))
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    cspmirror.accelerate(_tiny(), "extension")
+    assert loads
 
 
 def test_ops_used_follows_fusion():
@@ -310,6 +327,24 @@ def test_conv_bn_mish_under_autocast_runs_in_the_autocast_dtype(dtype):
     x64 = x.double()
     with torch.autocast("cpu", dtype=dtype):  # float64 is not autocast, as for conv2d
         assert ops.conv_bn_mish(x64, w.double(), b.double(), backend="reference").dtype == torch.float64
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_block_under_autocast_gives_the_same_without_grad(fused):
+    """MishedDenseBlock's no-grad path (halves written into one buffer) under autocast: the dtype and values
+    of its autograd path (convs in bf16, the residual sum promoted to x's fp32)."""
+    from cspmirror.layers import MishedDenseBlock
+
+    block = randomize_bn(MishedDenseBlock(4)).eval()
+    if fused:
+        cspmirror.fuse_for_inference(block)
+    x = torch.randn(2, 4, 6, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(x)
+        with torch.no_grad():
+            y = block(x)
+    assert expected.dtype == y.dtype == torch.float32
+    assert torch.equal(y, expected.detach())
 
 
 # ------------------------------------------------------------------------------- Triton vs reference

@@ -49,6 +49,21 @@ def test_features_match_feature_info(name):
         cspmirror.get_model(name, features_only=True, out_indices=(levels,))
 
 
+def test_features_come_in_the_order_of_out_indices():
+    """feature_info[i] describes output i, whatever the order and repeats of out_indices; an int n means the
+    last n levels (timm's convention)."""
+    x = torch.randn(1, 3, 32, 32)
+    for out_indices, levels in [((4, 1), [4, 1]), ((2, 2), [2, 2]), (2, [3, 4])]:
+        model = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=out_indices).eval()
+        feats = model(x)
+        assert list(model.out_indices) == levels
+        assert [(f.shape[1], 32 // f.shape[-1]) for f in feats] == \
+            [(i["num_chs"], i["reduction"]) for i in model.feature_info]
+        assert [i["reduction"] for i in model.feature_info] == [2 ** level for level in levels]
+    with pytest.raises(ValueError, match="last 6 levels"):
+        cspmirror.cspmirrornet_tiny(features_only=True, out_indices=6)
+
+
 def test_p3_p5_of_cspmirrornet53():
     model = cspmirror.cspmirrornet53(features_only=True, out_indices=(3, 4, 5))
     feats = model(torch.randn(1, 3, 64, 64))
@@ -68,6 +83,8 @@ def test_backbone_api():
     assert model(x).shape == (2, 3)
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)
+    unpooled = cspmirror.cspmirrornet_tiny(num_classes=0, global_pool="")
+    assert unpooled(x).shape == (2, model.num_features, 2, 2)
     cfg = model.pretrained_cfg
     assert cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "fc" and len(cfg["mean"]) == 3
 
@@ -85,6 +102,24 @@ def test_state_dict_round_trip(name, tmp_path):
     b.eval()
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(a(x), b(x))
+
+
+def test_weights_load_into_a_model_without_the_checkpoints_classifier(tmp_path):
+    """A classifier checkpoint loads into a backbone (features_only, num_classes=0) and, with a warning and a
+    fresh classifier, into a model with another number of classes; torch.compile's and DDP's key prefixes go."""
+    trained = randomize_bn(cspmirror.cspmirrornet_tiny(num_classes=10))
+    path = tmp_path / "ckpt.pth"
+    torch.save({f"_orig_mod.module.{k}": v for k, v in trained.state_dict().items()}, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained.eval().forward_intermediates(x, (2, 4), intermediates_only=True)
+        backbone = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 4), weights=str(path)).eval()
+        assert all(torch.equal(a, b) for a, b in zip(backbone(x), expected, strict=True))
+        headless = cspmirror.cspmirrornet_tiny(num_classes=0, weights=str(path)).eval()
+        assert torch.equal(headless(x), trained.forward_head(trained.forward_features(x), pre_logits=True))
+    with pytest.warns(UserWarning, match="classifier 'fc' \\(10 classes\\) does not fit the model's \\(3 classes"):
+        other = cspmirror.cspmirrornet_tiny(num_classes=3, weights=str(path))
+    assert torch.equal(other.stem.conv.weight, trained.stem.conv.weight)
 
 
 def test_weights_must_be_local(tmp_path):
@@ -167,6 +202,10 @@ def test_bad_knobs_raise():
         cspmirror.cspmirrornet_tiny(split_stages=(True,))
     with pytest.raises(TypeError, match="unknown model argument"):
         cspmirror.cspmirrornet_tiny(overlapp=0.3)
+    with pytest.raises(TypeError, match="mirror must be True or False"):
+        cspmirror.cspmirrornet_tiny(mirror="no")
+    with pytest.raises(TypeError, match="siamese must be True or False"):
+        cspmirror.cspmirrornet_tiny(siamese=0)
 
 
 def test_drop_path_rates_rise_linearly_and_leave_eval_unchanged():

@@ -13,9 +13,9 @@ and width are fixed by the example input (the split widths of every stage are co
 
 A classifier exports one output [N, num_classes]; a ``features_only`` model one output per level.
 
-TorchScript is not a supported deployment path: ``torch.jit.script`` cannot compile the ops' keyword-only
-signatures (SPEC §3), and ``torch.jit.trace`` turns the split length ``x.shape[axis]`` into a tensor that
-``mirror_fuse``'s argument check rejects. Both are deprecated by PyTorch in favour of ``torch.export``.
+TorchScript: ``torch.jit.script`` cannot compile the ops' keyword-only signatures (SPEC §3);
+``torch.jit.trace(model, x, check_trace=False)`` works on the reference backend for a fixed input size. Both are
+deprecated by PyTorch in favour of ``torch.export``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _dynamic_shapes(dynamic_batch: bool) -> tuple | None:
     return ({0: torch.export.Dim("batch")},) if dynamic_batch else None
 
 
+def _traced_input(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    """The input to trace with: a batch of 1 repeated to 2 for a dynamic batch (``torch.export`` specializes a
+    dimension of size 1 to the constant 1; the program still runs at batch 1)."""
+    if dynamic_batch and example_input.shape[0] == 1:
+        return example_input.repeat(2, 1, 1, 1)
+    return example_input
+
+
 def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = True,
                    prepare: bool = True) -> torch.export.ExportedProgram:
     """``torch.export`` of the inference form of ``model`` for inputs shaped like ``example_input``.
@@ -63,7 +71,8 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_bat
     """
     example_input = _check_input(example_input)
     module = prepare_for_export(model) if prepare else model
-    return torch.export.export(module, (example_input,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
+    return torch.export.export(module, (_traced_input(example_input, dynamic_batch),),
+                               dynamic_shapes=_dynamic_shapes(dynamic_batch))
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
@@ -85,7 +94,8 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_input: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
-    torch.onnx.export(program, (example_input,), str(path), dynamo=True, verbose=False, **kwargs)
+    torch.onnx.export(program, (_traced_input(example_input, dynamic_batch),), str(path), dynamo=True,
+                      verbose=False, **kwargs)
     return path
 
 

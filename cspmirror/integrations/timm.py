@@ -25,12 +25,12 @@ FX feature extraction (``feature_cls="fx"``, ``timm.models.create_feature_extrac
 ``ops.conv_bn_mish`` call of a model fused by :func:`cspmirror.fuse_for_inference`, so trace a fused model with
 :func:`cspmirror.integrations.fx.create_feature_extractor` instead.
 
-TorchScript is not supported, on any backend, and no cspmirror module is scriptable: ``torch.jit.script``
-stops at the first fused op (``BatchNormMish2d`` / ``ConvBNMish`` call :func:`cspmirror.ops.bn_mish` /
-``conv_bn_mish``, whose SPEC §3 signatures have keyword-only arguments that TorchScript cannot compile, and whose
-backend dispatch imports modules at run time); ``torch.jit.trace`` turns the split length ``x.shape[axis]``
-into a tensor that ``mirror_fuse``'s argument check rejects. For deployment use :mod:`cspmirror.integrations.export`
-(``torch.export`` and ONNX), which PyTorch recommends over its deprecated TorchScript.
+TorchScript: no cspmirror module is scriptable: ``torch.jit.script`` stops at the first fused op
+(``BatchNormMish2d`` / ``ConvBNMish`` call :func:`cspmirror.ops.bn_mish` / ``conv_bn_mish``, whose SPEC §3
+signatures have keyword-only arguments that TorchScript cannot compile, and whose backend dispatch imports modules
+at run time). ``torch.jit.trace(model, x, check_trace=False)`` works on the reference backend, for a fixed input
+size. For deployment use :mod:`cspmirror.integrations.export` (``torch.export`` and ONNX), which PyTorch
+recommends over its deprecated TorchScript.
 """
 
 from __future__ import annotations

@@ -82,6 +82,9 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
     unknown = set(overrides) - {f.name for f in dataclasses.fields(CSPMirrorNetConfig)}
     if unknown:
         raise TypeError(f"unknown model argument(s): {sorted(unknown)}")
+    for name in ("mirror", "siamese"):
+        if name in overrides and not isinstance(overrides[name], bool):
+            raise TypeError(f"{name} must be True or False, got {overrides[name]!r}")
     cfg = dataclasses.replace(cfg, **overrides)
     if split_stages is not None:
         n = len(cfg.stages)
@@ -152,6 +155,11 @@ class CSPMirrorNet(nn.Module):
         num_levels = len(self.feature_info)
         if out_indices is None:
             out_indices = tuple(range(num_levels))
+        elif isinstance(out_indices, int):  # timm's convention: the last n levels
+            if not 1 <= out_indices <= num_levels:
+                raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} levels; this model "
+                                 f"has {num_levels}")
+            out_indices = tuple(range(num_levels - out_indices, num_levels))
         out_indices = tuple(out_indices)
         bad = [i for i in out_indices if not -num_levels <= i < num_levels]
         if bad:
@@ -293,22 +301,27 @@ class CSPMirrorNet(nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.features_only:
-            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        if self.features_only:  # the levels in the order (and number) of out_indices, as feature_info lists them
+            levels = sorted(set(self.out_indices))
+            found = dict(zip(levels, self.forward_intermediates(x, levels, intermediates_only=True), strict=True))
+            return [found[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
 
 def build_model(name: str, *, weights: str | None = None, num_classes: int = 1000, in_chans: int = 3,
-                drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
-                out_indices: Sequence[int] | None = None, split_stages: Sequence | None = None,
-                **knobs) -> CSPMirrorNet:
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
+                features_only: bool = False, out_indices: int | Sequence[int] | None = None,
+                split_stages: Sequence | None = None, **knobs) -> CSPMirrorNet:
     """Build family member ``name``; ``knobs`` override config fields (overlap, mirror, siamese, ...).
 
-    ``weights`` is a local checkpoint path (nothing is ever downloaded).
+    ``weights`` is a local checkpoint path (nothing is ever downloaded). Its classifier is not loaded where the
+    model has none (``features_only``, ``num_classes=0``) or one of another size (a warning says so; the new
+    one keeps its fresh initialization), as timm loads pretrained weights for fine-tuning.
     """
     cfg = configure(MODEL_CONFIGS[name], split_stages=split_stages, **knobs)
     model = CSPMirrorNet(cfg, in_chans=in_chans, num_classes=num_classes, drop_rate=drop_rate,
-                         features_only=features_only, out_indices=out_indices, drop_path_rate=drop_path_rate)
+                         global_pool=global_pool, features_only=features_only, out_indices=out_indices,
+                         drop_path_rate=drop_path_rate)
     model.default_cfg = model.pretrained_cfg = pretrained_cfg(name, cfg, num_classes, in_chans)
     if weights is not None:
         from ..checkpoint import load_checkpoint
