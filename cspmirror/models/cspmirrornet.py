@@ -116,9 +116,9 @@ class CSPMirrorNet(nn.Module):
     Input [N, in_chans, H, W]; logits [N, num_classes]. Level 0 is the stem (reduction 1); level i is
     stage i (reduction 2**i). With ``features_only=True``, ``forward`` returns the levels in
     ``out_indices`` (in that order; negative indices count from the end, an int n means the last n levels) as
-    a list of [N, C_i, H / r_i, W / r_i], described by ``feature_info`` in the same order. ``drop_rate``: dropout before the classifier;
-    ``drop_path_rate``: stochastic depth of the dense blocks, rising linearly to this rate at the last block
-    (as timm's models); both 0 in the paper's model.
+    a list of [N, C_i, H / r_i, W / r_i], described by ``feature_info`` in the same order. ``drop_rate``:
+    dropout before the classifier; ``drop_path_rate``: stochastic depth of the dense blocks, rising linearly to
+    this rate at the last block (as timm's models); both 0 in the paper's model.
     """
 
     def __init__(
