@@ -18,8 +18,12 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = ("Tools for the CSPMirrorNet model family: model and backend information, backend checks, training, "
+               "evaluation, ablations and benchmarks.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cspmirror", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="cspmirror", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         try:

@@ -53,3 +53,21 @@ def test_an_interpreter_that_cannot_run_makes_triton_unavailable(monkeypatch):
     with pytest.raises(backends.BackendUnavailableError, match="backend='triton' cannot run here: the interpreter"):
         backends.resolve("triton", torch.device("cpu"))
     assert backends.resolve("auto", torch.device("cpu")) == "reference"
+
+
+def test_help_description_is_a_whole_sentence(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.startswith("Tools for the CSPMirrorNet model family") and description.rstrip().endswith(".")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--models", "resnet50"], "invalid choice: 'resnet50'"),
+    (["--resolution", "0"], "expected an integer >= 1, got '0'"),
+])
+def test_info_bad_arguments_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["info", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -85,9 +85,10 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
     # What torchrun does: the environment describes the group, `cspmirror train` joins it (env://).
     from cspmirror.cli import main
 
-    code = main([*TRAIN_ARGS, "--output", str(Path(out) / "ddp")])
-    if code != 0:
-        raise RuntimeError(f"rank {rank}: cspmirror train exited with {code}")
+    for name, extra in (("ddp", []), ("ddp_no_sync_bn", ["--no-sync-bn"])):
+        code = main([*TRAIN_ARGS, *extra, "--output", str(Path(out) / name)])
+        if code != 0:
+            raise RuntimeError(f"rank {rank}: cspmirror train {' '.join(extra)} exited with {code}")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +223,24 @@ def test_ddp_training_matches_one_process_on_the_whole_batch(ddp_results, tmp_pa
         assert rows_ddp[0][key] == pytest.approx(rows_single[0][key], rel=1e-4), key
     for key in ("train_acc", "val_acc"):
         assert rows_ddp[0][key] == pytest.approx(rows_single[0][key], abs=5.01), key  # at most one flip
+
+
+def test_ddp_without_sync_bn_validates_the_saved_model(ddp_results):
+    """With --no-sync-bn each process has its own BatchNorm running statistics; validation uses rank 0's (the
+    saved ones) on every process, so the logged validation metrics are those of the checkpoint."""
+    from cspmirror.train.checkpointing import load_checkpoint_dict, model_from_checkpoint
+    from cspmirror.train.data import DataConfig, build_datasets, stats_tensors
+    from cspmirror.train.distributed import DistContext
+    from cspmirror.train.engine import StepEnv, evaluate, make_loader
+
+    run = ddp_results / "ddp_no_sync_bn"
+    state = load_checkpoint_dict(run)
+    data = build_datasets(DataConfig(format="synthetic", image_size=16, synthetic_train=48, synthetic_val=20,
+                                     synthetic_classes=3, workers=0))
+    cpu = torch.device("cpu")
+    env = StepEnv(cpu, *stats_tensors(data.mean, data.std, cpu), progress=False)
+    loader = make_loader(data.val, 8, DistContext(), train=False, seed=0, workers=0, device=cpu)
+    metrics = evaluate(model_from_checkpoint(state), loader, env)
+    (row,) = read_csv(run / "metrics.csv")
+    assert metrics["loss"] == pytest.approx(row["val_loss"], rel=1e-6)
+    assert metrics["top1"] == pytest.approx(row["val_acc"]) and metrics["top5"] == pytest.approx(row["val_top5"])

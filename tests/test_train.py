@@ -3,6 +3,7 @@ plus the pure parts: recipes, schedules, grids, data readers."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -231,6 +232,179 @@ def test_ablate_synthetic_grid_writes_table_and_plot(tmp_path, capsys):
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert len(runs) == 2
     assert _state(out / "runs" / runs[0] / "last.pt")["model_kwargs"] == {"overlap": 0.0}
+
+
+# Synthetic 16x16 data: cspmirrornet_tiny's last stage is then 1x1, like cspmirrornet_s on CIFAR-10.
+SYN = ["--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "16",
+       "--epochs", "1", *TINY]
+
+
+def _triton_unavailable(monkeypatch):
+    from cspmirror import backends
+
+    monkeypatch.setattr(backends, "triton_status",
+                        lambda device=None: backends.BackendStatus("triton", False, "not in this test"))
+
+
+def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
+    from PIL import Image
+
+    for split, names in classes.items():
+        for cls in names:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("case", ["image_size", "device", "synthetic_train", "backend", "resume_classes",
+                                  "resume_not_a_checkpoint", "imagefolder_classes"])
+def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
+    """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
+    out = tmp_path / "run"
+    syn = ["--data-format", "synthetic", *TINY]
+    if case == "image_size":
+        args, expected = ["--data", str(cifar_root), "--image-size", "64", *TINY], "--image-size"
+    elif case == "device":
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        args, expected = ["--device", "cuda", *syn], "--device"
+    elif case == "synthetic_train":
+        args, expected = ["--synthetic-train", "0", *syn], "synthetic_train (--synthetic-train) must be >= 1"
+    elif case == "backend":
+        _triton_unavailable(monkeypatch)
+        args, expected = ["--backend", "triton", *syn], "backend='triton' cannot run here"
+    elif case == "resume_classes":  # the checkpoint has 10 classes, the synthetic data 4
+        args, expected = ["--resume", str(one_epoch), *syn], "the checkpoint has 10 classes but the data has 4"
+    elif case == "resume_not_a_checkpoint":
+        torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+        args, expected = ["--resume", str(tmp_path / "other.pt"), *syn], "is not a cspmirror training checkpoint"
+    else:
+        root = _imagefolder(tmp_path / "data", {"train": ("cat", "dog"), "val": ("cat",)})
+        args = ["--data", str(root), "--data-format", "imagefolder", "--image-size", "8", *TINY]
+        expected = "different class folders"
+    assert main(["train", *args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cspmirror train: error: ") and expected in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_ablate_configuration_error_is_one_line(tmp_path, capsys, monkeypatch):
+    _triton_unavailable(monkeypatch)
+    assert main(["ablate", "--synthetic", "--backend", "triton", "--grid", "overlap=0", *TINY,
+                 "--output", str(tmp_path / "abl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cspmirror ablate: error: backend='triton' cannot run here"), err
+    assert not (tmp_path / "abl").exists()
+
+
+def test_an_error_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the set-up is checked for configuration errors: a ValueError from the training step (a bug) is
+    raised, not turned into an error line."""
+    from cspmirror.train import engine
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in a kernel")
+
+    monkeypatch.setattr(engine, "train_one_epoch", broken)
+    with pytest.raises(ValueError, match="a bug in a kernel"):
+        main(["train", *SYN, "--output", str(tmp_path / "run")])
+
+
+def test_a_last_training_batch_of_one_is_dropped(tmp_path):
+    """17 images in batches of 8: 8, 8 and 1; BatchNorm cannot train on the single image at the 1x1 last
+    stage, so the epoch takes 2 steps (18 images: 3 steps, the last batch of 2 is kept)."""
+    out = tmp_path / "run"
+    assert main(["train", *SYN, "--synthetic-train", "17", "--batch-size", "8", "--output", str(out)]) == 0
+    assert _state(out / "last.pt")["scheduler"]["last_epoch"] == 2
+
+
+@pytest.mark.parametrize(("length", "world", "batch", "batches"), [
+    (17, 1, 8, 2), (18, 1, 8, 3), (16, 1, 8, 2), (5, 1, 1, 5),
+    (34, 2, 8, 2), (33, 2, 8, 2), (30, 2, 8, 2), (36, 2, 8, 3),
+])
+def test_train_loader_drops_only_a_last_batch_of_one(length, world, batch, batches):
+    from cspmirror.train.distributed import DistContext
+    from cspmirror.train.engine import make_loader
+
+    for rank in range(world):
+        ctx = DistContext(rank, world)
+        loader = make_loader(list(range(length)), batch, ctx, train=True, seed=0, workers=0,
+                             device=torch.device("cpu"))
+        assert len(loader) == len(list(loader)) == batches
+        val = make_loader(list(range(length)), batch, ctx, train=False, seed=0, workers=0,
+                          device=torch.device("cpu"))
+        assert sum(len(b) for b in val) == len(range(rank, length, world))  # evaluation sees every sample
+
+
+def test_without_matplotlib_no_png_and_one_note(tmp_path, capsys, monkeypatch):
+    """matplotlib is an optional extra: train and ablate skip their PNGs and say so once."""
+    import sys
+
+    from cspmirror.train import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setattr(plots, "_noted", False)
+    out = tmp_path / "abl"
+    assert main(["ablate", "--synthetic", "--grid", "overlap=0", *SYN, "--max-steps-per-epoch", "1",
+                 "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("matplotlib is not installed") == 1 and "cspmirror[plot]" in stdout
+    assert (out / "ablation.csv").exists() and not (out / "ablation.png").exists()
+    (run,) = (out / "runs").iterdir()
+    assert (run / "last.pt").exists() and (run / "metrics.csv").exists() and not (run / "curves.png").exists()
+
+
+def test_ablate_split_stages_flag(tmp_path):
+    """--split-stages applies to every grid point (it was resolved twice and always refused)."""
+    out = tmp_path / "abl"
+    assert main(["ablate", "--synthetic", "--split-stages", "0,1", "--grid", "overlap=0,0.5", *SYN,
+                 "--max-steps-per-epoch", "1", "--output", str(out)]) == 0
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert _state(run / "last.pt")["model_kwargs"]["split_stages"] == [True, True, False, False]
+
+
+def test_split_stages_all_label_and_knobs():
+    assert ablation.point_label({"split_stages": None}) == "split_stages=all"
+    assert ablation.point_label({"split_stages": []}) == "split_stages=none"
+    assert ablation.point_label({"split_stages": [0, 2]}) == "split_stages=0+2"
+    base = {"split_stages": [True, True, False, False], "overlap": 0.5}
+    assert ablation.point_knobs("cspmirrornet_tiny", base, {"split_stages": None}) == {"overlap": 0.5}
+    assert ablation.point_knobs("cspmirrornet_tiny", base, {"split_stages": [3]}) == {
+        "split_stages": [False, False, False, True], "overlap": 0.5}
+    assert ablation.point_knobs("cspmirrornet_tiny", base, {"mirror": False}) == {**base, "mirror": False}
+
+
+@pytest.mark.parametrize(("grid", "knob"), [
+    ("overlap=0,0.5,2", "overlap"), ("axis=0", "axis"), ("split_stages=9", "split_stages"),
+    ("split_stages=x", "split_stages"), ("reduce=max", "reduce"),
+])
+def test_bad_grid_value_fails_before_training(grid, knob, tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "--synthetic", "--grid", grid, *TINY, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cspmirror ablate: error: ") and knob in err and "Traceback" not in err, err
+    assert not out.exists()  # nothing trained
+
+
+def test_eval_argument_errors(one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
+    base = ["eval", "--checkpoint", str(one_epoch), "--data", str(cifar_root), "--workers", "0", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--limit-batches", "0"])
+    assert exc.value.code == 2 and "--limit-batches" in capsys.readouterr().err
+    _triton_unavailable(monkeypatch)
+    assert main([*base, "--backend", "triton"]) == 2
+    assert capsys.readouterr().err.startswith("cspmirror eval: error: backend='triton' cannot run here")
+
+
+def test_eval_json_creates_its_folder(one_epoch, cifar_root, tmp_path):
+    path = tmp_path / "new" / "folder" / "metrics.json"
+    assert main(["eval", "--checkpoint", str(one_epoch), "--data", str(cifar_root), "--workers", "0",
+                 "--no-progress", "--batch-size", "16", "--limit-batches", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["count"] == 16
 
 
 # ------------------------------------------------------------------------------------------ pure parts

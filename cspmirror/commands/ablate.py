@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 from ..train import cli_args
-from ..train.ablation import PRESETS, parse_grid, run_ablation
+from ..train.ablation import PRESETS, parse_grid, start_ablation
 from ..train.engine import TrainConfig
-from ..train.recipes import RecipeError
+from ..train.plots import matplotlib_available
 
 DEFAULT_EPOCHS = 3
 
@@ -54,15 +54,14 @@ def run(args: argparse.Namespace) -> int:
             channels_last=args.channels_last, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
             max_val_batches=args.max_val_batches, progress=args.progress,
         )
-    except ValueError as exc:
+        # every point's knobs, and the data, device, backend and recipe, before the first point trains
+        ablation = start_ablation(base, points, args.output)
+    except cli_args.CONFIG_ERRORS as exc:
         return cli_args.fail("ablate", exc)
-    try:
-        rows = run_ablation(base, points, args.output)
-    except (RecipeError, FileNotFoundError) as exc:
-        return cli_args.fail("ablate", exc)
+    rows = ablation.run()
     width = max(len(r["label"]) for r in rows)
     print(f"\n{'point':<{width}}  val top-1")
     for r in rows:
         print(f"{r['label']:<{width}}  {r['val_acc']:6.2f}%")
-    print(f"table and plot in {args.output}")
+    print(f"table{' and plot' if matplotlib_available() else ''} in {args.output}")
     return 0

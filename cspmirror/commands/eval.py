@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
+from .. import backends
 from ..fuse import fuse_for_inference
 from ..train import cli_args
 from ..train.checkpointing import load_checkpoint_dict, model_from_checkpoint
@@ -25,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                             "(file, or run folder for its last.pt)")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--limit-batches", type=int, default=None, help="evaluate only this many batches")
+    parser.add_argument("--limit-batches", type=cli_args.positive_int, default=None,
+                        help="evaluate only this many batches")
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, bf16/fp16 on CUDA)")
     parser.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convolutions first")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON here")
@@ -39,16 +42,22 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         state = load_checkpoint_dict(args.checkpoint)
         device = resolve_device(args.device)
+        backends.resolve(args.backend, device)  # BackendUnavailableError before evaluating
         data_cfg = cli_args.data_config(args)
         if args.image_size is None and state.get("image_size"):
             data_cfg = dataclasses.replace(data_cfg, image_size=int(state["image_size"]))
         dataset, classes = build_eval_dataset(data_cfg, args.split)
-    except (ValueError, FileNotFoundError) as exc:  # DataNotFoundError is a FileNotFoundError
+        if len(classes) != int(state["num_classes"]):
+            raise DataNotFoundError(
+                f"the data has {len(classes)} classes but the checkpoint's model has {state['num_classes']}")
+        model = model_from_checkpoint(state, device, args.backend)
+        if args.json:  # before evaluating, not after
+            try:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--json {args.json}: cannot create its folder ({exc})") from None
+    except cli_args.CONFIG_ERRORS as exc:  # DataNotFoundError is a FileNotFoundError
         return cli_args.fail("eval", exc)
-    if len(classes) != int(state["num_classes"]):
-        return cli_args.fail("eval", DataNotFoundError(
-            f"the data has {len(classes)} classes but the checkpoint's model has {state['num_classes']}"))
-    model = model_from_checkpoint(state, device, args.backend)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.fuse:

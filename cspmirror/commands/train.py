@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..train import cli_args
-from ..train.engine import TrainConfig, fit
-from ..train.recipes import RecipeError
+from ..train.engine import TrainConfig, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +49,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:  # a flag value out of range; the message names the flag
+    try:  # everything a wrong flag, data folder or checkpoint can break is checked before the first step
+        prepared = prepare(config_from_args(args))
+    except cli_args.CONFIG_ERRORS as exc:  # the messages name the flag or the file
         return cli_args.fail("train", exc)
-    try:
-        fit(cfg)
-    except (RecipeError, FileNotFoundError) as exc:  # DataNotFoundError, missing checkpoint, bad recipe
-        return cli_args.fail("train", exc)
+    prepared.train()
     return 0

@@ -4,21 +4,27 @@ A *point* is a dict of model knobs (``{}`` is the baseline). :func:`parse_grid` 
 ``"overlap=0,0.25;mirror=true,false"`` into the cartesian product of the listed values; :data:`PRESETS`
 hold named lists of points. :func:`run_ablation` trains each point with the same recipe, seed and data
 (:func:`~cspmirror.train.engine.fit`, one sub-folder per point under ``OUTPUT/runs``) and writes
-``ablation.csv``, ``ablation.md`` and ``ablation.png`` (final validation accuracy per point).
+``ablation.csv``, ``ablation.md`` and ``ablation.png`` (final validation accuracy per point; the PNG only when
+matplotlib is installed). It is :func:`start_ablation` (every point's knobs checked, the first run prepared,
+so a bad configuration fails before anything trains) followed by :meth:`Ablation.run`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..models import MODEL_CONFIGS, configure
+from ..ops._validate import check_axis, check_overlap, check_reduce
 from .cli_args import parse_split_stages, resolve_knobs
-from .engine import TrainConfig, fit
+from .engine import PreparedRun, TrainConfig, prepare
 from .history import markdown_table, write_csv
-from .plots import plot_bars
+from .plots import matplotlib_available, note_no_matplotlib, plot_bars
 
 ABLATION_CSV = "ablation.csv"
 ABLATION_MD = "ablation.md"
@@ -35,6 +41,16 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _checked(parse: Callable[[str], object], check: Callable[[object], object]) -> Callable[[str], object]:
+    """``parse``, then the model's own check of the value (which raises naming the knob); the parsed value."""
+    def parse_and_check(text: str) -> object:
+        value = parse(text)
+        check(value)
+        return value
+
+    return parse_and_check
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -46,12 +62,12 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 # knob -> parser of one value (split_stages: all | none | indices joined by '+', e.g. 0+1).
 KNOB_PARSERS: dict[str, Callable[[str], object]] = {
-    "overlap": float,
+    "overlap": _checked(float, check_overlap),
     "mirror": _parse_bool,
     "siamese": _parse_bool,
-    "reduce": _choice("sum", "mean"),
+    "reduce": _checked(str, check_reduce),
     "fusion": _choice("sum_concat", "concat_first"),
-    "axis": int,
+    "axis": _checked(int, check_axis),
     "split_stages": lambda text: parse_split_stages(text),
 }
 
@@ -68,7 +84,8 @@ PRESETS: dict[str, list[dict]] = {
 def parse_grid(spec: str) -> list[dict]:
     """``"knob=v1,v2;knob2=v3"`` -> the cartesian product as a list of dicts, in spec order.
 
-    Raises ValueError naming the knob for an unknown knob or a bad value.
+    Raises ValueError naming the knob for an unknown knob or a bad value (stage indices are checked against
+    the model by :func:`point_knobs`).
     """
     axes: list[tuple[str, list]] = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
@@ -80,7 +97,7 @@ def parse_grid(spec: str) -> list[dict]:
             raise ValueError(f"unknown knob {name!r} in --grid; known: {sorted(KNOB_PARSERS)}")
         try:
             parsed = [KNOB_PARSERS[name](v.strip()) for v in values.split(",")]
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise ValueError(f"bad value for knob {name!r} in --grid: {exc}") from None
         axes.append((name, parsed))
     if not axes:
@@ -93,7 +110,7 @@ def point_label(point: dict) -> str:
     """``baseline`` for ``{}``, else ``knob=value, ...``."""
     def show(key: str, value: object) -> str:
         if key == "split_stages":
-            value = "none" if not value else ("all" if value is None else "+".join(map(str, value)))
+            value = "all" if value is None else ("none" if not value else "+".join(map(str, value)))
         return f"{key}={value}"
 
     return ", ".join(show(k, v) for k, v in point.items()) or "baseline"
@@ -103,35 +120,90 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:60]
 
 
+def point_knobs(model: str, base_knobs: dict, point: dict) -> dict:
+    """The model knobs of ``point`` over ``base_knobs`` (``split_stages`` as one bool per stage; ``all``, i.e.
+    None, is the config's default), checked as the model checks them: ValueError naming the point and knob."""
+    try:
+        knobs = {**base_knobs, **resolve_knobs(model, point)}
+        if "split_stages" in point and point["split_stages"] is None:
+            knobs.pop("split_stages", None)
+        cfg = configure(MODEL_CONFIGS[model], **knobs)
+        check_overlap(cfg.overlap)
+        check_axis(cfg.axis)
+        check_reduce(cfg.reduce)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"ablation point {point_label(point)!r}: {exc}") from None
+    return knobs
+
+
+def point_configs(base: TrainConfig, points: Sequence[dict], output: str | Path) -> list[TrainConfig]:
+    """One training configuration per point: ``base`` with the point's knobs (:func:`point_knobs`), its own
+    folder under ``output/runs`` and no resume."""
+    output = Path(output)
+    return [dataclasses.replace(base, model_kwargs=point_knobs(base.model, base.model_kwargs, point), resume=None,
+                                output=str(output / "runs" / f"{i:02d}-{_slug(point_label(point))}"))
+            for i, point in enumerate(points)]
+
+
+@dataclass
+class Ablation:
+    """An ablation whose points are checked and whose first run is prepared (:func:`start_ablation`)."""
+
+    base: TrainConfig
+    points: list[dict]
+    configs: list[TrainConfig]
+    output: Path
+    first: PreparedRun | None
+
+    def run(self) -> list[dict]:
+        """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``."""
+        rows = []
+        for i, (point, cfg) in enumerate(zip(self.points, self.configs, strict=True)):
+            label = point_label(point)
+            if self.base.verbose:
+                print(f"[{i + 1}/{len(self.points)}] {label}")
+            if i == 0 and self.first is not None:
+                run, self.first = self.first, None
+            else:
+                run = prepare(cfg)
+            result = run.train()
+            last = result.history[-1]
+            rows.append(dict(label=label, params_m=result.num_params / 1e6, val_acc=last["val_acc"],
+                             best_val_acc=max(r["val_acc"] for r in result.history), val_loss=last["val_loss"],
+                             train_acc=last["train_acc"], train_loss=last["train_loss"],
+                             time_s=sum(r["time"] for r in result.history)))
+        write_report(rows, self.output, self.base)
+        return rows
+
+
+def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> Ablation:
+    """Check every point's knobs (:func:`point_knobs`) and prepare the first run
+    (:func:`~cspmirror.train.engine.prepare`: data, device, backend, recipe), so that a bad configuration
+    raises here, before anything trains."""
+    if not points:
+        raise ValueError("an ablation needs at least one point")
+    configs = point_configs(base, points, output)
+    return Ablation(base, list(points), configs, Path(output), prepare(configs[0]))
+
+
 def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> list[dict]:
     """Train ``base`` once per point (its knobs over ``base.model_kwargs``); returns one row per point and
-    writes the CSV, markdown and PNG under ``output``."""
-    output = Path(output)
-    rows = []
-    for i, point in enumerate(points):
-        label = point_label(point)
-        knobs = resolve_knobs(base.model, {**base.model_kwargs, **point})
-        cfg = dataclasses.replace(base, model_kwargs=knobs, resume=None,
-                                  output=str(output / "runs" / f"{i:02d}-{_slug(label)}"))
-        if base.verbose:
-            print(f"[{i + 1}/{len(points)}] {label}")
-        result = fit(cfg)
-        last = result.history[-1]
-        rows.append(dict(label=label, params_m=result.num_params / 1e6, val_acc=last["val_acc"],
-                         best_val_acc=max(r["val_acc"] for r in result.history), val_loss=last["val_loss"],
-                         train_acc=last["train_acc"], train_loss=last["train_loss"],
-                         time_s=sum(r["time"] for r in result.history)))
-    write_report(rows, output, base)
-    return rows
+    writes the CSV, markdown and PNG under ``output``. Same as ``start_ablation(...).run()``."""
+    return start_ablation(base, points, output).run()
 
 
 def write_report(rows: Sequence[dict], output: Path, base: TrainConfig) -> None:
-    """``ablation.csv``, ``ablation.md`` (with the budget) and ``ablation.png`` under ``output``."""
+    """``ablation.csv``, ``ablation.md`` (with the budget) and ``ablation.png`` (when matplotlib is installed)
+    under ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output / ABLATION_CSV, COLUMNS)
     budget = (f"model `{base.model}`, data `{base.data.format}`, recipe `{base.recipe}` with overrides "
               f"{base.recipe_overrides or '{}'}, max steps/epoch {base.max_steps_per_epoch}, seed {base.seed}")
     text = f"# Ablation\n\n{budget}\n\nAccuracies in %, `val_acc` after the last epoch.\n\n"
     (output / ABLATION_MD).write_text(text + markdown_table(rows, COLUMNS))
+    if not matplotlib_available():
+        if base.verbose:
+            note_no_matplotlib()
+        return
     plot_bars([r["label"] for r in rows], [r["val_acc"] for r in rows], output / ABLATION_PNG,
               xlabel="validation top-1 (%) after the budget", title=f"{base.model}: knob ablation")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, BackendUnavailableError
 from ..models import MODEL_CONFIGS, list_models
 from .data import FORMATS, DataConfig
 from .recipes import FIELD_CHOICES, FIELD_HELP, RECIPES, recipe_fields
@@ -124,6 +124,22 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def recipe_overrides(args: argparse.Namespace) -> dict:
     """The recipe fields given on the command line."""
     return {name: getattr(args, name) for name, _, _ in recipe_fields() if getattr(args, name) is not None}
+
+
+# What a wrong configuration raises before anything trains (RecipeError is a ValueError; a missing dataset or
+# checkpoint a FileNotFoundError): the commands print these as one-line errors.
+CONFIG_ERRORS = (ValueError, FileNotFoundError, BackendUnavailableError)
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def fail(command: str, exc: BaseException) -> int:

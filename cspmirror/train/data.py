@@ -66,6 +66,9 @@ class DataConfig:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers}")
         if self.format == "synthetic" and not 2 <= self.synthetic_classes <= len(_PALETTE):
             raise ValueError(f"synthetic_classes must be in [2, {len(_PALETTE)}], got {self.synthetic_classes}")
+        for name in ("synthetic_train", "synthetic_val"):
+            if self.format == "synthetic" and getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
 
     @property
     def size(self) -> int:

@@ -7,6 +7,9 @@ resumed from the checkpoint of epoch k continues exactly as the uninterrupted ru
 the CPU; on GPUs up to the non-determinism of cuDNN/atomics), and the order of samples does not depend on
 the number of processes: W processes with ``batch_size / W`` samples each see, step by step, the same
 global batches as one process.
+
+:func:`fit` is :func:`prepare` (everything that can fail on the configuration: data, device, backend, recipe,
+resume checkpoint) followed by :meth:`PreparedRun.train` (the epochs).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from .. import backends
 from ..fuse import set_backend
 from ..models import get_model
 from ..profile import count_params
@@ -39,7 +43,7 @@ from .checkpointing import BEST, LAST, load_checkpoint_dict, save_checkpoint
 from .data import DataConfig, build_datasets, stats_tensors, to_input
 from .distributed import DistContext
 from .history import COLUMNS, write_csv
-from .plots import plot_history
+from .plots import matplotlib_available, note_no_matplotlib, plot_history
 from .recipes import RECIPES, Recipe, RecipeError, autocast_dtype, build_optimizer, build_scheduler
 
 METRICS_CSV = "metrics.csv"
@@ -124,14 +128,21 @@ class ShardSampler(Sampler[int]):
 
 def make_loader(dataset: Dataset, batch_size: int, ctx: DistContext, *, train: bool, seed: int,
                 workers: int, device: torch.device) -> DataLoader:
-    """Train: shuffled DistributedSampler (seeded; call ``sampler.set_epoch``). Eval: :class:`ShardSampler`."""
+    """Train: shuffled DistributedSampler (seeded; call ``sampler.set_epoch``). Eval: :class:`ShardSampler`.
+
+    ``batch_size`` is per process. The training loader drops the last batch of an epoch when it would hold a
+    single sample (per process), and only then: BatchNorm cannot train on one value per channel (a 1x1 last
+    stage). Every process drops it, since DistributedSampler gives each the same number of samples.
+    """
     if train:
         sampler: Sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                               shuffle=True, seed=seed, drop_last=False)
+        drop_last = batch_size > 1 and len(sampler) % batch_size == 1
     else:
         sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
+        drop_last = False
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", generator=torch.Generator(), drop_last=False)
+                      pin_memory=device.type == "cuda", generator=torch.Generator(), drop_last=drop_last)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -228,23 +239,121 @@ def fit(cfg: TrainConfig) -> FitResult:
     """Train as configured; under ``torchrun`` (WORLD_SIZE > 1) with DistributedDataParallel.
 
     Rank 0 writes, in ``cfg.output``: ``last.pt`` every epoch (and ``best.pt``), ``metrics.csv``,
-    ``curves.png`` and ``config.json``. Raises :class:`~cspmirror.train.data.DataNotFoundError` when the
-    data is missing.
+    ``curves.png`` (when matplotlib is installed) and ``config.json``. Raises
+    :class:`~cspmirror.train.data.DataNotFoundError` when the data is missing. Same as
+    ``prepare(cfg).train()``.
+    """
+    return prepare(cfg).train()
+
+
+def prepare(cfg: TrainConfig) -> PreparedRun:
+    """Join the process group (if any) and build everything a run needs, checking the configuration: the
+    data, the device, the backend, the recipe and the resume checkpoint. Nothing is trained or written yet;
+    the errors a wrong configuration gives (ValueError, FileNotFoundError, RecipeError,
+    :class:`~cspmirror.backends.BackendUnavailableError`) come from here, not from :meth:`PreparedRun.train`.
     """
     ctx, device = distributed.setup(cfg.device)
-    ok = False
     try:
-        result = _fit(cfg, ctx, device)
-        ok = True
-        return result
-    finally:
-        if ok:
-            distributed.teardown(ctx)
-        elif ctx.owns_group:
+        return _prepare(cfg, ctx, device)
+    except BaseException:
+        if ctx.owns_group:
             torch.distributed.destroy_process_group()
+        raise
 
 
-def _fit(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> FitResult:
+@dataclass
+class PreparedRun:
+    """A run built by :func:`prepare`; :meth:`train` runs its epochs."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    recipe: Recipe
+    model_name: str
+    model_kwargs: dict
+    model: nn.Module  # the plain model (evaluated and saved)
+    train_model: nn.Module  # the model, or its DDP wrapper
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    env: StepEnv
+    meta: dict
+    n_params: int
+    num_train: int
+    num_val: int
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float = -math.inf
+
+    def train(self) -> FitResult:
+        """Run the epochs (see :func:`fit`), then leave the process group if :func:`prepare` joined it."""
+        ok = False
+        try:
+            result = self._train()
+            ok = True
+            return result
+        finally:
+            if ok:
+                distributed.teardown(self.ctx)
+            elif self.ctx.owns_group:
+                torch.distributed.destroy_process_group()
+
+    def _train(self) -> FitResult:
+        cfg, ctx, recipe, model, optimizer = self.cfg, self.ctx, self.recipe, self.model, self.optimizer
+        history, best, steps = self.history, self.best, self.steps
+        out = Path(cfg.output)
+        log = print if (ctx.is_main and cfg.verbose) else (lambda *a, **k: None)
+        plots = matplotlib_available()
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFIG_JSON).write_text(json.dumps({**self.meta, "world_size": ctx.world_size,
+                                                       "device": str(self.device)}, indent=2) + "\n")
+            if not plots and cfg.verbose:
+                note_no_matplotlib()
+        log(f"{self.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} x{ctx.world_size}, "
+            f"{self.num_train} train / {self.num_val} val images, {steps} steps/epoch, "
+            f"epochs {self.start_epoch + 1}..{recipe.epochs}, amp={self.env.amp_dtype}")
+
+        for epoch in range(self.start_epoch, recipe.epochs):
+            t0 = time.perf_counter()
+            seed_everything(epoch_seed(cfg.seed, epoch, ctx.rank))
+            self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
+            lr = optimizer.param_groups[0]["lr"]
+            tag = f"epoch {epoch + 1}/{recipe.epochs}"
+            tr = train_one_epoch(self.train_model, self.train_loader, optimizer, self.scheduler, self.scaler,
+                                 self.criterion, self.env, steps, recipe.grad_clip, desc=tag)
+            # Each process updated its own BatchNorm running statistics (they differ without SyncBN): evaluate
+            # rank 0's, the ones the checkpoint saves.
+            distributed.broadcast_buffers(model, ctx)
+            va = evaluate(model, self.val_loader, self.env, cfg.max_val_batches, desc=f"{tag} val")
+            row = dict(epoch=epoch + 1, train_loss=tr["loss"], train_acc=tr["acc"], val_loss=va["loss"],
+                       val_acc=va["top1"], val_top5=va["top5"], lr=lr, time=time.perf_counter() - t0)
+            history.append(row)
+            improved = row["val_acc"] > best
+            best = max(best, row["val_acc"])
+            if ctx.is_main:
+                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                             epoch=epoch + 1, history=history, best_val_acc=best, **self.meta)
+                save_checkpoint(state, out / LAST)
+                if improved:
+                    shutil.copyfile(out / LAST, out / BEST)
+                write_csv(history, out / METRICS_CSV, COLUMNS)
+                if plots:
+                    plot_history(history, out / CURVES_PNG, title=f"{self.model_name}: training and validation")
+            log(f"{tag}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}% top5 {row['val_top5']:.2f}%  "
+                f"lr {lr:.4g}  {row['time']:.1f}s")
+        self.best = best
+        return FitResult(history, out, out / LAST, self.n_params, self.model_name, self.model_kwargs, recipe)
+
+
+def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> PreparedRun:
     ckpt = load_checkpoint_dict(cfg.resume) if cfg.resume else None
     base = Recipe(**ckpt["recipe"]) if ckpt else RECIPES[cfg.recipe]
     recipe = base.with_overrides(**cfg.recipe_overrides)
@@ -254,6 +363,7 @@ def _fit(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> FitResult:
         raise RecipeError(f"batch_size (--batch-size) {recipe.batch_size} is the global batch and must be "
                           f"divisible by the number of processes ({ctx.world_size})")
     amp_dtype = autocast_dtype(recipe, device)
+    backends.resolve(cfg.backend, device)  # BackendUnavailableError now, not at the first step
     data = build_datasets(cfg.data, augment=recipe.augment)
     if ckpt and int(ckpt["num_classes"]) != data.num_classes:
         raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
@@ -291,48 +401,12 @@ def _fit(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> FitResult:
     mean, std = stats_tensors(data.mean, data.std, device)
     env = StepEnv(device, mean, std, amp_dtype, cfg.channels_last, ctx, cfg.progress)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    out = Path(cfg.output)
-    n_params = count_params(model)
     meta = dict(model_name=model_name, model_kwargs=model_kwargs, num_classes=data.num_classes,
                 classes=list(data.classes), mean=list(data.mean), std=list(data.std),
                 image_size=data.image_size, recipe=recipe.to_dict(), args=_jsonable(dataclasses.asdict(cfg)))
-    log = print if (ctx.is_main and cfg.verbose) else (lambda *a, **k: None)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_JSON).write_text(json.dumps({**meta, "world_size": ctx.world_size,
-                                                   "device": str(device)}, indent=2) + "\n")
-    log(f"{model_name} ({n_params / 1e6:.2f}M params) on {device} x{ctx.world_size}, "
-        f"{len(data.train)} train / {len(data.val)} val images, {steps} steps/epoch, "
-        f"epochs {start_epoch + 1}..{recipe.epochs}, amp={amp_dtype}")
-
-    for epoch in range(start_epoch, recipe.epochs):
-        t0 = time.perf_counter()
-        seed_everything(epoch_seed(cfg.seed, epoch, ctx.rank))
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
-        lr = optimizer.param_groups[0]["lr"]
-        tag = f"epoch {epoch + 1}/{recipe.epochs}"
-        tr = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, criterion, env, steps,
-                             recipe.grad_clip, desc=tag)
-        va = evaluate(model, val_loader, env, cfg.max_val_batches, desc=f"{tag} val")
-        row = dict(epoch=epoch + 1, train_loss=tr["loss"], train_acc=tr["acc"], val_loss=va["loss"],
-                   val_acc=va["top1"], val_top5=va["top5"], lr=lr, time=time.perf_counter() - t0)
-        history.append(row)
-        improved = row["val_acc"] > best
-        best = max(best, row["val_acc"])
-        if ctx.is_main:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1,
-                         history=history, best_val_acc=best, **meta)
-            save_checkpoint(state, out / LAST)
-            if improved:
-                shutil.copyfile(out / LAST, out / BEST)
-            write_csv(history, out / METRICS_CSV, COLUMNS)
-            plot_history(history, out / CURVES_PNG, title=f"{model_name}: training and validation")
-        log(f"{tag}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}% top5 {row['val_top5']:.2f}%  "
-            f"lr {lr:.4g}  {row['time']:.1f}s")
-    return FitResult(history, out, out / LAST, n_params, model_name, model_kwargs, recipe)
+    return PreparedRun(cfg, ctx, device, recipe, model_name, model_kwargs, model, train_model, train_loader,
+                       val_loader, steps, optimizer, scheduler, scaler, criterion, env, meta, count_params(model),
+                       len(data.train), len(data.val), start_epoch, history, best)
 
 
 def _restore(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,

@@ -1,6 +1,8 @@
 """PNG figures for people to look at: training curves (the paper's Fig. 5) and ablation bars.
 
 Uses matplotlib's object API with the Agg canvas, so no global backend or pyplot state is touched.
+matplotlib is optional (the ``plot`` extra): without it, training and ablations write no PNG and say so
+once (:func:`note_no_matplotlib`).
 """
 
 from __future__ import annotations
@@ -8,6 +10,27 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+NO_MATPLOTLIB = ("matplotlib is not installed, so no PNG plots are written "
+                 "(install the plot extra: pip install 'cspmirror[plot]')")
+_noted = False
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (the plots need it; it is the optional ``plot`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def note_no_matplotlib() -> None:
+    """Print :data:`NO_MATPLOTLIB`, once per process."""
+    global _noted
+    if not _noted:
+        _noted = True
+        print(NO_MATPLOTLIB)
 
 
 def _figure(width: float, height: float, ncols: int = 1):
