@@ -143,6 +143,19 @@ def test_fuse_for_inference_parity(name):
     assert rel <= 1e-5, rel
 
 
+def test_fusing_a_channels_last_model_keeps_its_layout():
+    """Folded weights keep a channels_last model's layout (the Triton conv then reads them without a copy)."""
+    model = randomize_bn(cspmirror.cspmirrornet_tiny(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = cspmirror.fuse_for_inference(copy.deepcopy(model))(x)
+        fused = cspmirror.fuse_for_inference(model.to(memory_format=torch.channels_last))
+        got = fused(x.contiguous(memory_format=torch.channels_last))
+    weights = [m.weight for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert (got - expected).norm() / expected.norm() <= 1e-5
+
+
 KNOBS = [
     dict(overlap=0.0),
     dict(overlap=1.0),
