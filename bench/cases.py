@@ -207,8 +207,9 @@ def conv_workload(layer: ConvLayer, device: torch.device, dtype: torch.dtype) ->
     """``conv_bn_mish`` with BN folded (the fused op) and the unfused eager baseline on the same data.
 
     Inputs are channels_last, the layout the layers see in a fused model (its first layer converts once; every
-    ``conv_bn_mish`` output is channels_last) and cuDNN's fast layout for half-precision convolutions: every
-    variant, the eager baseline included, gets the same tensors."""
+    ``conv_bn_mish`` output is channels_last) and cuDNN's fast layout for half-precision convolutions, and so
+    are the weights, as in a model moved to channels_last: every variant, the eager baseline included, gets
+    the same tensors."""
     _, c_in, _, _ = layer.x_shape
     conv = nn.Conv2d(c_in, layer.c_out, layer.kernel, layer.stride, layer.kernel // 2, bias=False)
     bn = nn.BatchNorm2d(layer.c_out).eval()
@@ -220,8 +221,9 @@ def conv_workload(layer: ConvLayer, device: torch.device, dtype: torch.dtype) ->
     x = torch.randn(*layer.x_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     residual = (torch.randn(*layer.out_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
                 if layer.residual else None)
-    w, b = weight.to(device, dtype), bias.to(device, dtype)
-    raw_w = conv.weight.detach().to(device, dtype)
+    cl = torch.channels_last  # the weights of a channels_last model (model.to(memory_format=channels_last))
+    w, b = weight.to(device, dtype).contiguous(memory_format=cl), bias.to(device, dtype)
+    raw_w = conv.weight.detach().to(device, dtype).contiguous(memory_format=cl)
     bn_w, bn_b, bn_m, bn_v = (t.detach().to(device, param_dtype(dtype))
                               for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
     stride = layer.stride

@@ -57,4 +57,5 @@ def test_op(benchmark, case, direction, variant):
     benchmark.extra_info.update(bytes=nbytes, flops=work.flops if direction == "fwd" else 0.0,
                                 device=harness.device_name(DEVICE), dtype=str(DTYPE))
     benchmark(timed)
-    benchmark.extra_info["gbps"] = harness.gbps(nbytes, benchmark.stats.stats.median * 1e3)
+    if benchmark.stats is not None:  # None under --benchmark-disable (each case runs once, untimed)
+        benchmark.extra_info["gbps"] = harness.gbps(nbytes, benchmark.stats.stats.median * 1e3)
