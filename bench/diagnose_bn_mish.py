@@ -236,7 +236,7 @@ def model_gradients(size: int = 128) -> None:
                   f"{ratios[int(len(ratios) * 0.9)]:.2f} max {ratios[-1]:.2f}; {over} of {len(ratios)} over the bound")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/diagnose"))
     parser.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (a dry run)")
@@ -251,13 +251,16 @@ def main() -> None:
 
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch.__version__, triton.__version__)
     parts = {"1": eval_sums, "2": fp32_eval_accuracy, "3": lambda: model_gradients(args.model_size)}
+    failed = []
     for number in args.parts.split(","):
         try:
             parts[number]()
         except Exception as exc:  # one part's failure must not hide the other's output
             print(f"part {number} failed: {type(exc).__name__}: {exc}")
+            failed.append(number)
     dump_ir(args.out)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

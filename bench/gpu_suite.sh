@@ -43,8 +43,9 @@ START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; QUICK="--quick"
+  INTERPRET="TRITON_INTERPRET=1 "  # for the steps that run Triton kernels on the CPU (not the timed suites)
 else
-  DEVICE=cuda; QUICK=""
+  DEVICE=cuda; QUICK=""; INTERPRET=""
 fi
 
 # Step caps are sized for the default 450 s budget and scale with GPU_SUITE_BUDGET.
@@ -164,9 +165,10 @@ fi
 step check "$(cap 60)" "exec $PY -m cspmirror check --json $WORK/check.json"
 step tests_extension "$(cap 35)" "exec $PYTEST -k extension --junitxml=$WORK/pytest-gpu-extension.xml"
 
-step diagnose 90 "exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 3"
-SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@${GPU_SUITE_ONLY:+ --only $GPU_SUITE_ONLY}"
-step ops "$(cap 130)" "exec $SUITE --suite ops${GPU_SUITE_VARIANTS:+ --variants $GPU_SUITE_VARIANTS}"
+step diagnose 90 "${INTERPRET}exec $PY -m bench.diagnose_bn_mish --device $DEVICE --out $RES/diagnose --parts 3"
+# (quoted for the step's bash -c: case names hold spaces and '>')
+SUITE="$PY -m bench --device $DEVICE $QUICK --out $RES --no-report --budget @BUDGET@${GPU_SUITE_ONLY:+ --only $(printf %q "$GPU_SUITE_ONLY")}"
+step ops "$(cap 130)" "exec $SUITE --suite ops${GPU_SUITE_VARIANTS:+ --variants $(printf %q "$GPU_SUITE_VARIANTS")}"
 step host_overhead "$(cap 30)" "exec $PY -m bench.host_overhead --device $DEVICE --rounds 200 --out $RES"
 step bn_groups "$(cap 40)" "exec $PY -m bench.bn_groups --out $RES $QUICK"
 step mirror_tiles "$(cap 60)" "exec $PY -m bench.mirror_tiles --out $RES $QUICK"

@@ -106,9 +106,11 @@ def graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callab
         with torch.cuda.graph(graph):
             fn()
         torch.cuda.synchronize(device)
-    except Exception:  # noqa: BLE001 - not capturable: the caller keeps the eager timing only
+    except Exception as exc:  # noqa: BLE001 - not capturable: the caller keeps the eager timing only
         _release_rng_from_capture(device)
         torch.cuda.synchronize(device)
+        if isinstance(exc, CaseTimeout):  # the case's time limit, not a capture failure
+            raise
         return None
     return graph.replay
 
@@ -328,9 +330,11 @@ def time_limit(seconds: float) -> Iterator[None]:
     Used to stop a ``torch.compile`` that would blow the suite's budget; the interrupted case is recorded
     as an error and the suite goes on.
     """
+    if seconds <= 0:
+        raise CaseTimeout("not started: the time budget is spent")
     usable = (
         hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-        and seconds != float("inf") and seconds > 0
+        and seconds != float("inf")
     )
     if not usable:
         yield

@@ -116,7 +116,8 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 def short_kernel_name(kernel: str, limit: int = 48) -> str:
     """A kernel's name without return type, template arguments and parameters, cut to ``limit`` characters."""
-    name = kernel.split("(")[0].split("<")[0].strip().removeprefix("void ") or kernel
+    name = kernel.replace("(anonymous namespace)::", "").split("(")[0].split("<")[0].strip().removeprefix("void ")
+    name = name or kernel
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 

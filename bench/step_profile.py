@@ -31,19 +31,30 @@ from bench.training import train_step_fn
 from cspmirror import get_model
 
 BACKENDS = ("reference", "triton")
-# kind of kernel -> substrings of its name (lower case); the first kind that matches wins
+# kind of Triton kernel -> the kernels' exact names (PyTorch's own kernels share their suffixes:
+# multi_tensor_apply_kernel, batch_norm_backward_kernel)
+TRITON_KINDS: dict[str, frozenset[str]] = {
+    "bn_mish (Triton)": frozenset({"_train_forward_kernel", "_train_backward_kernel", "_apply_kernel",
+                                   "_backward_kernel", "_running_kernel"}),
+    "mirror (Triton)": frozenset({"mirror_split_kernel", "mirror_fuse_kernel"}),
+    "conv_bn_mish (Triton)": frozenset({"_conv_mish_kernel", "_mish_epilogue_kernel"}),
+}
+# kind of other kernel -> substrings of its name (lower case); the first kind that matches wins (batch norm
+# before convolution: cuDNN's batch-norm kernels are named cudnn::bn_*)
 KINDS: dict[str, tuple[str, ...]] = {
-    "bn_mish (Triton)": ("_train_forward_kernel", "_train_backward_kernel", "_apply_kernel", "_backward_kernel",
-                         "_running_kernel"),
-    "mirror (Triton)": ("mirror_split_kernel", "mirror_fuse_kernel"),
+    "batch norm (PyTorch)": ("batch_norm", "::bn_"),
     "convolution": ("conv", "xmma", "cudnn", "gemm", "wgrad", "dgrad", "cutlass", "sm90_"),
-    "batch norm (PyTorch)": ("batch_norm",),
     "copies": ("memcpy", "memset", "copy"),
 }
 OTHER = "other PyTorch"
+ALL_KINDS = (*TRITON_KINDS, *KINDS, OTHER)  # in the tables' and the plot's order
 
 
 def kind_of(kernel: str) -> str:
+    exact = kernel.strip()
+    triton_kind = next((kind for kind, names in TRITON_KINDS.items() if exact in names), None)
+    if triton_kind is not None:
+        return triton_kind
     name = kernel.lower()
     return next((kind for kind, keys in KINDS.items() if any(k in name for k in keys)), OTHER)
 
@@ -121,7 +132,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['backend']} | {r['wall_ms']:.1f} | {r['queue_ms']:.1f} | {device} |")
     profiled = [r for r in ok if "kinds_ms" in r]
     if profiled:
-        kinds = [*KINDS, OTHER]
+        kinds = ALL_KINDS
         lines += ["", "Device time by kind of kernel, ms per step:", "",
                   "| kind | " + " | ".join(r["backend"] for r in profiled) + " |",
                   "|---|" + "---:|" * len(profiled)]
@@ -146,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
     colours = matplotlib.colormaps["tab10"]
     for i, r in enumerate(ok):
         bottom = 0.0
-        for j, kind in enumerate([*KINDS, OTHER]):
+        for j, kind in enumerate(ALL_KINDS):
             ms = r.get("kinds_ms", {}).get(kind, 0.0)
             ax.bar(3 * i, ms, bottom=bottom, color=colours(j), label=kind if i == 0 else None)
             bottom += ms

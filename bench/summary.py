@@ -26,8 +26,11 @@ def steps_markdown(path: Path) -> str:
 def check_markdown(path: Path) -> str:
     if not path.exists():
         return "`cspmirror check` wrote no results (see its log).\n"
-    data = json.loads(path.read_text())
-    c = data["counts"]
+    try:
+        data = json.loads(path.read_text())
+        c = data["counts"]
+    except (ValueError, KeyError) as exc:
+        return f"`cspmirror check` left an unreadable {path.name} ({type(exc).__name__}: {exc}; see its log).\n"
     lines = [f"{c['PASS']} passed, {c['FAIL']} failed, {c['SKIP']} skipped on {data['device_name']} "
              f"(torch {data['torch']}).", ""]
     lines += [f"- {s}" for s in data["statuses"].values()]

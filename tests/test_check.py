@@ -184,6 +184,12 @@ def test_step_profile_runs(tmp_path, monkeypatch):
     fake = [{"kernel": "void cudnn::wgrad_alg0_engine<float>(...)", "launches": 2.0, "us": 3000.0},
             {"kernel": "_train_backward_kernel", "launches": 4.0, "us": 1000.0},
             {"kernel": "void at::native::vectorized_elementwise_kernel<4>(...)", "launches": 9.0, "us": 500.0}]
+    # PyTorch's kernels whose names end like Triton's go to PyTorch's kinds; cuDNN's batch norm is not a conv
+    for pytorch_kernel in ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<>()",
+                           "void at::native::(anonymous namespace)::mish_backward_kernel<float>()"):
+        assert step_profile.kind_of(pytorch_kernel) == "other PyTorch"
+    assert step_profile.kind_of("void at::native::batch_norm_backward_kernel<float>()") == \
+        step_profile.kind_of("cudnn::bn_bw_1C11_kernel_new<float>") == "batch norm (PyTorch)"
     monkeypatch.setattr(step_profile, "device_kernels", lambda step, device: fake)
     rows = step_profile.measure(quick=True, device=torch.device("cpu"))
     reference, triton = rows
@@ -315,3 +321,22 @@ def test_report_targets_on_device_time(monkeypatch):
     targets = {(t["metric"], t["where"]): t["measured"] for t in report.target_rows(ops_suite.derive(conv))}
     assert targets[("speed-up vs eager", "2 layers, time-weighted")] == (3 * 1.0 + 1.0) / (3 * 2.0 + 1.0)
     assert targets[("speed-up vs eager, device time (CUDA graph)", "1 layers, time-weighted")] == 2.0
+
+
+def test_bench_time_limit_and_unreadable_check_json(tmp_path, monkeypatch):
+    """A spent budget stops a case before it starts (it used to lift the limit); a check.json cut short by a
+    timeout does not stop the GPU suite's summary."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import harness, summary
+    from bench.kernel_breakdown import short_kernel_name
+
+    for spent in (0.0, -3.0):
+        with pytest.raises(harness.CaseTimeout, match="budget"), harness.time_limit(spent):
+            pytest.fail("ran past a spent budget")
+    with harness.time_limit(float("inf")):
+        pass
+    path = tmp_path / "check.json"
+    path.write_text('{"counts": {"PA')
+    assert "unreadable check.json" in summary.check_markdown(path)
+    name = "void at::native::(anonymous namespace)::mish_backward_kernel<float>(float*)"
+    assert short_kernel_name(name) == "at::native::mish_backward_kernel"

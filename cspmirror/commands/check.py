@@ -494,7 +494,10 @@ class Report:
         if self.path:
             data = {**self.header, "counts": self.counts(), "results": [asdict(r) for r in self.results],
                     "bench": self.bench}
-            self.path.write_text(json.dumps(data, indent=1))
+            # Written after every result: atomically, so that a run stopped mid-write leaves the last whole one.
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(self.path)
 
 
 def _device_name(device: torch.device) -> str:
