@@ -3,7 +3,8 @@
 Each op validates its arguments here (so every backend raises the same errors), resolves ``backend``
 ("auto" | "triton" | "extension" | "reference") for the input's device, and calls that backend's
 implementation. The fast backends' modules are imported lazily, on first use (the reference, plain PyTorch,
-always is: it is what "auto" runs off CUDA):
+always is: it is what "auto" runs off CUDA). Under a ``torch.func`` transform (``grad``, ``vmap``, ...)
+every backend runs the reference: the fast ops' autograd formulas have no functorch rules.
 
 =============  ==========================================
 backend        module
@@ -25,6 +26,7 @@ import torch
 
 from .. import backends
 from . import _validate, reference  # noqa: F401  (loaded: see _load_implementation)
+from ._eager import functorch_active
 
 # (op, backend) -> module holding a function named after the op.
 _IMPLEMENTATIONS: dict[tuple[str, str], str] = {
@@ -53,6 +55,8 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     traces without a graph break (the first, cold look-up imports modules, which breaks the graph:
     :func:`cspmirror.accelerate` warms the cache for a model's ops and device).
     """
+    if backend != "reference" and not torch.compiler.is_compiling() and functorch_active():
+        backend = "reference"  # (see the module docstring)
     key = (op, backend, device.type, device.index)  # plain constants, which every Dynamo version hashes
     fn = _RESOLVED.get(key)
     if fn is None:

@@ -29,13 +29,13 @@ def _tensors(args: tuple) -> list[torch.Tensor]:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a plain tensor to every op
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def plain_eager(tensors: list[torch.Tensor]) -> bool:
     """Whether a call on ``tensors`` may bypass the registered op: eager mode, plain tensors, no dispatch
     mode and no ``torch.func`` transform (whose wrapped tensors look like plain ones)."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not _functorch_active()
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not functorch_active()
             and _get_current_dispatch_mode() is None and all(type(t) in _PLAIN for t in tensors))
 
 

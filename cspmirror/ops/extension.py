@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import BackendStatus, BackendUnavailableError
+from . import reference
 from ._eager import EagerOp
 from ._validate import conv_output_shape, split_width
 
@@ -438,6 +439,9 @@ def _setup_bn_eval(ctx, inputs, output):
 def _bn_grads(ctx, grad, training: bool, weight_index: int = 1, bias_index: int = 2):
     x, weight, bias, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiated in turn
+        return tuple(reference.bn_mish_grads(grad, x, weight, bias, mean, var, ctx.eps, training,
+                                             (need[0], need[weight_index], need[bias_index])))
     gx, gw, gb = _lib().bn_mish_backward(grad, x, weight, bias, mean, var, ctx.eps, training,
                                          need[weight_index] or need[bias_index])
     return (gx if need[0] else None,
@@ -465,6 +469,9 @@ def _backward_conv(ctx, grad):
     # Training through the inference op is rare: recompute the pre-activation and use ATen's backward ops.
     x, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiated in turn
+        gx, gw, gb = reference.conv_bn_mish_grads(grad, x, weight, bias, ctx.stride, need[:3])
+        return gx, gw, gb, None, grad if need[4] else None
     pad = weight.shape[-1] // 2
     pre = F.conv2d(x, weight, bias, ctx.stride, pad)
     grad_pre = torch.ops.aten.mish_backward(grad, pre)

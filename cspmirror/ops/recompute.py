@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from ._eager import plain_eager
 
 
-def input_recipe(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+def input_recipe(x: torch.Tensor) -> Callable[[bool], torch.Tensor] | None:
     """How to recompute ``x`` from what its producer saved for its own backward, or None (also whenever
     autograd is off or the call is not plain eager: compile, tracing, fake tensors, dispatch modes)."""
     if not (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and plain_eager([x]) and x.requires_grad
-            and x.grad_fn is not None) or _under_checkpoint():  # (FX tracing passes proxies)
+            and x.grad_fn is not None) or under_checkpoint():  # (FX tracing passes proxies)
         return None
     triton_bn_mish = sys.modules.get(f"{__package__}.triton_bn_mish")  # loaded if x can have come from it
     return None if triton_bn_mish is None else triton_bn_mish.recompute_recipe(x)
 
 
-def _under_checkpoint() -> bool:
+def under_checkpoint() -> bool:
     """Whether ``torch.utils.checkpoint``'s saved-tensor hooks are on (its forward or its recomputation): they
     let each saved tensor be unpacked once, which a recipe and ``bn_mish``'s backward cannot share, and the
     region keeps no activation anyway."""
@@ -44,7 +44,7 @@ def _under_checkpoint() -> bool:
 
 
 def conv2d_on_recomputed(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
-                         recipe: Callable[[], torch.Tensor]) -> torch.Tensor:
+                         recipe: Callable[[bool], torch.Tensor]) -> torch.Tensor:
     """``F.conv2d(x, weight, None, stride, padding)`` (x [N, C_in, H, W], weight [C_out, C_in, k, k]) whose
     backward gets ``x`` back from ``recipe`` (see :func:`input_recipe`) instead of keeping it."""
     return _ConvOnRecomputed.apply(x, weight, stride, padding, recipe)
@@ -66,7 +66,8 @@ class _ConvOnRecomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        x = ctx.recipe().to(ctx.dtype)
+        # create_graph=True (a double backward): x recomputed through the reference ops, which record it
+        x = ctx.recipe(torch.is_grad_enabled()).to(ctx.dtype)
         need_x, need_w = ctx.needs_input_grad[:2]
         # The very call conv2d's own backward makes, on the real x and weight: torch.nn.grad.conv2d_input /
         # conv2d_weight pass a stride-0 stand-in for one of them, and the backend then picks its algorithm (and

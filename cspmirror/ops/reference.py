@@ -6,6 +6,8 @@ wrappers in :mod:`cspmirror.ops` validate) and are differentiable through ordina
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -89,6 +91,45 @@ def conv_bn_mish(
     if residual is not None:
         y = y + residual
     return _write(y, out)
+
+
+# --- the fast backends' backward where it must itself be differentiable ------------------------------------
+
+def recomputed_grads(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor | None],
+                     needs: Sequence[bool], grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients of ``fn(*tensors)`` (reference ops) for the tensors whose ``needs`` flag is set, given its
+    output's gradient ``grad``; None for the others.
+
+    Called from an op's backward. When that backward is itself recorded (``create_graph=True``: a double
+    backward, e.g. a gradient penalty), the gradients are recorded too, as functions of ``tensors`` (the
+    op's saved inputs) and ``grad``: what a fused kernel's backward cannot give.
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        inputs = [t if t is None or create_graph else t.detach().requires_grad_(need)
+                  for t, need in zip(tensors, needs, strict=True)]
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if t is not None and need]
+        y = fn(*inputs)
+        found = iter(torch.autograd.grad(y, wanted, grad, create_graph=create_graph) if wanted else ())
+    return [next(found) if t is not None and need else None for t, need in zip(inputs, needs, strict=True)]
+
+
+def bn_mish_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float, training: bool,
+                  needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """:func:`recomputed_grads` of :func:`bn_mish` (no residual) for (x, weight, bias): with x's batch
+    statistics when ``training``, else the running ones."""
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        stats = (None, None) if training else (running_mean, running_var)
+        return bn_mish(x, weight, bias, *stats, training, 0.0, eps)
+
+    return recomputed_grads(forward, (x, weight, bias), needs, grad)
+
+
+def conv_bn_mish_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: int, needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """:func:`recomputed_grads` of :func:`conv_bn_mish` (no residual) for (x, weight, bias)."""
+    return recomputed_grads(lambda x, w, b: conv_bn_mish(x, w, b, stride), (x, weight, bias), needs, grad)
 
 
 def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,7 @@ from cspmirror.kernels import bn_mish as kernels
 
 from . import reference
 from ._eager import EagerOp
+from .recompute import under_checkpoint
 
 _APPLY_ARGS = ("Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
                "bool training")
@@ -134,7 +135,7 @@ def _train_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, residual, eps = inputs[:5]
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.eps, ctx.training, ctx.residual_free = eps, True, residual is None
+    ctx.eps, ctx.training, ctx.recomputable = eps, True, _recomputable(residual)
     ctx.save_for_backward(x, mean, var, weight, bias)
 
 
@@ -237,7 +238,7 @@ def _(x, mean, var, weight, bias, residual, eps, training):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, mean, var, weight, bias, residual, eps, training = inputs
-    ctx.eps, ctx.training, ctx.residual_free = eps, training, residual is None
+    ctx.eps, ctx.training, ctx.recomputable = eps, training, _recomputable(residual)
     ctx.save_for_backward(x, mean, var, weight, bias)
 
 
@@ -256,6 +257,9 @@ def _input_grads(ctx, grad: torch.Tensor, need_x: bool, need_w: bool, need_b: bo
     if not (need_x or need_w or need_b):
         return None, None, None
     x, mean, var, weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiated in turn
+        return tuple(reference.bn_mish_grads(grad, x, weight, bias, mean, var, ctx.eps, ctx.training,
+                                             (need_x, need_w, need_b)))
     dx, sum_g, sum_gx = _backward_fused(grad, x, mean, var, weight, bias, ctx.eps, ctx.training, need_x,
                                         need_w or need_b)
     return (dx if need_x else None, sum_gx.to(weight.dtype) if need_w else None,
@@ -315,20 +319,31 @@ _apply_out = EagerOp(_apply_out_op, _apply_out_impl, mutates=(8,))
 _backward_fused = EagerOp(_backward_op, _backward_impl)
 
 
-def recompute_recipe(y: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+def _recomputable(residual: torch.Tensor | None) -> bool:
+    """Whether a forward's output may be recomputed from what it saves (:func:`recompute_recipe`): not with a
+    residual, nor inside ``torch.utils.checkpoint``, whose hooks let each saved tensor be unpacked once (this
+    op's own backward unpacks them too)."""
+    return residual is None and not under_checkpoint()
+
+
+def recompute_recipe(y: torch.Tensor) -> Callable[[bool], torch.Tensor] | None:
     """For ``y`` exactly as the eager fast path of :func:`bn_mish` returned it (autograd recording, no
-    residual): a function that recomputes it bit for bit from what the op saved for its own backward (input,
-    mean, var, weight, bias), with ``_apply_kernel`` (the training forward's second pass runs the same device
-    code on the same fp32 statistics); None for anything else. Used by
+    residual, not checkpointed): a function that recomputes it bit for bit from what the op saved for its
+    own backward (input, mean, var, weight, bias), with ``_apply_kernel`` (the training forward's second pass
+    runs the same device code on the same fp32 statistics), or, given ``differentiable=True`` (a double
+    backward), through the reference ops; None for anything else. Used by
     :func:`cspmirror.ops.recompute.conv2d_on_recomputed`."""
     node = y.grad_fn
     functions = [op.function for op in (_train, _apply) if op.function is not None]
     if (not any(isinstance(node, f._backward_cls) for f in functions) or y._base is not None
-            or not node.residual_free):
+            or not node.recomputable):
         return None
 
-    def recompute() -> torch.Tensor:
+    def recompute(differentiable: bool = False) -> torch.Tensor:
         x, mean, var, weight, bias = node.saved_tensors
+        if differentiable:
+            stats = (None, None) if node.training else (mean, var)
+            return reference.bn_mish(x, weight, bias, *stats, node.training, 0.0, node.eps)
         return _apply_impl(x, mean, var, weight, bias, None, node.eps, node.training)
 
     return recompute

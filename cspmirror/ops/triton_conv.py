@@ -258,15 +258,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad: torch.Tensor):
-    """Recompute ``mish(conv2d(...))`` through PyTorch and differentiate it; d/d residual is ``grad``."""
+    """Recompute ``mish(conv2d(...))`` through PyTorch and differentiate it (twice too); d/d residual is
+    ``grad``."""
     x, weight, bias = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        y = reference.conv_bn_mish(leaves[0], leaves[1], leaves[2], ctx.stride)
-        found = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
-    grad_x, grad_w, grad_b = (next(found) if t is not None and t.requires_grad else None for t in leaves)
+    grad_x, grad_w, grad_b = reference.conv_bn_mish_grads(grad, x, weight, bias, ctx.stride,
+                                                          ctx.needs_input_grad[:3])
     grad_res = grad if ctx.needs_input_grad[4] else None
     return grad_x, grad_w, grad_b, None, grad_res, None
 
