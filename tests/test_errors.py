@@ -142,6 +142,12 @@ def test_out_leaf_that_requires_grad_is_refused(backend, op):
         call()
 
 
+def test_plain_fx_tracing_points_to_the_fx_integration():
+    """torch.fx without cspmirror's leaves reaches an op with a Proxy: the error says where the tracer is."""
+    with pytest.raises(TypeError, match="got Proxy; to trace a model with torch.fx, use cspmirror.integrations.fx"):
+        torch.fx.symbolic_trace(cspmirror.cspmirrornet_tiny())
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.mirror_split(x4, backend="cuda")
