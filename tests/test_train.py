@@ -100,6 +100,21 @@ def test_one_epoch_writes_checkpoint_metrics_and_plot(one_epoch):
     assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
 
 
+def test_resume_without_output_goes_on_in_the_run_folder(tmp_path):
+    """``--resume RUN`` (a folder or its checkpoint file) without ``--output`` writes into RUN."""
+    from cspmirror.cli import build_parser
+    from cspmirror.commands.train import DEFAULT_OUTPUT, config_from_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for resume in (run, run / "last.pt"):
+        cfg = config_from_args(build_parser().parse_args(["train", "--resume", str(resume)]))
+        assert cfg.output == str(run) and cfg.resume == str(resume)
+    assert config_from_args(build_parser().parse_args(["train"])).output == DEFAULT_OUTPUT
+    cfg = config_from_args(build_parser().parse_args(["train", "--resume", "--output", str(run)]))
+    assert cfg.output == cfg.resume == str(run)
+
+
 def test_resume_continues_exactly(one_epoch, cifar_root, tmp_path):
     """1 epoch + resume for a 2nd == 2 epochs straight (same seed): weights, buffers and metrics."""
     resumed = tmp_path / "resumed"

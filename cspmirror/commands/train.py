@@ -8,9 +8,18 @@ global batch. Only rank 0 prints, writes checkpoints, metrics and plots.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..train import cli_args
 from ..train.engine import TrainConfig, prepare
+
+DEFAULT_OUTPUT = "runs/train"
+
+
+def _run_folder(checkpoint: str) -> Path:
+    """The run folder of ``--resume``'s value: the folder itself, or the folder holding the file."""
+    path = Path(checkpoint)
+    return path if path.is_dir() or not path.suffix else path.parent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_recipe_arguments(parser)
     cli_args.add_runtime_arguments(parser)
     g = parser.add_argument_group("run")
-    g.add_argument("--output", default="runs/train", help="folder for checkpoints, metrics.csv, curves.png")
+    g.add_argument("--output", default=None,
+                   help=f"folder for checkpoints, metrics.csv, curves.png (default: {DEFAULT_OUTPUT}, or the "
+                        "folder of the checkpoint given to --resume)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (file or run folder; no value: OUTPUT/last.pt)")
@@ -34,11 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    resume = args.resume
+    resume, output = args.resume, args.output
+    if output is None:  # a resumed run goes on in its own folder
+        output = str(_run_folder(resume)) if resume else DEFAULT_OUTPUT
     if resume == "":
-        resume = args.output
+        resume = output
     return TrainConfig(
-        output=args.output, data=cli_args.data_config(args), model=args.model,
+        output=output, data=cli_args.data_config(args), model=args.model,
         model_kwargs=cli_args.model_knobs(args), recipe=args.recipe,
         recipe_overrides=cli_args.recipe_overrides(args), device=args.device, backend=args.backend,
         channels_last=args.channels_last, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
