@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .ops import _validate, recompute
+from .ops import _validate, recompute, reference
 
 
 class BackendMixin:
@@ -124,16 +124,13 @@ class ConvBNMish(PreloadOnMove, nn.Module, BackendMixin):
         weight, bias = fold_bn(self.conv, self.bn)
         conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
                          self.conv.stride, self.conv.padding, bias=True).to(weight)
-        if _is_channels_last(self.conv.weight):  # keep a channels_last model's layout (no copy per call)
+        if reference.memory_format_of(self.conv.weight) == torch.channels_last:  # a channels_last model's
+            # layout stays (the Triton conv reads such a weight without a copy per call)
             conv = conv.to(memory_format=torch.channels_last)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
         self.conv, self.bn, self.fused = conv, nn.Identity(), True
         return self
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def drop_path(x: torch.Tensor, rate: float) -> torch.Tensor:

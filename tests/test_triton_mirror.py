@@ -120,7 +120,7 @@ def test_split_matches_reference(case: dict, device: torch.device) -> None:
     poison_next_alloc(ref)
     out = ops.mirror_split(x, *args, backend="triton")
     assert_bit_exact(out, ref, "forward")
-    assert out.is_contiguous(memory_format=reference._memory_format(x))
+    assert out.is_contiguous(memory_format=reference.memory_format_of(x))
 
     grad = torch.randn_like(ref)
     (ref_grad,) = torch.autograd.grad(ref, leaf, grad)
@@ -147,7 +147,7 @@ def test_fuse_matches_reference(case: dict, device: torch.device) -> None:
     poison_next_alloc(ref)
     out = ops.mirror_fuse(parts, *args, backend="triton")
     assert_bit_exact(out, ref, "forward")
-    assert out.is_contiguous(memory_format=reference._memory_format(parts[0]))
+    assert out.is_contiguous(memory_format=reference.memory_format_of(parts[0]))
 
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, leaves, grad)

@@ -26,7 +26,7 @@ def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror:
     if mirror:
         part2 = part2.flip(axis)
     y = torch.cat([part1, part2], dim=0)
-    return y.contiguous(memory_format=_memory_format(x))
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
 def mirror_fuse(
@@ -52,7 +52,7 @@ def mirror_fuse(
     out.narrow(axis, length - width, width).add_(z2)
     if reduce == "mean":
         out.narrow(axis, length - width, 2 * width - length).div_(2)
-    return out.contiguous(memory_format=_memory_format(parts[0]))
+    return out.contiguous(memory_format=memory_format_of(parts[0]))
 
 
 def bn_mish(
@@ -139,7 +139,7 @@ def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last when ``x`` is stored that way (and is not trivially both), else contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last

@@ -23,7 +23,7 @@ from .. import backends
 from ..kernels import mirror as kernels
 from ._eager import EagerOp
 from ._validate import split_width
-from .reference import _memory_format
+from .reference import memory_format_of
 
 
 @functools.cache
@@ -39,7 +39,7 @@ def _require_triton(device: torch.device) -> None:
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
-    return _memory_format(t) == torch.channels_last
+    return memory_format_of(t) == torch.channels_last
 
 
 def _empty(shape: list[int], like: torch.Tensor, channels_last: bool) -> torch.Tensor:
