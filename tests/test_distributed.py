@@ -6,6 +6,7 @@ The two processes are spawned once per module (``ddp_results``); the tests then 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -33,10 +34,13 @@ TRAIN_ARGS = ["train", "--data-format", "synthetic", "--image-size", "16", "--sy
               "--workers", "0", "--seed", "7", "--no-progress", "--device", "cpu"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> tuple[int, ...]:
+    """``n`` distinct free ports (all sockets are held open until every port is chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in sockets)
 
 
 def _syncbn_inputs() -> dict[str, torch.Tensor]:
@@ -73,10 +77,10 @@ def _syncbn_step(t: dict[str, torch.Tensor], part: slice, forward) -> dict[str, 
                 running_mean=bn.running_mean, running_var=bn.running_var, steps=bn.num_batches_tracked)
 
 
-def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
+def _worker(rank: int, ports: tuple[int, ...], out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[1]), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=WORLD)
     try:
         _syncbn_check(rank, Path(out))
@@ -85,16 +89,42 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
     # What torchrun does: the environment describes the group, `cspmirror train` joins it (env://).
     from cspmirror.cli import main
 
-    for name, extra in (("ddp", []), ("ddp_no_sync_bn", ["--no-sync-bn"])):
+    # Each run gets its own store port: a rank that leaves the first group early could otherwise reach rank
+    # 0's old store, not yet closed, and both would wait for each other (seen as a rare CI hang).
+    for port, name, extra in ((ports[1], "ddp", []), (ports[2], "ddp_no_sync_bn", ["--no-sync-bn"])):
+        os.environ["MASTER_PORT"] = str(port)
         code = main([*TRAIN_ARGS, *extra, "--output", str(Path(out) / name)])
         if code != 0:
             raise RuntimeError(f"rank {rank}: cspmirror train {' '.join(extra)} exited with {code}")
+    _ablate_with_slow_rank0(rank, ports[3], out)
+
+
+def _ablate_with_slow_rank0(rank: int, port: int, out: str) -> None:
+    """``cspmirror ablate`` with two points, rank 0 slow to close its store: a process that left and re-joined
+    the group per point would reach that old store and the ablation would hang or fail."""
+    from cspmirror.cli import main
+
+    os.environ["MASTER_PORT"] = str(port)
+    destroy = dist.destroy_process_group
+
+    def slow_destroy(*args, **kwargs):
+        if rank == 0:
+            time.sleep(1.0)
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = slow_destroy
+    try:
+        code = main(["ablate", *TRAIN_ARGS[1:], "--grid", "overlap=0,0.25", "--output", str(Path(out) / "ablate")])
+    finally:
+        dist.destroy_process_group = destroy
+    if code != 0:
+        raise RuntimeError(f"rank {rank}: cspmirror ablate exited with {code}")
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(_worker, args=((_free_port(), _free_port()), str(out)), nprocs=WORLD,
+    context = mp.start_processes(_worker, args=(_free_ports(4), str(out)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
@@ -244,3 +274,11 @@ def test_ddp_without_sync_bn_validates_the_saved_model(ddp_results):
     (row,) = read_csv(run / "metrics.csv")
     assert metrics["loss"] == pytest.approx(row["val_loss"], rel=1e-6)
     assert metrics["top1"] == pytest.approx(row["val_acc"]) and metrics["top5"] == pytest.approx(row["val_top5"])
+
+
+def test_ddp_ablation_trains_every_point_in_one_group(ddp_results):
+    """Both points trained (rank 0 wrote their runs and the table) although rank 0 was slow to leave."""
+    rows = read_csv(ddp_results / "ablate" / "ablation.csv")
+    assert [r["label"] for r in rows] == ["overlap=0.0", "overlap=0.25"]
+    for run in sorted((ddp_results / "ablate" / "runs").iterdir()):
+        assert len(read_csv(run / "metrics.csv")) == 1, run

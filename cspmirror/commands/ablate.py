@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except cli_args.CONFIG_ERRORS as exc:
         return cli_args.fail("ablate", exc)
     rows = ablation.run()
+    if not ablation.ctx.is_main:
+        return 0
     width = max(len(r["label"]) for r in rows)
     print(f"\n{'point':<{width}}  val top-1")
     for r in rows:

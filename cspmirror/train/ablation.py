@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..models import MODEL_CONFIGS, configure
 from ..ops._validate import check_axis, check_overlap, check_reduce
+from . import distributed
 from .cli_args import parse_split_stages, resolve_knobs
+from .distributed import DistContext
 from .engine import PreparedRun, TrainConfig, prepare
 from .history import markdown_table, write_csv
 from .plots import matplotlib_available, note_no_matplotlib, plot_bars
@@ -147,43 +149,62 @@ def point_configs(base: TrainConfig, points: Sequence[dict], output: str | Path)
 
 @dataclass
 class Ablation:
-    """An ablation whose points are checked and whose first run is prepared (:func:`start_ablation`)."""
+    """An ablation whose points are checked and whose first run is prepared (:func:`start_ablation`).
+
+    Under ``torchrun`` every point trains in the one process group ``ctx`` joined for the whole ablation:
+    leaving and re-joining per point could pair a fast process with rank 0's old, not yet closed, store.
+    """
 
     base: TrainConfig
     points: list[dict]
     configs: list[TrainConfig]
     output: Path
     first: PreparedRun | None
+    ctx: DistContext = DistContext()
 
     def run(self) -> list[dict]:
-        """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``."""
-        rows = []
-        for i, (point, cfg) in enumerate(zip(self.points, self.configs, strict=True)):
-            label = point_label(point)
-            if self.base.verbose:
-                print(f"[{i + 1}/{len(self.points)}] {label}")
-            if i == 0 and self.first is not None:
-                run, self.first = self.first, None
-            else:
-                run = prepare(cfg)
-            result = run.train()
-            last = result.history[-1]
-            rows.append(dict(label=label, params_m=result.num_params / 1e6, val_acc=last["val_acc"],
-                             best_val_acc=max(r["val_acc"] for r in result.history), val_loss=last["val_loss"],
-                             train_acc=last["train_acc"], train_loss=last["train_loss"],
-                             time_s=sum(r["time"] for r in result.history)))
-        write_report(rows, self.output, self.base)
-        return rows
+        """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``
+        (rank 0 only), then leaves the process group if :func:`start_ablation` joined it."""
+        ok = False
+        try:
+            rows = [self._train_point(i) for i in range(len(self.points))]
+            if self.ctx.is_main:
+                write_report(rows, self.output, self.base)
+            ok = True
+            return rows
+        finally:
+            distributed.teardown(self.ctx, clean=ok)
+
+    def _train_point(self, i: int) -> dict:
+        label = point_label(self.points[i])
+        if self.base.verbose and self.ctx.is_main:
+            print(f"[{i + 1}/{len(self.points)}] {label}")
+        if i == 0 and self.first is not None:
+            run, self.first = self.first, None
+        else:
+            run = prepare(self.configs[i])
+        result = run.train()
+        last = result.history[-1]
+        return dict(label=label, params_m=result.num_params / 1e6, val_acc=last["val_acc"],
+                    best_val_acc=max(r["val_acc"] for r in result.history), val_loss=last["val_loss"],
+                    train_acc=last["train_acc"], train_loss=last["train_loss"],
+                    time_s=sum(r["time"] for r in result.history))
 
 
 def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> Ablation:
-    """Check every point's knobs (:func:`point_knobs`) and prepare the first run
-    (:func:`~cspmirror.train.engine.prepare`: data, device, backend, recipe), so that a bad configuration
-    raises here, before anything trains."""
+    """Check every point's knobs (:func:`point_knobs`), join the process group if a launcher describes one,
+    and prepare the first run (:func:`~cspmirror.train.engine.prepare`: data, device, backend, recipe), so
+    that a bad configuration raises here, before anything trains."""
     if not points:
         raise ValueError("an ablation needs at least one point")
     configs = point_configs(base, points, output)
-    return Ablation(base, list(points), configs, Path(output), prepare(configs[0]))
+    ctx, _ = distributed.setup(base.device)
+    try:
+        first = prepare(configs[0])
+    except BaseException:
+        distributed.teardown(ctx, clean=False)
+        raise
+    return Ablation(base, list(points), configs, Path(output), first, ctx)
 
 
 def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> list[dict]:

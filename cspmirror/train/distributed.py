@@ -71,10 +71,12 @@ def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
     return DistContext(dist.get_rank(), dist.get_world_size(), local, owns_group=True), dev
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group if :func:`setup` created it."""
+def teardown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group if :func:`setup` created it: after a barrier when ``clean`` (every process
+    got here), at once when not (an error, which the other processes may never reach)."""
     if ctx.owns_group and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -256,8 +256,7 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     try:
         return _prepare(cfg, ctx, device)
     except BaseException:
-        if ctx.owns_group:
-            torch.distributed.destroy_process_group()
+        distributed.teardown(ctx, clean=False)
         raise
 
 
@@ -297,10 +296,7 @@ class PreparedRun:
             ok = True
             return result
         finally:
-            if ok:
-                distributed.teardown(self.ctx)
-            elif self.ctx.owns_group:
-                torch.distributed.destroy_process_group()
+            distributed.teardown(self.ctx, clean=ok)
 
     def _train(self) -> FitResult:
         cfg, ctx, recipe, model, optimizer = self.cfg, self.ctx, self.recipe, self.model, self.optimizer
