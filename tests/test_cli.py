@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,18 @@ def test_import_needs_no_triton():
         "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "TRITON_INTERPRET": "1"})
+
+
+def test_a_checkout_runs_its_own_kernels(tmp_path):
+    """A second checkout on PYTHONPATH imports its own ``kernels/`` as ``cspmirror.kernels``, never those of
+    the checkout an editable install points at (the Python of one with the kernels of another)."""
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("cspmirror", "kernels"):
+        shutil.copytree(repo / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import cspmirror.kernels.mirror as m; print(m.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                          env={"PATH": "", "PYTHONPATH": str(tmp_path)})
+    assert Path(done.stdout.strip()) == tmp_path / "kernels" / "mirror.py"
 
 
 @pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
