@@ -43,10 +43,13 @@ def test_plain_eager_skips_the_registered_ops(monkeypatch, device):
     out = ops.bn_mish(z, w, None, torch.zeros(4, device=device), torch.ones(4, device=device), True,
                       backend="triton")
     out.sum().backward()
-    expected = ops.bn_mish(ops.mirror_fuse([ops.mirror_split(x, backend="reference")], 6, backend="reference"),
-                           w, None, None, None, True, backend="reference")
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expected = ops.bn_mish(ops.mirror_fuse([ops.mirror_split(x_ref, backend="reference")], 6, backend="reference"),
+                           w_ref, None, None, None, True, backend="reference")
+    expected.sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert x.grad is not None and w.grad is not None
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)  # the gradients, not only their presence
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
     conv_w = torch.randn(5, 4, 3, 3, device=device)
     with torch.no_grad():
         for training in (True, False):  # the out= forms, and eval's apply

@@ -168,3 +168,37 @@ def test_model_input_errors():
         model(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="MishedDenseBlock needs an even channel count"):
         cspmirror.MishedDenseBlock(5)
+
+
+def test_bad_input_never_reaches_a_backend(monkeypatch):
+    """Every bad input above is refused by the shared validation in cspmirror.ops, before a backend is looked
+    up: the reason the errors are the same on every backend (the backend parametrization above cannot tell
+    backends apart, since none of them is ever called)."""
+    def unreachable(op, backend, device):
+        raise AssertionError(f"{op} reached backend {backend!r} with an invalid argument")
+
+    monkeypatch.setattr(ops, "implementation", unreachable)
+    for kwargs, exc, match in SPLIT_CASES:
+        with pytest.raises(exc, match=match):
+            ops.mirror_split(**kwargs, backend="triton")
+    for kwargs, exc, match in FUSE_CASES:
+        with pytest.raises(exc, match=match):
+            ops.mirror_fuse(**{"length": 6, **kwargs}, backend="triton")
+    for kwargs, exc, match in BN_CASES:
+        with pytest.raises(exc, match=match):
+            ops.bn_mish(**kwargs, backend="triton")
+    for kwargs, exc, match in CONV_CASES:
+        args = {**dict(x=x4, weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), stride=2), **kwargs}
+        with pytest.raises(exc, match=match):
+            ops.conv_bn_mish(**args, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_error_backends_are_live(backend):
+    """The backends the error tests are parametrized over do run a valid call here (else those cases only
+    exercise the shared validation)."""
+    try:
+        y = ops.mirror_split(x4, backend=backend)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    assert torch.equal(y, ops.mirror_split(x4, backend="reference"))

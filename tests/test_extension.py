@@ -489,7 +489,7 @@ def test_fused_tiny_model_matches_reference(lib, layout, device):
     model.eval()
     x = to_layout(torch.randn(2, 3, 32, 32, device=device), layout)
     with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
-        ref = model(x)  # unfused, reference backend
+        ref = cspmirror.set_backend(copy.deepcopy(model), "reference")(x)  # unfused, reference backend
         fused = cspmirror.fuse_for_inference(copy.deepcopy(model), backend="extension")
         got = fused(x)
     assert rel_err(got, ref) <= 1e-4

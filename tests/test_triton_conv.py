@@ -78,7 +78,7 @@ def references(args):
 
 def check(out, args, what, tf32=False):
     ref64, lowp = references(args)
-    assert out.shape == ref64.shape, what
+    assert out.shape == ref64.shape and out.dtype == args[0].dtype, (what, out.dtype)
     assert_within_spec(out, ref64, lowp, CONV_TOL[tf32], what)
 
 
@@ -319,13 +319,13 @@ def test_out_with_grad_matches_reference(device):
     x, weight, b, stride, res = make_case(device, torch.float32)
     grads = []
     for backend in ("reference", "triton"):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, res)]
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, b, res)]
         base = torch.zeros(res.shape[0], res.shape[1] + 3, *res.shape[2:], device=device, requires_grad=True)
         buffer = base * 1.0
-        ops.conv_bn_mish(leaves[0], leaves[1], b, stride, leaves[2], out=buffer[:, 3:], backend=backend)
+        ops.conv_bn_mish(*leaves[:3], stride, leaves[3], out=buffer[:, 3:], backend=backend)
         buffer.backward(torch.linspace(-1, 1, buffer.numel(), device=device).reshape(buffer.shape))
         grads.append([t.grad for t in (*leaves, base)])
-    for name, want, got in zip(("x", "weight", "residual", "buffer"), *grads, strict=True):
+    for name, want, got in zip(("x", "weight", "bias", "residual", "buffer"), *grads, strict=True):
         assert rel_err(got, want) <= 1e-5, name
 
 
@@ -361,7 +361,7 @@ def test_fused_tiny_model(device, monkeypatch, tc):
     """cspmirrornet_tiny, eval, fused on backend="triton": every conv runs the implicit GEMM; logits match."""
     model = cspmirror.cspmirrornet_tiny(num_classes=10).to(device).eval()
     randomize_bn(model)
-    unfused = copy.deepcopy(model)
+    unfused = cspmirror.set_backend(copy.deepcopy(model), "reference")  # the oracle: never "auto" (Triton on CUDA)
     cspmirror.fuse_for_inference(model, backend="triton")
     if importlib.util.find_spec("cspmirror.ops.triton_mirror") is None:  # not built yet: isolate the conv
         for m in model.modules():

@@ -24,6 +24,14 @@ from cspmirror.ops import triton_mirror  # noqa: E402  (imports triton)
 
 kernels = triton_mirror.kernels
 
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every output the Triton mirror ops allocate starts NaN (SPEC §4: poison outputs before a run), so an
+    element a kernel never writes fails assert_bit_exact's isfinite check, whatever the allocator reuses."""
+    empty = triton_mirror._empty
+    monkeypatch.setattr(triton_mirror, "_empty", lambda *args: poison(empty(*args)))
+
 KINDS = ("dense", "slice", "transposed", "expanded")
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
             torch.float64: torch.int64}
