@@ -45,7 +45,6 @@ keeps a variance accurate to ~1e-7, where fp32 sums of x and x^2 are off by 1e5 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -59,7 +58,7 @@ import triton.language as tl
 from cspmirror.backends import triton_interpreted
 
 from .activations import mish, mish_grad
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_device
 
 INTERPRETED = triton_interpreted()
 INTERPRETED_BF16_FIX = tl.constexpr(INTERPRETED)
@@ -751,11 +750,6 @@ def _device_property_cached(index: int, name: str) -> int:
     return int(getattr(torch.cuda.get_device_properties(index), name, 0))
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on ``device`` (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _vectors(*vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The [C] vectors as the kernels read them: contiguous (a no-op for parameters and buffers)."""
     return [None if t is None else t.contiguous() for t in vectors]
@@ -850,7 +844,7 @@ def train_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     mean, var = new_fp32(c, device=device), new_fp32(c, device=device)
     strides = (*plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y))
     options = pass_options("forward")
-    with _on(device):
+    with on_device(device):
         counts = zeroed_counters(plan.c_blocks, device)
         for stats, normalize in work.launches:
             _train_forward_kernel[(stats.programs + normalize.programs,)](
@@ -885,7 +879,7 @@ def update_running(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Te
         running_var.copy_(rv)
         return
     c = mean.numel()
-    with _on(mean.device):
+    with on_device(mean.device):
         _running_kernel[(cdiv(c, VECTOR_BLOCK),)](mean, var, running_mean, running_var, c, count,
                                                   float(momentum), BLOCK=VECTOR_BLOCK)
 
@@ -900,7 +894,7 @@ def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, we
     """
     plan, x_in, (res,), y = _prepare(x, [residual], out)
     mean, var, weight, bias = _vectors(mean, var, weight, bias)
-    with _on(x.device):
+    with on_device(x.device):
         _apply_kernel[(plan.items, plan.c_blocks)](
             x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, float(eps),
             *plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y),
@@ -961,7 +955,7 @@ def backward(
     mean, var, weight, bias = _vectors(mean, var, weight, bias)
     args = (mean, var, eps, weight, bias)
     sums = None
-    with _on(x.device):
+    with on_device(x.device):
         if training and dx_out is not None:
             sums = _train_backward(plan, dy_in, x_in, dx_out, args)
         elif training or need_sums:

@@ -25,7 +25,7 @@ import triton.language as tl
 from cspmirror.backends import triton_interpreted
 
 from .activations import mish
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_device
 
 INTERPRETED = triton_interpreted()
 # Output pixels (GEMM rows) and weight offsets are int32 in the implicit GEMM; element offsets are int64.
@@ -272,12 +272,13 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
 
     precision = "tf32" if (tf32 or x.dtype != torch.float32) else "ieee"
-    _conv_mish_kernel[grid](
-        x, weight, bias, residual, out, m, c_in, h, w, c_out, h_out, w_out,
-        *_strides(x), *_strides(residual), *_strides(out),
-        K_SIZE=k, STRIDE=stride, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION=precision, DOT_FP32=INTERPRETED,
-    )
+    with on_device(out.device):
+        _conv_mish_kernel[grid](
+            x, weight, bias, residual, out, m, c_in, h, w, c_out, h_out, w_out,
+            *_strides(x), *_strides(residual), *_strides(out),
+            K_SIZE=k, STRIDE=stride, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            PRECISION=precision, DOT_FP32=INTERPRETED,
+        )
 
 
 def mish_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
@@ -291,9 +292,10 @@ def mish_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Te
     block_n = min(128, max(16, next_power_of_2(c)))
     block_m = 4096 // block_n
     grid = (cdiv(m, block_m), cdiv(c, block_n))
-    _mish_epilogue_kernel[grid](
-        y, bias, residual, out, m, c, h * w, w,
-        *_strides(y), *_strides(residual), *_strides(out),
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, FP64=y.dtype == torch.float64,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )
+    with on_device(out.device):
+        _mish_epilogue_kernel[grid](
+            y, bias, residual, out, m, c, h * w, w,
+            *_strides(y), *_strides(residual), *_strides(out),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, FP64=y.dtype == torch.float64,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )

@@ -27,7 +27,6 @@ does, so the results are bit-identical to :mod:`cspmirror.ops.reference`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,7 +37,7 @@ import triton.language as tl
 
 from cspmirror.backends import triton_interpreted
 
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_device
 
 _INT32_MAX = 2**31 - 1
 
@@ -481,13 +480,6 @@ def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it ``t``'s."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, mirror: bool,
           halve: bool, *, force_int64: bool = False) -> None:
     """Write ``mirror_split(x)`` into ``y``.
@@ -501,7 +493,7 @@ def split(x: torch.Tensor, y: torch.Tensor, length: int, width: int, axis: int, 
     """
     n = x.shape[0]
     plan = _plan(x, y, axis, n, length, width, force_int64)
-    with _on_device(x):
+    with on_device(x.device):
         mirror_split_kernel[plan.grid](
             x, y, n, *plan.args, MIRROR=bool(mirror), HALVE=bool(halve), COMPUTE=_compute_dtype(x.dtype),
             LOADS_FIRST=plan.split_loads_first, **plan.meta)
@@ -518,7 +510,7 @@ def fuse_part(part: torch.Tensor, out: torch.Tensor, length: int, width: int, ax
     """
     n = out.shape[0]
     plan = _plan(part, out, axis, n, length, width, force_int64)
-    with _on_device(part):
+    with on_device(part.device):
         mirror_fuse_kernel[plan.grid](
             part, out, n, *plan.args, MIRROR=bool(mirror), MEAN=bool(mean), COMPUTE=_compute_dtype(part.dtype),
             **plan.meta)
