@@ -44,6 +44,7 @@ FUSE_CASES = [
     (dict(parts=[torch.randn(3, 2, 4, 4)]), ValueError, "even batch"),
     (dict(parts=[torch.randn(4, 2, 4, 5)]), ValueError, r"parts\[0\] has size 5 on axis -1"),
     (dict(parts=_parts()[:1] + [torch.randn(4, 2, 5, 4)]), ValueError, r"parts\[1\] has shape"),
+    (dict(parts=_parts()[:1] + [torch.randn(2, 2, 4, 4)]), ValueError, r"parts\[1\] has shape"),  # batch only
     (dict(parts=_parts()[:1] + [torch.randn(4, 2, 4, 4).half()]), TypeError, r"parts\[1\] has dtype"),
     (dict(parts=_parts()[:1] + [torch.randn(4, 2, 4, 4, device="meta")]), ValueError, r"parts\[1\] is on meta"),
     (dict(parts=_parts(), reduce="max"), ValueError, "reduce must be one of"),
@@ -71,6 +72,7 @@ def _bn_args(c=3, **over):
 BN_CASES = [
     (_bn_args(x=torch.randn(2, 3, 3)), ValueError, "x must be a 4-D"),
     (_bn_args(weight=torch.ones(4)), ValueError, "weight must have 3 elements"),
+    (_bn_args(weight=torch.ones(3, device="meta")), ValueError, "weight is on meta"),
     (_bn_args(running_var=None), ValueError, "running_mean and running_var"),
     (_bn_args(running_mean=None, running_var=None, training=False), ValueError, "training=False needs"),
     (_bn_args(momentum=1.5), ValueError, "momentum must be"),
@@ -115,6 +117,7 @@ CONV_CASES = [
     (dict(bias=torch.randn(4).half()), TypeError, "bias has dtype torch.float16 but x has dtype torch.float32"),
     (dict(out=torch.empty(2, 4, 2, 1).expand(2, 4, 2, 3)), ValueError, "out has a dimension of stride 0"),
     (dict(stride=3), ValueError, "stride must be 1 or 2"),
+    (dict(stride=True), ValueError, "stride must be 1 or 2"),
     (dict(residual=torch.randn(2, 4, 4, 6)), ValueError, r"residual must have shape \(2, 4, 2, 3\)"),
 ]
 

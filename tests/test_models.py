@@ -9,6 +9,8 @@ import torch
 from helpers import randomize_bn
 
 import cspmirror
+from cspmirror import ops
+from cspmirror.layers import CSPMirrorStage
 from cspmirror.models import MODEL_CONFIGS
 
 FAMILY = cspmirror.list_models()
@@ -286,3 +288,17 @@ def test_prune_intermediate_layers():
         final, kept = model.forward_intermediates(x, indices=[1, 2])
     assert torch.equal(final, levels[2]) and all(torch.equal(a, b) for a, b in zip(kept, levels[1:3], strict=True))
     assert model(x).shape == (2, 64, 8, 8)  # the head went with the stages (timm: reset_classifier(0, ""))
+
+
+def test_two_branch_stage_keeps_each_section_in_place(device):
+    """siamese=False: branch 0 processes the first section (p[:N]), branch 1 the second (p[N:]), and each
+    branch's outputs go back to their own half of the batch before the fusion."""
+    stage = randomize_bn(CSPMirrorStage(4, 8, depth=1, siamese=False)).to(device).eval()
+    x = torch.randn(2, 4, 8, 10, device=device)
+    with torch.no_grad():
+        h = stage.down(x)
+        p = ops.mirror_split(h, 0.25, -1, True)
+        first, second = stage.branches[0](p[:2]), stage.branches[1](p[2:])
+        parts = [torch.cat([a, b], dim=0) for a, b in zip(first, second, strict=True)]
+        expected = stage.final(ops.mirror_fuse(parts, h.shape[-1], 0.25, -1, True))
+        torch.testing.assert_close(stage(x), expected, rtol=0, atol=0)

@@ -145,3 +145,20 @@ def test_set_recompute_keeps_one_activation_per_layer():
     assert on.activations(ACTIVATION) == 4
     off = saved("dense_block", "triton", False)
     assert (off.activations(ACTIVATION), off.activations(ACTIVATION // 2)) == (1, 3)
+
+
+def test_recompute_input_skips_outputs_with_a_residual(device):
+    """ConvBNMish(recompute_input=True) after a ConvBNMish that adds a residual: that input cannot be recomputed
+    from the bn_mish's saved tensors (the residual is not among them); the gradients must be the kept input's."""
+    torch.manual_seed(3)
+    first = cspmirror.set_backend(ConvBNMish(4, 4, 1).to(device), "triton")
+    second = cspmirror.set_backend(ConvBNMish(4, 4, 3).to(device), "triton")
+    x = torch.randn(2, 4, 5, 6, device=device)
+    residual = torch.randn(2, 4, 5, 6, device=device) * 3
+    grads = []
+    for recompute in (False, True):
+        second.recompute_input = recompute
+        y = second(first(x, residual=residual))
+        grads.append(torch.autograd.grad(y.square().sum(), [*first.parameters(), *second.parameters()]))
+    for kept, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-6, atol=1e-6)

@@ -463,3 +463,25 @@ def test_gpu_int64_offsets(device, monkeypatch, tc):
     args = (tail, weight, None, 1, None)
     ref64, lowp = references(args)
     assert_within_spec(out[:, :, -5:], ref64[:, :, -5:], lowp[:, :, -5:], 1e-4, "tail rows")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_out_aliasing_input(device, k):
+    """out=x (an in-place layer): several output-channel and pixel tiles read x while others write it; the
+    result must be that of a separate output."""
+    x = torch.randn(2, 40, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(40, 40, k, k, device=device) / (40 * k * k) ** 0.5
+    b = torch.randn(40, device=device) * 0.5
+    expected = reference.conv_bn_mish(x.double(), w.double(), b.double())
+    with torch.no_grad():
+        assert ops.conv_bn_mish(x, w, b, out=x, backend="triton") is x
+    assert rel_err(x, expected) <= 1e-4
+
+
+def test_provably_disjoint_at_the_radix_boundary(tc):
+    """Rows of 5 at a stride of 4 (unfold): the inner span equals the outer stride, offsets no longer decompose
+    uniquely, and a[..., 0, 4] is b[..., 1, 0]; the proof must not claim these views disjoint."""
+    rows = torch.arange(40.0).unfold(0, 5, 4)[None, None]  # [1, 1, 9, 5], strides (.., .., 4, 1)
+    a, b = rows[:, :, 0:1, :], rows[:, :, 1:2, 0:1]
+    assert set(a.flatten().tolist()) & set(b.flatten().tolist())
+    assert not tc._provably_disjoint(a, b)

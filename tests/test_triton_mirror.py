@@ -480,3 +480,40 @@ def test_gpu_int64_offsets(device: torch.device) -> None:
     out = ops.mirror_fuse([y], x.shape[-1], backend="triton")
     ref = reference.mirror_fuse([y], x.shape[-1])
     assert torch.equal(out, ref)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fuse_mean_of_an_overflowing_overlap(dtype, device):
+    """z1 + z2 = 1.5 * max on the overlap: inf in the dtype, and inf / 2 stays inf (the reference rounds the sum
+    before halving); halving first would give a finite 0.75 * max."""
+    info = torch.finfo(dtype)
+    part = torch.full((2, 1, 1, 7), info.max, dtype=dtype, device=device)
+    part[1] = info.max / 2
+    bits = torch.int16
+    for reduce in ("sum", "mean"):
+        out = ops.mirror_fuse([part], 12, 0.25, -1, True, reduce, backend="triton")
+        ref = reference.mirror_fuse([part], 12, 0.25, -1, True, reduce)
+        assert torch.isinf(ref[..., 5:7]).all() and torch.isfinite(ref[..., :5]).all()
+        assert torch.equal(out.view(bits), ref.view(bits)), reduce
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mirror_ops_keep_channels_last(device, backend):
+    """Outputs and gradients are channels_last when their input is (checked with plain torch, not with
+    reference.memory_format_of, which both the reference and the Triton op use)."""
+    cl = torch.channels_last
+    x = to_layout(torch.randn(2, 3, 4, 7, device=device), cl).requires_grad_()
+    y = ops.mirror_split(x, backend=backend)
+    assert y.is_contiguous(memory_format=cl) and not y.is_contiguous()
+    (gx,) = torch.autograd.grad(y, x, to_layout(torch.randn_like(y), cl))
+    if backend == "triton":  # the gradient in the input's format (triton_mirror's contract)
+        assert gx.is_contiguous(memory_format=cl) and not gx.is_contiguous()
+    a = to_layout(torch.randn(4, 3, 4, 5, device=device), cl).requires_grad_()
+    b = torch.randn(4, 2, 4, 5, device=device).requires_grad_()  # NCHW second part
+    out = ops.mirror_fuse([a, b], 7, backend=backend)
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+    ga, gb = torch.autograd.grad(out, [a, b], torch.randn_like(out))
+    if backend == "triton":  # each part's gradient in that part's format (triton_mirror's contract)
+        assert ga.is_contiguous(memory_format=cl) and not ga.is_contiguous()
+        assert gb.is_contiguous() and not gb.is_contiguous(memory_format=cl)
