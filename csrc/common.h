@@ -165,9 +165,19 @@ inline at::Tensor optional_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
+// The registered operators are public (torch.ops.cspmirror_ext.*): they check what their kernels rely on, even
+// though the Python wrappers validate first, so that a direct call errors instead of reading out of bounds.
 inline void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, " must be a 4-D tensor [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor");
+  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", x.sizes());
+}
+
+// A per-channel [C] vector of x (weight, bias, mean, variance, running statistics).
+inline void check_channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(v.dim() == 1 && v.numel() == x.size(1), name, " must have shape [", x.size(1), "], got ",
+              v.sizes());
+  TORCH_CHECK(v.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", v.device());
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -189,6 +199,12 @@ std::vector<at::Tensor> split_into(const at::Tensor& x, at::IntArrayRef channels
   const at::MemoryFormat fmt = format_of(x);
   const at::Tensor xc = unit_inner_stride(x, fmt);
   const MirrorGeometry g{dim, length, width, mirror, fmt == at::MemoryFormat::ChannelsLast};
+  int64_t total = 0;
+  for (const int64_t c : channels) {
+    TORCH_CHECK(c >= 0, "channels must not be negative, got ", channels);
+    total += c;
+  }
+  TORCH_CHECK(total == x.size(1), "channels sum to ", total, " but the gradient has ", x.size(1));
   std::vector<at::Tensor> outs;
   int64_t c0 = 0;
   for (const int64_t c : channels) {
@@ -201,7 +217,6 @@ std::vector<at::Tensor> split_into(const at::Tensor& x, at::IntArrayRef channels
     outs.push_back(y);
     c0 += c;
   }
-  TORCH_CHECK(c0 == x.size(1), "channels sum to ", c0, " but the gradient has ", x.size(1));
   return outs;
 }
 
@@ -266,6 +281,10 @@ at::Tensor mirror_fuse_op(at::TensorList parts, int64_t length, int64_t axis, bo
 template <class K>
 at::Tensor params_for(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, double eps,
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  check_channel_vector(mean, "mean", x);
+  check_channel_vector(var, "var", x);
+  if (weight.has_value()) check_channel_vector(*weight, "weight", x);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", x);
   return K::channel_params(mean, var, eps, weight, bias, acc_type(x.scalar_type()));
 }
 
@@ -381,6 +400,9 @@ void bn_update_running_stats_op(at::Tensor& running_mean, at::Tensor& running_va
   TORCH_CHECK(count > 1, "running stats need more than one value per channel, got ", count);
   TORCH_CHECK(running_mean.numel() == mean.numel() && running_var.numel() == var.numel(),
               "running stats and batch stats must have the same number of channels");
+  TORCH_CHECK(running_mean.device() == mean.device() && running_var.device() == mean.device() &&
+                  var.device() == mean.device(),
+              "running stats and batch stats must be on one device");
   K::update_running_stats(running_mean, running_var, mean, var, momentum, count);
 }
 

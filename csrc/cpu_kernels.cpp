@@ -22,10 +22,11 @@ template <typename T>
 using acc_t = at::opmath_type<T>;
 
 // exp for fp32 (Cephes expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), in plain
-// arithmetic so that loops calling it vectorize. Inputs are clamped to [-87, 88], where 2^n stays normal;
-// the Mish callers clamp at 20 above, and below -87 mish(v) ~ v e^v is negligible either way.
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+// arithmetic so that loops calling it vectorize. The polynomial runs on [-87, 88], where 2^n stays normal;
+// below -87 the result is flushed to 0 (expf is subnormal there, then 0), so that mish(v) -> -0 and
+// mish(-inf) = -inf * 0 = NaN as in the reference; the Mish callers clamp at 20 above.
+inline float exp_poly(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound rounds x to an integer in the low bits
   const float shifted = x * 1.44269504088896341f + kRound;
   const float fn = shifted - kRound;
@@ -44,7 +45,7 @@ inline float exp_poly(float x) {
   const int32_t scale_bits = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return p * scale;
+  return x_in < -87.0f ? 0.0f : p * scale;
 }
 
 struct CpuExp {

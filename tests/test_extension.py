@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import shutil
 import subprocess
@@ -234,6 +235,61 @@ def test_bn_mish_large_mean_and_magnitude(lib, layout, device):
     case = make_case((2, 3, 6, 7), layout=layout, device=device, training=False, scale=1e4)
     case.running_var = torch.full_like(case.running_var, 1.0)
     check_case(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mish_far_below_zero(lib, device):
+    """z below -87, where the CPU exp polynomial stops: mish(z) is -0, and mish(-inf) is NaN, as the reference
+    (the polynomial clamped its input, giving mish(-3e38) = -4.9 and mish(-inf) = -inf)."""
+    x = torch.zeros(1, 4, 1, 2, device=device)
+    mean = torch.tensor([3e38, 1e37, 1e30, 1e4], device=device)
+    args = (x, None, None, mean, torch.ones(4, device=device), False)
+    got = ops.bn_mish(*args, backend="extension")
+    assert torch.equal(got, ops.bn_mish(*args, backend="reference")) and got.signbit().all()
+    bias = torch.tensor([-math.inf, 0.0], device=device)
+    weight = torch.zeros(2, 4, 1, 1, device=device)
+    got = ops.conv_bn_mish(x, weight, bias, backend="extension")
+    ref = ops.conv_bn_mish(x, weight, bias, backend="reference")
+    assert got[:, 0].isnan().all() and ref[:, 0].isnan().all() and torch.equal(got[:, 1], ref[:, 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_writes_are_seen_by_autograd(lib, device):
+    """out= (and the running statistics) written by the C++ operators bump the version counters, as an
+    in-place PyTorch op does: a backward that saved the old buffer raises instead of using the new values."""
+    x = torch.randn(2, 4, 3, 3, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    calls = {
+        "bn_mish train": lambda out: ops.bn_mish(x, None, None, rm, rv, True, out=out, backend="extension"),
+        "bn_mish eval": lambda out: ops.bn_mish(x, None, None, rm, rv, False, out=out, backend="extension"),
+        "conv_bn_mish": lambda out: ops.conv_bn_mish(x, torch.randn(4, 4, 1, 1, device=device), None, 1, out=out,
+                                                     backend="extension"),
+    }
+    for name, call in calls.items():
+        buf = torch.ones(2, 4, 3, 3, device=device)
+        w = torch.ones(1, device=device, requires_grad=True)
+        loss = (buf * w).sum()
+        versions = (rm._version, rv._version)
+        call(buf)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        if name == "bn_mish train":
+            assert rm._version > versions[0] and rv._version > versions[1], name
+
+
+def test_operators_check_their_arguments(lib):
+    """torch.ops.cspmirror_ext.* are public: bad arguments raise, never read out of bounds."""
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="channels sum to"):
+        lib.mirror_fuse_backward(torch.randn(2, 4, 2, 5), [4, 4000000], 3, -1, True, False)
+    with pytest.raises(RuntimeError, match="channels must not be negative"):
+        lib.mirror_fuse_backward(torch.randn(2, 4, 2, 5), [6, -2], 3, -1, True, False)
+    with pytest.raises(RuntimeError, match=r"mean must have shape \[8\]"):
+        lib.bn_mish_eval(x, None, None, torch.zeros(2), torch.ones(2), 1e-5, None)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8\]"):
+        lib.bn_mish_train(x, torch.ones(2), None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="x must not be empty"):
+        lib.bn_mish_train(torch.empty(0, 3, 4, 4), None, None, 1e-5, None)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -39,6 +39,18 @@ def plain_eager(tensors: list[torch.Tensor]) -> bool:
             and _get_current_dispatch_mode() is None and all(type(t) in _PLAIN for t in tensors))
 
 
+def bump_versions(tensors: list[torch.Tensor | None]) -> None:
+    """Mark ``tensors`` as written in place, as the dispatcher does for a registered op's mutated arguments, so
+    that a backward that saved one of them raises instead of reading the new values. Needed wherever an op's
+    implementation is called directly (the C++ operators' ``(a!)`` arguments, the eager fast path); a no-op
+    while compiling, where functionalization tracks the mutation."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
 class EagerOp:
     """Callable like the custom op ``op`` (positional arguments), with an eager fast path.
 
@@ -68,9 +80,7 @@ class EagerOp:
         else:
             flat, unflatten = _flatten(args)
             result = self.function.apply(unflatten, *flat)
-        for i in self.mutates:
-            if args[i] is not None:
-                torch.autograd.graph.increment_version(args[i])
+        bump_versions([args[i] for i in self.mutates])
         return result
 
 

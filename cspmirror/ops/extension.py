@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..backends import BackendStatus, BackendUnavailableError
 from . import reference
-from ._eager import EagerOp
+from ._eager import EagerOp, bump_versions
 from ._validate import conv_output_shape, split_width
 
 _NAMESPACE = "cspmirror_ext"
@@ -265,14 +265,17 @@ def bn_mish(
     if training:
         if direct:
             mean, var = lib.bn_mish_train_out(x, weight, bias, eps, residual, out)
+            bump_versions([out])
             y = out
         else:
             y, mean, var = _EAGER["bn_mish_train"](x, weight, bias, eps, residual)
         if running_mean is not None:
             lib.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum,
                                         x.numel() // x.shape[1])
+            bump_versions([running_mean, running_var])
     elif direct:
         lib.bn_mish_eval_out(x, weight, bias, running_mean, running_var, eps, residual, out)
+        bump_versions([out])
         y = out
     else:
         y = _EAGER["bn_mish_eval"](x, weight, bias, running_mean, running_var, eps, residual)
@@ -294,6 +297,7 @@ def conv_bn_mish(
     lib = _lib_for(x)
     if out is not None and not _needs_grad(x, weight, bias, residual, out):
         lib.conv_bn_mish_out(x, weight, bias, stride, residual, out)
+        bump_versions([out])
         return out
     y = _EAGER["conv_bn_mish"](x, weight, bias, stride, residual)
     return y if out is None else out.copy_(y)
