@@ -78,6 +78,23 @@ def test_status_never_builds(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_cuda_build_directory_names_the_architectures(tmp_path, monkeypatch):
+    """One just-in-time CUDA build per set of target architectures (cpp_extension's hash leaves them out)."""
+    from cspmirror.ops import extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    capabilities = {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    assert extension.build_directory(True).name.endswith("-cuda-sm80-sm90")
+    capabilities[1] = (9, 0)
+    assert extension.build_directory(True).name.endswith("-cuda-sm90")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert extension.build_directory(True).name.endswith("-cuda-arch-8.0_9.0_PTX")
+    assert extension.build_directory(False).name.endswith("-cpu")
+
+
 def test_loaded_status_names_the_build(lib):
     from cspmirror.ops import extension
 

@@ -110,13 +110,26 @@ def _with_cuda() -> bool:
 
 
 def build_directory(with_cuda: bool) -> Path:
-    """Where the just-in-time build lives: one folder per torch version, Python version and device set."""
+    """Where the just-in-time build lives: one folder per torch version, Python version and device set (for
+    CUDA, the GPU architectures it targets: cpp_extension leaves them out of its own build hash, so a cache
+    shared between machines would otherwise hand an sm_90 build to an sm_80 GPU)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) / "cspmirror" if root else Path.home() / ".cache" / "cspmirror"
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if with_cuda else 'cpu'}"
-    path = base / tag.replace("+", "_")
+    device = f"cuda-{_cuda_archs()}" if with_cuda else "cpu"
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{device}"
+    path = base / "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in tag)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _cuda_archs() -> str:
+    """The architectures a CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` when set, else the visible GPUs'
+    (what cpp_extension compiles for), e.g. ``sm90`` or ``sm80-sm90``."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs:
+        return "arch-" + archs
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return "-".join(f"sm{major}{minor}" for major, minor in sorted(capabilities))
 
 
 def _jit_build() -> str:
