@@ -131,21 +131,32 @@ inline ChannelGeometry channel_geometry(const at::Tensor& x, bool nhwc) {
 }
 
 // `t` as a StridedView when its strides follow the geometry's order, so that the kernels read or write it in
-// place; std::nullopt when it needs a dense copy (a written tensor must also not overlap itself).
+// place; std::nullopt when it needs a dense copy. A written tensor must also not overlap itself, which the
+// strides show for these layouts (at::has_internal_overlap answers "too hard" for any channel slice).
 inline std::optional<StridedView> strided_view(const at::Tensor& t, const ChannelGeometry& g, bool written) {
-  if (written && at::has_internal_overlap(t) != at::MemOverlap::No) return std::nullopt;
-  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), S = H * W;
   const auto s = t.strides();
   char* data = static_cast<char*>(const_cast<void*>(t.const_data_ptr()));
   if (!g.nhwc) {
-    if ((W == 1 || s[3] == 1) && (H == 1 || s[2] == W)) return StridedView{data, s[0], s[1], 0};
+    // rows of S contiguous elements at n * s[0] + c * s[1]: disjoint when each stride clears what it steps over
+    const bool disjoint = (C == 1 || s[1] >= S) && (N == 1 || s[0] >= (C - 1) * s[1] + S);
+    if ((W == 1 || s[3] == 1) && (H == 1 || s[2] == W) && (!written || disjoint))
+      return StridedView{data, s[0], s[1], 0};
     return std::nullopt;
   }
   const int64_t sp = W > 1 ? s[3] : (H > 1 ? s[2] / W : (N > 1 ? s[0] : C));
   const bool ok = (C == 1 || s[1] == 1) && (W == 1 || s[3] == sp) && (H == 1 || s[2] == W * sp) &&
                   (N == 1 || s[0] == H * W * sp);
-  if (ok) return StridedView{data, 0, 0, sp};
+  // pixels of C contiguous channels, sp apart
+  if (ok && (!written || N * S == 1 || sp >= C)) return StridedView{data, 0, 0, sp};
   return std::nullopt;
+}
+
+// Whether writing `out` in place could change what is still to be read from `input`: they share memory and
+// are not the very same view (an element read and then written by the same step is fine).
+inline bool may_clobber(const at::Tensor& out, const at::Tensor& input) {
+  if (!input.defined() || !out.storage().is_alias_of(input.storage())) return false;
+  return !(out.data_ptr() == input.data_ptr() && out.sizes() == input.sizes() && out.strides() == input.strides());
 }
 
 inline StridedView dense_view(const at::Tensor& t, const ChannelGeometry& g) {
@@ -317,9 +328,11 @@ void apply_into(const Prepared& p, const at::Tensor& params, const at::Tensor& o
   TORCH_CHECK(out.sizes() == p.x.sizes(), "out must have shape ", p.x.sizes(), ", got ", out.sizes());
   TORCH_CHECK(out.scalar_type() == p.x.scalar_type() && out.device() == p.x.device(),
               "out must have x's dtype and device");
-  if (const auto view = strided_view(out, p.g, true)) {
-    K::bn_apply(p.g, p.x, params, p.residual_view, *view);
-    return;
+  if (!may_clobber(out, p.x) && !may_clobber(out, p.residual)) {
+    if (const auto view = strided_view(out, p.g, true)) {
+      K::bn_apply(p.g, p.x, params, p.residual_view, *view);
+      return;
+    }
   }
   at::Tensor tmp = new_output_like(p.x);
   K::bn_apply(p.g, p.x, params, p.residual_view, dense_view(tmp, p.g));

@@ -354,6 +354,46 @@ def test_bn_mish_out_channel_slice(lib, layout, grad, training, device):
     assert buf[:, :3].isnan().all() and buf[:, 6:].isnan().all()
 
 
+def _copies(call) -> int:
+    """How many aten::copy_ ``call`` runs (a write through a temporary is one more)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_out_channel_slice_is_written_in_place(lib, layout, training):
+    """SPEC §3's write into a channel slice of a larger buffer goes straight there, as into a dense out=,
+    without a temporary and a copy (bn_mish and conv_bn_mish alike)."""
+    x = to_layout(torch.randn(2, 3, 4, 5), layout)
+    weight = torch.randn(3, 3, 1, 1)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    bn_mish = functools.partial(ops.bn_mish, x, None, None, rm, rv, training, backend="extension")
+    conv = functools.partial(ops.conv_bn_mish, x, weight, None, 1, backend="extension")
+    with torch.no_grad():
+        for op in (bn_mish, conv):
+            dense = to_layout(torch.empty(2, 3, 4, 5), layout)
+            buf = to_layout(torch.empty(2, 8, 4, 5), layout)
+            assert _copies(lambda: op(out=buf[:, 3:6])) == _copies(lambda: op(out=dense))  # noqa: B023
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_out_overlapping_an_input_in_part(lib, layout):
+    """out= two channels over the residual's (or x's) last two: written through a temporary, so that no
+    element is overwritten before it is read; the result is that of separate tensors."""
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    for shared in ("residual", "x"):
+        buf = to_layout(torch.randn(2, 6, 3, 5), layout)
+        x = buf[:, 0:4] if shared == "x" else to_layout(torch.randn(2, 4, 3, 5), layout)
+        residual = buf[:, 0:4] if shared == "residual" else None
+        expected = ops.bn_mish(x.clone(), None, None, rm, rv, False, residual=None if residual is None else
+                               residual.clone(), backend="reference")
+        with torch.no_grad():
+            ops.bn_mish(x, None, None, rm, rv, False, residual=residual, out=buf[:, 2:6], backend="extension")
+        torch.testing.assert_close(buf[:, 2:6], expected, rtol=1e-6, atol=1e-6, msg=shared)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_residual_read_through_strides(lib, layout, device):
