@@ -294,6 +294,25 @@ def test_out_writes_are_seen_by_autograd(lib, device):
             assert rm._version > versions[0] and rv._version > versions[1], name
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_alone_needs_no_bn_backward(lib, monkeypatch, training):
+    """When only the residual needs a gradient, it is the incoming gradient itself: no bn_mish backward runs."""
+    from cspmirror.ops import extension
+
+    x, residual = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = ops.bn_mish(x, torch.ones(3), None, torch.zeros(3), torch.ones(3), training, residual=residual,
+                    backend="extension")
+
+    class NoBackward:
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} ran")
+
+    monkeypatch.setattr(extension, "_lib", lambda: NoBackward())
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, residual, grad)
+    assert torch.equal(got, grad)
+
+
 def test_operators_check_their_arguments(lib):
     """torch.ops.cspmirror_ext.* are public: bad arguments raise, never read out of bounds."""
     x = torch.randn(2, 8, 3, 3)

@@ -456,6 +456,8 @@ def _setup_bn_eval(ctx, inputs, output):
 def _bn_grads(ctx, grad, training: bool, weight_index: int = 1, bias_index: int = 2):
     x, weight, bias, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if not (need[0] or need[weight_index] or need[bias_index]):  # only the residual's: the gradient itself
+        return None, None, None
     if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiated in turn
         return tuple(reference.bn_mish_grads(grad, x, weight, bias, mean, var, ctx.eps, training,
                                              (need[0], need[weight_index], need[bias_index])))
