@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: versions, the gpu-marked tests, `cspmirror check`, then the ops, models and compare
-# benchmarks, every step time-bounded, everything bundled for the trip back from the GPU machine.
+# benchmarks, then (with what time is left) the CPU tests' small grid on the GPU; every step time-bounded,
+# everything bundled for the trip back from the GPU machine.
 #
 #   bench/gpu_suite.sh [OUTDIR]          # OUTDIR default: $OUT, else bench/results/gpu-run
 #
@@ -9,7 +10,8 @@
 #   GPU_SUITE_BUDGET=450     seconds for the whole suite (each step also has its own cap, below)
 #   GPU_SUITE_DRY_RUN=1      the same steps on the CPU with --quick shapes, to shake out bugs without a GPU
 #   GPU_SUITE_SKIP="a b"     steps not to run (env tests tests_models check tests_extension diagnose ops
-#                            host_overhead bn_groups mirror_tiles step_profile models kernel_breakdown compare)
+#                            host_overhead bn_groups mirror_tiles step_profile models kernel_breakdown compare
+#                            tests_on_device)
 #   GPU_SUITE_K="expr"       only the gpu tests that pytest's -k EXPR selects (a follow-up run)
 #   GPU_SUITE_ONLY=text      only the benchmark cases whose name contains text (python -m bench --only)
 #   GPU_SUITE_VARIANTS=a,b   only these variants in the ops suite (python -m bench --variants)
@@ -137,8 +139,9 @@ say "START build (in the background, limit ${BUILD_CAP}s)"
 build_extension &
 BUILD_PID=$!
 
-PYTEST="$PY -m pytest -m gpu -v --tb=short tests/ -p no:cacheprovider --continue-on-collection-errors"
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST="$PYTEST --timeout=90"
+PYTEST_ANY="$PY -m pytest -v --tb=short tests/ -p no:cacheprovider --continue-on-collection-errors"
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ANY="$PYTEST_ANY --timeout=90"
+PYTEST="$PYTEST_ANY -m gpu"
 # Triton compiles are CPU-bound: spread the gpu tests over a few processes when pytest-xdist is there.
 XDIST=""
 [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 6"
@@ -176,6 +179,9 @@ step step_profile "$(cap 60)" "exec $PY -m bench.step_profile --out $RES $QUICK"
 step models "$(cap 60)" "exec $SUITE --suite models"
 step kernel_breakdown "$(cap 30)" "exec $PY -m bench.kernel_breakdown --out $RES $QUICK"
 step compare "$(cap 35)" "exec $SUITE --suite compare"
+# Last, with what is left: the interpreter-sized grid of the CPU tests (small shapes, every dtype, layout and
+# knob) on the GPU's real kernels.
+step tests_on_device "$(cap 60)" "exec $PYTEST_ANY $XDIST -m 'on_device and not gpu' -k 'not extension and not test_accelerate$K' --junitxml=$WORK/pytest-on-device.xml"
 
 # The report and the summary run in the reserve.
 timeout -k 5 40 "$PY" -m bench --report-only --out "$RES" > "$LOGS/report.log" 2>&1 || say "report: exit $?"

@@ -13,8 +13,12 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped without CUDA; tests of the ``device`` fixture are marked ``on_device``, so that
+    a GPU run can select the interpreter-sized grid too (``-m on_device``), not only the ``gpu`` tests."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
