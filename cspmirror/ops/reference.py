@@ -114,14 +114,21 @@ def recomputed_grads(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Te
     return [next(found) if t is not None and need else None for t, need in zip(inputs, needs, strict=True)]
 
 
+def bn_mish_output(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float,
+                   training: bool) -> torch.Tensor:
+    """:func:`bn_mish`'s output (no residual) as a fast backend's forward computed it: with x's batch
+    statistics when ``training`` (no running-statistics update), else the running ones."""
+    stats = (None, None) if training else (running_mean, running_var)
+    return bn_mish(x, weight, bias, *stats, training, 0.0, eps)
+
+
 def bn_mish_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float, training: bool,
                   needs: Sequence[bool]) -> list[torch.Tensor | None]:
-    """:func:`recomputed_grads` of :func:`bn_mish` (no residual) for (x, weight, bias): with x's batch
-    statistics when ``training``, else the running ones."""
+    """:func:`recomputed_grads` of :func:`bn_mish_output` for (x, weight, bias)."""
     def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        stats = (None, None) if training else (running_mean, running_var)
-        return bn_mish(x, weight, bias, *stats, training, 0.0, eps)
+        return bn_mish_output(x, weight, bias, running_mean, running_var, eps, training)
 
     return recomputed_grads(forward, (x, weight, bias), needs, grad)
 

@@ -342,8 +342,7 @@ def recompute_recipe(y: torch.Tensor) -> Callable[[bool], torch.Tensor] | None:
     def recompute(differentiable: bool = False) -> torch.Tensor:
         x, mean, var, weight, bias = node.saved_tensors
         if differentiable:
-            stats = (None, None) if node.training else (mean, var)
-            return reference.bn_mish(x, weight, bias, *stats, node.training, 0.0, node.eps)
+            return reference.bn_mish_output(x, weight, bias, mean, var, node.eps, node.training)
         return _apply_impl(x, mean, var, weight, bias, None, node.eps, node.training)
 
     return recompute

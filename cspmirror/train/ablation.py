@@ -165,15 +165,11 @@ class Ablation:
     def run(self) -> list[dict]:
         """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``
         (rank 0 only), then leaves the process group if :func:`start_ablation` joined it."""
-        ok = False
-        try:
+        with distributed.leaving(self.ctx):
             rows = [self._train_point(i) for i in range(len(self.points))]
             if self.ctx.is_main:
                 write_report(rows, self.output, self.base)
-            ok = True
             return rows
-        finally:
-            distributed.teardown(self.ctx, clean=ok)
 
     def _train_point(self, i: int) -> dict:
         label = point_label(self.points[i])
@@ -199,11 +195,8 @@ def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path
         raise ValueError("an ablation needs at least one point")
     configs = point_configs(base, points, output)
     ctx, _ = distributed.setup(base.device)
-    try:
+    with distributed.leaving(ctx, on_success=False):
         first = prepare(configs[0])
-    except BaseException:
-        distributed.teardown(ctx, clean=False)
-        raise
     return Ablation(base, list(points), configs, Path(output), first, ctx)
 
 

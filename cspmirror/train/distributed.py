@@ -6,7 +6,9 @@ everything here is a no-op and training runs in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,20 @@ def teardown(ctx: DistContext, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving(ctx: DistContext, *, on_success: bool = True) -> Iterator[None]:
+    """Leave the process group :func:`setup` joined for ``ctx`` when the block ends: at once if it raises (the
+    other processes may never get as far); after a barrier if it finishes, unless ``on_success`` is False
+    (the group then stays for what comes next)."""
+    try:
+        yield
+    except BaseException:
+        teardown(ctx, clean=False)
+        raise
+    if on_success:
+        teardown(ctx)
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -253,11 +253,8 @@ def prepare(cfg: TrainConfig) -> PreparedRun:
     :class:`~cspmirror.backends.BackendUnavailableError`) come from here, not from :meth:`PreparedRun.train`.
     """
     ctx, device = distributed.setup(cfg.device)
-    try:
+    with distributed.leaving(ctx, on_success=False):
         return _prepare(cfg, ctx, device)
-    except BaseException:
-        distributed.teardown(ctx, clean=False)
-        raise
 
 
 @dataclass
@@ -290,13 +287,8 @@ class PreparedRun:
 
     def train(self) -> FitResult:
         """Run the epochs (see :func:`fit`), then leave the process group if :func:`prepare` joined it."""
-        ok = False
-        try:
-            result = self._train()
-            ok = True
-            return result
-        finally:
-            distributed.teardown(self.ctx, clean=ok)
+        with distributed.leaving(self.ctx):
+            return self._train()
 
     def _train(self) -> FitResult:
         cfg, ctx, recipe, model, optimizer = self.cfg, self.ctx, self.recipe, self.model, self.optimizer
