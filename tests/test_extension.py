@@ -354,11 +354,12 @@ def test_running_stats_match_batchnorm2d(lib, momentum):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_bn_mish_out_channel_slice(lib, layout, grad, training, device):
-    """out= a channel slice (odd offset) of a NaN buffer: exactly the slice is written, y is out."""
-    case = make_case((2, 3, 4, 5), layout=layout, device=device, training=training)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_mish_out_channel_slice(lib, dtype, layout, grad, training, device):
+    """out= a channel slice (odd offset) of a NaN buffer: exactly the slice is written (in place), y is out."""
+    case = make_case((2, 3, 4, 5), dtype, layout=layout, device=device, training=training)
     expected = run(case, "extension")
-    buf = poison(to_layout(torch.empty(2, 8, 4, 5, device=device), layout))
+    buf = poison(to_layout(torch.empty(2, 8, 4, 5, device=device, dtype=dtype), layout))
     out = buf[:, 3:6]
     if grad:
         got = run(case, "extension", out=out)
