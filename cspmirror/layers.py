@@ -167,7 +167,9 @@ class MishedDenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.drop_path > 0.0
-        if torch.is_grad_enabled() or dropping:
+        # A torch.fx trace (x a Proxy) takes this path too: the one below branches on dtypes and writes into
+        # slices of a buffer, which a symbolic trace cannot follow (tracing under torch.no_grad would fail).
+        if torch.is_grad_enabled() or dropping or not isinstance(x, torch.Tensor):
             # With autograd, x1 stays its own tensor: were it a slice of the output buffer, conv2 would save
             # that whole buffer for backward, and autograd would copy the buffer's gradient for each slice.
             x1 = self.conv1(x)
@@ -251,6 +253,18 @@ class CSPMirrorBranch(nn.Module):
         return [xs, self.transition(self.blocks(self.block_in(xb)))]
 
 
+FUSIONS = ("sum_concat", "concat_first")
+
+
+def check_stage_knobs(overlap: float, axis: int, reduce: str, fusion: str) -> None:
+    """The split and fusion knobs of a stage, checked whether or not the stage splits."""
+    _validate.check_overlap(overlap)
+    _validate.check_axis(axis)
+    _validate.check_reduce(reduce)
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+
+
 class CSPMirrorStage(nn.Module):
     """SPEC §1.4: downsample, mirrored split, shared-weight (or two-branch) CSP body, sum+concat fusion,
     final transition.
@@ -283,8 +297,7 @@ class CSPMirrorStage(nn.Module):
         drop_path: Sequence[float] = (),
     ):
         super().__init__()
-        if fusion not in ("sum_concat", "concat_first"):
-            raise ValueError(f"fusion must be 'sum_concat' or 'concat_first', got {fusion!r}")
+        check_stage_knobs(overlap, axis, reduce, fusion)
         self.down = ConvBNMish(c_in, c_out, 3, stride=2)
         self.split = MirrorSplit(overlap, axis, mirror) if split else None
         self.fuse = MirrorFuse(overlap, axis, mirror, reduce) if split else None

@@ -77,6 +77,11 @@ class _SyncBatchNorm(torch.autograd.Function):
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=group)
         count, mean, var = combine_moments(torch.stack(gathered))
+        # as nn.BatchNorm2d (else the unbiased running_var is 0/0); the group's count is read (a host sync) only
+        # when this process alone holds too few values to tell
+        if x.numel() <= x.shape[1] and count.item() <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(count.item())} "
+                             f"over the process group (input size {tuple(x.shape)} here)")
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
         shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale

@@ -62,6 +62,13 @@ def _syncbn_check(rank: int, out: Path) -> None:
     torch.save(_syncbn_step(t, part, lambda bn, x, r: bn(x, r)), out / f"syncbn{rank}.pt")
     torch.save(_syncbn_step(t, part, lambda bn, x, r: checkpoint(bn, x, r, use_reentrant=False)),
                out / f"syncbn_checkpointed{rank}.pt")
+    # One value per channel over the whole group (1 + 0 samples of 1x1): BatchNorm's degenerate case.
+    try:
+        SyncBatchNormMish2d(3).train()(torch.randn(1 - rank, 3, 1, 1))
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    (out / f"syncbn_one_value{rank}.txt").write_text(message)
 
 
 def _syncbn_step(t: dict[str, torch.Tensor], part: slice, forward) -> dict[str, torch.Tensor]:
@@ -184,6 +191,13 @@ def test_sync_bn_mish_under_checkpoint_is_the_same_step(ddp_results):
         assert int(plain["steps"]) == int(checkpointed["steps"]) == 1
         for name, value in plain.items():
             assert torch.equal(value, checkpointed[name]), (rank, name)
+
+
+def test_sync_bn_one_value_per_channel_over_the_group_raises(ddp_results):
+    """As nn.BatchNorm2d: else the unbiased running_var would be 0/0, a NaN written with no error."""
+    for rank in range(WORLD):
+        message = (ddp_results / f"syncbn_one_value{rank}.txt").read_text()
+        assert message.startswith("Expected more than 1 value per channel when training, got 1"), message
 
 
 def test_combine_moments_is_exact():

@@ -51,6 +51,14 @@ def test_features_match_feature_info(name):
         cspmirror.get_model(name, features_only=True, out_indices=(levels,))
 
 
+def test_features_only_runs_no_stage_after_the_last_level():
+    """The later stages would cost time and update their BatchNorm statistics from outputs nobody uses."""
+    model = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 1)).train()
+    model(torch.randn(2, 3, 32, 32))
+    steps = [stage.down.bn.num_batches_tracked.item() for stage in model.stages]
+    assert steps == [1, 1, 0, 0]
+
+
 def test_features_come_in_the_order_of_out_indices():
     """feature_info[i] describes output i, whatever the order and repeats of out_indices; an int n means the
     last n levels (timm's convention)."""
@@ -87,6 +95,12 @@ def test_backbone_api():
     assert model(x).shape == (2, model.num_features)
     unpooled = cspmirror.cspmirrornet_tiny(num_classes=0, global_pool="")
     assert unpooled(x).shape == (2, model.num_features, 2, 2)
+    with pytest.raises(ValueError, match="a classifier needs pooling"):
+        unpooled.reset_classifier(3)  # a Linear over the feature map's width would be silently wrong
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        cspmirror.cspmirrornet_tiny(num_classes=-1)
+    with pytest.raises(ValueError, match="features_only model has no head"):
+        cspmirror.cspmirrornet_tiny(features_only=True).reset_classifier(3)
     cfg = model.pretrained_cfg
     assert cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "fc" and len(cfg["mean"]) == 3
 
@@ -204,15 +218,12 @@ def test_split_knob_changes_the_function():
     assert not torch.allclose(a(x), b(x))
 
 
-def test_bad_knobs_raise():
-    with pytest.raises(ValueError, match="overlap"):
-        cspmirror.cspmirrornet_tiny(overlap=1.5)
-    with pytest.raises(ValueError, match="reduce"):
-        cspmirror.cspmirrornet_tiny(reduce="max")
-    with pytest.raises(ValueError, match="fusion"):
-        cspmirror.cspmirrornet_tiny(fusion="late")
-    with pytest.raises(ValueError, match="axis"):
-        cspmirror.cspmirrornet_tiny(axis=1)
+@pytest.mark.parametrize("split_stages", [None, []], ids=["splitting", "no_stage_splits"])
+def test_bad_knobs_raise(split_stages):
+    """Also where no stage splits: the knobs are stored in the model's config all the same."""
+    for knob, value in (("overlap", 1.5), ("reduce", "max"), ("fusion", "late"), ("axis", 1)):
+        with pytest.raises(ValueError, match=knob):
+            cspmirror.cspmirrornet_tiny(split_stages=split_stages, **{knob: value})
     with pytest.raises(ValueError, match="split_stages"):
         cspmirror.cspmirrornet_tiny(split_stages=(True,))
     with pytest.raises(TypeError, match="unknown model argument"):

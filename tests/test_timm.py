@@ -236,3 +236,60 @@ def test_group_matcher_and_layer_decay():
     assert len(scales) == len(groups) and scales[-1] == 1.0
     model(_x()).sum().backward()
     optimizer.step()
+
+
+# ------------------------------------------------------------------ parity with timm's generic model tests
+
+
+def test_fx_feature_model_built_under_no_grad():
+    """timm's test_model_forward_fx traces under torch.inference_mode: the trace must not take the no-autograd
+    path of the dense blocks (dtype branch, writes into buffer slices), which a symbolic trace cannot follow."""
+    x = _x()
+    with torch.inference_mode():
+        wrapped = timm.create_model("cspmirrornet_tiny", features_only=True, feature_cls="fx",
+                                    out_indices=(2, 4)).eval()
+        native = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 4)).eval()
+        native.load_state_dict(_native_state(wrapped.state_dict()))
+        assert all(torch.equal(a, b) for a, b in zip(wrapped(x), native(x), strict=True))
+        model = cspmirror.cspmirrornet_tiny().eval()
+        extractor = fx.create_feature_extractor(model, {"fc": "logits"})
+        assert torch.equal(extractor(x)["logits"], model(x))
+    assert wrapped.feature_info.channels() == [64, 256]
+
+
+def test_feature_cfg_keyword_is_merged():
+    model = timm.create_model("cspmirrornet_tiny", features_only=True,
+                              feature_cfg=dict(feature_cls="hook", out_indices=(1, 3)))
+    assert isinstance(model, timm.models.FeatureHookNet)
+    assert model.feature_info.channels() == [32, 128]
+
+
+def test_data_knobs_reach_pretrained_cfg():
+    """mean / std / default_size change the data config, as for cspmirror's own builder."""
+    kwargs = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), default_size=64)
+    model = timm.create_model("cspmirrornet_tiny", **kwargs)
+    expected = timm.data.resolve_data_config({}, model=cspmirror.get_model("cspmirrornet_tiny", **kwargs))
+    assert timm.data.resolve_data_config({}, model=model) == expected
+    assert model.pretrained_cfg["pool_size"] == (4, 4)
+    overlaid = timm.create_model("cspmirrornet_tiny", mean=(0.5, 0.5, 0.5),
+                                 pretrained_cfg_overlay=dict(mean=(0.1, 0.2, 0.3)))
+    assert overlaid.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max", "avgmax", "catavgmax"])
+def test_global_pool_types_as_timm(global_pool):
+    model = timm.create_model("cspmirrornet_tiny", global_pool=global_pool, num_classes=0).eval()
+    mult = 2 if global_pool == "catavgmax" else 1
+    with torch.no_grad():
+        assert model(_x()).shape == (2, mult * model.num_features)
+        assert model.head_hidden_size == mult * model.num_features
+        model.reset_classifier(5)
+        assert model(_x()).shape == (2, 5)
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        model.reset_classifier(5, "fancy")
+
+
+def test_output_stride_native_only():
+    assert timm.create_model("cspmirrornet_tiny", output_stride=16).feature_info[-1]["reduction"] == 16
+    with pytest.raises(ValueError, match="output_stride=8 is not supported"):
+        timm.create_model("cspmirrornet_tiny", output_stride=8)

@@ -13,8 +13,9 @@ What works as for timm's own models: ``pretrained_cfg`` (input_size, pool_size, 
 mean / std, first_conv, classifier), ``forward_features``, ``forward_head(x, pre_logits=True)``,
 ``reset_classifier``, ``get_classifier``, ``feature_info``, ``features_only`` with ``out_indices`` and
 ``feature_cls`` ("list" by default, "dict", "hook", "fx", "getter": timm's wrapper over
-``forward_intermediates`` and ``prune_intermediate_layers``), ``drop_rate`` / ``drop_path_rate``,
-``set_grad_checkpointing`` and ``group_matcher`` (layer-wise lr decay), the ablation knobs of
+``forward_intermediates`` and ``prune_intermediate_layers``) or a ``feature_cfg`` dict, ``global_pool`` ("avg",
+"max", "avgmax", "catavgmax", ""), ``output_stride`` (the native one only: no dilation), ``drop_rate`` /
+``drop_path_rate``, ``set_grad_checkpointing`` and ``group_matcher`` (layer-wise lr decay), the ablation knobs of
 :func:`cspmirror.models.configure` as keywords (``overlap=0.5, siamese=False, ...``), ``checkpoint_path=`` and
 local pretrained weights through ``pretrained=True, pretrained_cfg_overlay=dict(file="weights.pth")``.
 cspmirror ships no weights: ``pretrained=True`` without a local file raises timm's "No pretrained weights
@@ -64,15 +65,24 @@ def timm_pretrained_cfg(name: str) -> dict:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CSPMirrorNet:
-    """Build ``variant`` through ``timm.models.build_model_with_cfg``; knobs go to the architecture config."""
+    """Build ``variant`` through ``timm.models.build_model_with_cfg``; knobs go to the architecture config.
+
+    Knobs that change the data config (``mean``, ``std``, ``default_size``, the number of stages) update the
+    model's ``pretrained_cfg`` as :func:`cspmirror.models.build_model` does (a ``pretrained_cfg_overlay`` given
+    wins); a ``feature_cfg`` given is merged over the default one."""
     knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOBS}
     split_stages = knobs.pop("split_stages", None)
     cfg = configure(MODEL_CONFIGS[variant], split_stages=split_stages, **knobs)
     num_levels = len(cfg.stages) + 1
+    default = pretrained_cfg(variant, MODEL_CONFIGS[variant], num_classes=1000, in_chans=3)
+    current = pretrained_cfg(variant, cfg, num_classes=1000, in_chans=3)
+    data = {k: current[k] for k in ("input_size", "pool_size", "mean", "std") if current[k] != default[k]}
+    if data:
+        kwargs["pretrained_cfg_overlay"] = {**data, **(kwargs.get("pretrained_cfg_overlay") or {})}
+    feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(num_levels)))
+    feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
     return _timm_models.build_model_with_cfg(
-        CSPMirrorNet, variant, pretrained, model_cfg=cfg,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
-        **kwargs,
+        CSPMirrorNet, variant, pretrained, model_cfg=cfg, feature_cfg=feature_cfg, **kwargs,
     )
 
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..accelerate import preload
-from ..layers import ConvBNMish, CSPMirrorStage, check_drop_path_rate
+from ..layers import ConvBNMish, CSPMirrorStage, check_drop_path_rate, check_stage_knobs
 from ..ops._validate import check_tensor
 from .registry import register_model
 
@@ -86,6 +87,7 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
         if name in overrides and not isinstance(overrides[name], bool):
             raise TypeError(f"{name} must be True or False, got {overrides[name]!r}")
     cfg = dataclasses.replace(cfg, **overrides)
+    check_stage_knobs(cfg.overlap, cfg.axis, cfg.reduce, cfg.fusion)
     if split_stages is not None:
         n = len(cfg.stages)
         flags = list(split_stages)
@@ -100,6 +102,32 @@ def configure(cfg: CSPMirrorNetConfig, split_stages: Sequence[bool] | Sequence[i
             cfg, stages=tuple(dataclasses.replace(s, split=f) for s, f in zip(cfg.stages, flags, strict=True))
         )
     return cfg
+
+
+#: ``global_pool`` values, as timm's ``SelectAdaptivePool2d`` names them ("": no pooling).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+class _AvgMaxPool2d(nn.Module):
+    """timm's avgmax (the mean of global average and max pooling) or catavgmax (both, concatenated)."""
+
+    def __init__(self, concat: bool):
+        super().__init__()
+        self.concat = concat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, top = F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)
+        return torch.cat([avg, top], dim=1) if self.concat else 0.5 * (avg + top)
+
+
+def _global_pool(pool_type: str) -> nn.Module:
+    if pool_type not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('': no pooling), got {pool_type!r}")
+    if pool_type == "avg":
+        return nn.AdaptiveAvgPool2d(1)
+    if pool_type == "max":
+        return nn.AdaptiveMaxPool2d(1)
+    return _AvgMaxPool2d(pool_type == "catavgmax") if pool_type else nn.Identity()
 
 
 def _drop_path_rates(cfg: CSPMirrorNetConfig, drop_path_rate: float) -> list[list[float]]:
@@ -131,8 +159,13 @@ class CSPMirrorNet(nn.Module):
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
         drop_path_rate: float = 0.0,
+        output_stride: int | None = None,
     ):
         super().__init__()
+        native_stride = 2 ** len(cfg.stages)
+        if output_stride is not None and output_stride != native_stride:
+            raise ValueError(f"output_stride={output_stride} is not supported: this model's output stride is fixed "
+                             f"at {native_stride} (no dilated stages)")
         self.cfg = cfg
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -192,13 +225,19 @@ class CSPMirrorNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = _global_pool(global_pool)
             self.global_pool_type = global_pool
-            self.global_pool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.Identity()
+        if self.features_only:
+            raise ValueError("a features_only model has no head: build it with features_only=False for a classifier")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        if num_classes > 0 and not self.global_pool_type:
+            raise ValueError("a classifier needs pooling: with global_pool='' use num_classes=0")
         self.num_classes = num_classes
         self.head_drop = nn.Dropout(self.drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # catavgmax doubles the pooled features (timm's feat_mult), which the classifier and pre_logits see
+        self.head_hidden_size = self.num_features * (2 if self.global_pool_type == "catavgmax" else 1)
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -296,7 +335,7 @@ class CSPMirrorNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """[N, num_features, h, w] -> logits [N, num_classes] (pooled features with ``pre_logits``)."""
         x = self.global_pool(x)
-        if self.global_pool_type == "avg":
+        if self.global_pool_type:
             x = x.flatten(1)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
@@ -304,7 +343,10 @@ class CSPMirrorNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:  # the levels in the order (and number) of out_indices, as feature_info lists them
             levels = sorted(set(self.out_indices))
-            found = dict(zip(levels, self.forward_intermediates(x, levels, intermediates_only=True), strict=True))
+            # stop_early: the stages after the last level asked for would only cost time and update their
+            # BatchNorm running statistics with outputs nobody uses
+            found = dict(zip(levels, self.forward_intermediates(x, levels, intermediates_only=True, stop_early=True),
+                             strict=True))
             return [found[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
