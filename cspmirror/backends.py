@@ -115,6 +115,15 @@ def all_statuses(device: torch.device | str | None = None) -> list[BackendStatus
     return [reference_status(), triton_status(device), extension_status()]
 
 
+def ensure_loaded(backend: str) -> None:
+    """Load (build just in time) the extension when ``backend`` is ``extension``, so that a failed build raises
+    :class:`BackendUnavailableError` here, with the compiler's message, instead of at the first op call."""
+    if backend == "extension":
+        from .ops import extension
+
+        extension.load()
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """Turn ``backend`` ("auto" included) into the concrete backend that runs tensors on ``device``.
 

@@ -4,6 +4,7 @@ plus the pure parts: recipes, schedules, grids, data readers."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cspmirror import backends
 from cspmirror.cli import main
 from cspmirror.train import ablation, recipes
 from cspmirror.train.data import CIFAR10Batches, SyntheticPatterns
@@ -272,13 +274,49 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["image_size", "device", "synthetic_train", "backend", "resume_classes",
-                                  "resume_not_a_checkpoint", "imagefolder_classes"])
+@pytest.mark.parametrize("case", ["image_size", "device", "device_name", "synthetic_train", "seed", "lr",
+                                  "limit_val_batches", "backend", "extension_build", "resume_classes",
+                                  "resume_not_a_checkpoint", "resume_text_file", "resume_optimizer",
+                                  "resume_model", "resume_knob", "resume_recipe", "resume_finished",
+                                  "imagefolder_classes", "output"])
 def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
     """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
     out = tmp_path / "run"
     syn = ["--data-format", "synthetic", *TINY]
-    if case == "image_size":
+    cifar = ["--data", str(cifar_root), *TINY]
+    if case == "device_name":
+        args, expected = ["--device", "foo", *syn], "device (--device) must be auto, cpu, cuda or cuda:N"
+    elif case == "seed":
+        args, expected = [*syn, "--seed", "-1"], "seed (--seed) must be >= 0"
+    elif case == "lr":  # inf passed every range check, then trained on NaN
+        args, expected = ["--lr", "inf", *syn], "recipe field lr (--lr) must be finite"
+    elif case == "limit_val_batches":
+        args, expected = ["--limit-val-batches", "0", *syn], "(--limit-val-batches) must be >= 1"
+    elif case == "extension_build":  # listed as available before its first build, which fails
+        def failing(backend: str) -> None:
+            raise backends.BackendUnavailableError("the extension could not be loaded: c++: error: bad flag")
+
+        monkeypatch.setattr(backends, "ensure_loaded", failing)
+        args, expected = ["--backend", "extension", *syn], "c++: error: bad flag"
+    elif case == "resume_text_file":
+        (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+        args, expected = ["--resume", str(tmp_path / "notes.txt"), *syn], "is not a cspmirror training checkpoint"
+    elif case == "resume_optimizer":  # the saved optimizer state is SGD's: was a KeyError at the first step
+        args = ["--resume", str(one_epoch), *cifar, "--epochs", "2", "--optimizer", "adamw"]
+        expected = "(--optimizer) cannot change"
+    elif case in ("resume_model", "resume_knob", "resume_recipe", "resume_finished"):  # were silently ignored
+        args, expected = {
+            "resume_model": (["--model", "cspmirrornet_s"], "--model cspmirrornet_s: the checkpoint resumed is a"),
+            "resume_knob": (["--overlap", "0.5"], "--overlap: the checkpoint resumed was trained with"),
+            "resume_recipe": (["--recipe", "modern"], "--recipe modern: the checkpoint's recipe differs in"),
+            "resume_finished": (["--epochs", "1"], "the checkpoint resumed has done 1 epochs already"),
+        }[case]
+        args = ["--resume", str(one_epoch), *cifar, "--epochs", "2", *args]
+    elif case == "output":  # an output folder that cannot be created fails before the data is read
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "run"
+        args, expected = syn, "--output"
+    elif case == "image_size":
         args, expected = ["--data", str(cifar_root), "--image-size", "64", *TINY], "--image-size"
     elif case == "device":
         if torch.cuda.is_available():
@@ -290,7 +328,7 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         _triton_unavailable(monkeypatch)
         args, expected = ["--backend", "triton", *syn], "backend='triton' cannot run here"
     elif case == "resume_classes":  # the checkpoint has 10 classes, the synthetic data 4
-        args, expected = ["--resume", str(one_epoch), *syn], "the checkpoint has 10 classes but the data has 4"
+        args, expected = ["--resume", str(one_epoch), *syn, "--epochs", "2"], "the checkpoint has 10 classes but the"
     elif case == "resume_not_a_checkpoint":
         torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
         args, expected = ["--resume", str(tmp_path / "other.pt"), *syn], "is not a cspmirror training checkpoint"
@@ -299,8 +337,8 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         args = ["--data", str(root), "--data-format", "imagefolder", "--image-size", "8", *TINY]
         expected = "different class folders"
     assert main(["train", *args, "--output", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("cspmirror train: error: ") and expected in err, err
+    err = capsys.readouterr().err  # (torch may warn first, e.g. on loading its C++ extension tools)
+    assert any(line.startswith("cspmirror train: error: ") for line in err.splitlines()) and expected in err, err
     assert "Traceback" not in err and not out.exists()
 
 
@@ -396,10 +434,14 @@ def test_split_stages_all_label_and_knobs():
 @pytest.mark.parametrize(("grid", "knob"), [
     ("overlap=0,0.5,2", "overlap"), ("axis=0", "axis"), ("split_stages=9", "split_stages"),
     ("split_stages=x", "split_stages"), ("reduce=max", "reduce"),
+    ("overlap=0,0.5;overlap=0.25", "knob 'overlap' is given twice"),  # was: 0.25 trained twice, 0 and 0.5 never
+    ("", "--grid '' names no knob"),  # was: the whole default preset
+    ("overlap=0 --data /some/where", "--synthetic generates its data"),
 ])
 def test_bad_grid_value_fails_before_training(grid, knob, tmp_path, capsys):
     out = tmp_path / "abl"
-    assert main(["ablate", "--synthetic", "--grid", grid, *TINY, "--output", str(out)]) == 2
+    grid, *extra = grid.split(" ")
+    assert main(["ablate", "--synthetic", "--grid", grid, *extra, *TINY, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cspmirror ablate: error: ") and knob in err and "Traceback" not in err, err
     assert not out.exists()  # nothing trained
@@ -410,6 +452,8 @@ def test_eval_argument_errors(one_epoch, cifar_root, tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as exc:
         main([*base, "--limit-batches", "0"])
     assert exc.value.code == 2 and "--limit-batches" in capsys.readouterr().err
+    assert main([*base, "--json", str(tmp_path)]) == 2  # was a traceback after the whole evaluation
+    assert "is a folder" in capsys.readouterr().err
     _triton_unavailable(monkeypatch)
     assert main([*base, "--backend", "triton"]) == 2
     assert capsys.readouterr().err.startswith("cspmirror eval: error: backend='triton' cannot run here")
@@ -422,7 +466,85 @@ def test_eval_json_creates_its_folder(one_epoch, cifar_root, tmp_path):
     assert json.loads(path.read_text())["count"] == 16
 
 
+def test_resume_without_seed_continues_with_the_checkpoints(tmp_path):
+    """--seed is the checkpoint's when not given again: before, it fell back to 0 and the resumed epochs saw
+    other shuffles and augmentations."""
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    flags = ["--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "16",
+             "--batch-size", "16", "--workers", "0", "--no-progress"]
+    assert main(["train", *flags, "--seed", "5", "--epochs", "2", "--output", str(straight)]) == 0
+    assert main(["train", *flags, "--seed", "5", "--epochs", "1", "--output", str(part)]) == 0
+    assert main(["train", *flags, "--epochs", "2", "--resume", str(part)]) == 0
+    a, b = (torch.load(run / "last.pt", weights_only=True)["model"] for run in (straight, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((part / "config.json").read_text())["args"]["seed"] == 5
+
+
+def test_resume_with_other_steps_per_epoch_keeps_the_epoch(tmp_path):
+    """The schedule resumes at the completed epochs, whatever the steps per epoch now (a --batch-size given
+    on resume, or --max-steps-per-epoch left out): the saved step count would mean another epoch."""
+    from cspmirror.train.data import DataConfig
+    from cspmirror.train.engine import TrainConfig, prepare
+
+    out = tmp_path / "run"
+    assert main(["train", "--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "32",
+                 "--synthetic-val", "16", *TINY, "--schedule", "cosine", "--epochs", "4",
+                 "--max-steps-per-epoch", "1", "--batch-size", "8", "--output", str(out)]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["epoch"], ckpt["history"] = 2, ckpt["history"][:2]  # as if stopped after epoch 2 (of 1 step each)
+    ckpt["scheduler"]["last_epoch"] = 2
+    torch.save(ckpt, out / "mid.pt")
+    data = DataConfig(format="synthetic", image_size=16, synthetic_train=32, synthetic_val=16, workers=0)
+    run = prepare(TrainConfig(output=str(tmp_path / "resumed"), data=data, resume=str(out / "mid.pt"),
+                              recipe_overrides=dict(batch_size=8), progress=False, verbose=False))
+    assert run.steps == 4 and run.scheduler.last_epoch == 8
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(ckpt["recipe"]["lr"] * 0.5)  # epoch 2 of 4
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """PIL names no file for a truncated PNG; the reader does."""
+    from cspmirror.train.data import DataConfig, build_datasets
+
+    root = _imagefolder(tmp_path / "data", {"train": ("cat", "dog"), "val": ("cat", "dog")})
+    bad = root / "train" / "dog" / "bad.png"
+    good = (root / "train" / "dog" / "0.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    data = build_datasets(DataConfig(format="imagefolder", root=str(root), image_size=8, workers=0))
+    index = [path for path, _ in data.train.samples].index(str(bad))
+    with pytest.raises(OSError, match="cannot read image .*bad.png"):
+        data.train[index]
+
+
+def test_eval_reads_only_its_split_and_checks_the_class_names(tmp_path, capsys):
+    """A val/ folder alone can be evaluated; renamed class folders would map the labels to other outputs: an
+    error, not a silently wrong accuracy."""
+    root = _imagefolder(tmp_path / "data", {"train": ("ant", "bee"), "val": ("ant", "bee")})
+    flags = ["--data", str(root), "--data-format", "imagefolder", "--image-size", "8"]
+    assert main(["train", *flags, *TINY, "--epochs", "1", "--batch-size", "2", "--output", str(tmp_path / "run")]) == 0
+    shutil.rmtree(root / "train")
+    evaluate = ["eval", "--checkpoint", str(tmp_path / "run"), *flags, "--workers", "0", "--no-progress"]
+    assert main(evaluate) == 0
+    (root / "val" / "ant").rename(root / "val" / "zebra")
+    assert main(evaluate) == 2
+    assert "are not the checkpoint's" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize(("warmup", "steps"), [(0.5, 3), (1.5, 3), (0.3, 7), (2.0, 5)])
+def test_warmup_rises_to_the_peak_and_never_past_it(warmup, steps):
+    """A warm-up of a fractional number of steps once gave 1.33x the peak learning rate."""
+    recipe = recipes.get_recipe("modern", epochs=3, warmup_epochs=warmup)
+    factors = [recipes.lr_factor(recipe, step, steps) for step in range(3 * steps)]
+    rising = factors[: math.ceil(warmup * steps)]
+    assert max(factors) <= 1.0 and rising == sorted(rising)
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "gamma", "warmup_epochs", "grad_clip"])
+def test_recipe_rejects_non_finite_values(field):
+    with pytest.raises(recipes.RecipeError, match=f"--{field.replace('_', '-')}"):
+        recipes.Recipe(**{field: math.inf})
 
 
 def test_step_schedule_equals_steplr():
@@ -459,6 +581,11 @@ def test_recipe_overrides_and_validation():
         recipes.get_recipe("paper", learning_rate=0.1)
     with pytest.raises(ValueError, match="nesterov"):
         recipes.get_recipe("paper", nesterov=True, momentum=0.0)
+    with pytest.raises(ValueError, match="--no-nesterov"):
+        recipes.get_recipe("modern", optimizer="adamw", nesterov=True)
+    # the modern preset's Nesterov goes with its SGD: --optimizer adamw (as recipes.py suggests) just works
+    assert not recipes.get_recipe("modern", optimizer="adamw", lr=2e-3).nesterov
+    assert not recipes.get_recipe("modern", momentum=0.0).nesterov
     groups = recipes.param_groups(torch.nn.Conv2d(3, 4, 3), recipes.RECIPES["modern"])
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and groups[1]["params"][0].ndim == 1
 

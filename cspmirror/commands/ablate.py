@@ -15,7 +15,7 @@ import argparse
 
 from ..train import cli_args
 from ..train.ablation import PRESETS, parse_grid, start_ablation
-from ..train.engine import TrainConfig
+from ..train.engine import DEFAULT_MODEL, DEFAULT_RECIPE, TrainConfig
 from ..train.plots import matplotlib_available
 
 DEFAULT_EPOCHS = 3
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", action="store_true", help="use the synthetic dataset (no files needed)")
     cli_args.add_data_arguments(parser)
     cli_args.add_model_arguments(parser)
-    cli_args.add_recipe_arguments(parser)
+    cli_args.add_recipe_arguments(
+        parser, help_for=dict(epochs=f"number of epochs of each point (default {DEFAULT_EPOCHS}, whatever the recipe)"))
     cli_args.add_runtime_arguments(parser)
     parser.set_defaults(epochs=DEFAULT_EPOCHS)
     g = parser.add_argument_group("run")
@@ -44,12 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.synthetic:
+        if args.data is not None or args.data_format not in ("cifar10", "synthetic"):  # (cifar10: the default)
+            return cli_args.fail("ablate", ValueError("--synthetic generates its data: leave out --data and "
+                                                      "--data-format (or leave out --synthetic)"))
         args.data_format = "synthetic"
     try:
-        points = parse_grid(args.grid) if args.grid else PRESETS[args.preset]
+        points = parse_grid(args.grid) if args.grid is not None else PRESETS[args.preset]
         base = TrainConfig(
-            output=args.output, data=cli_args.data_config(args), model=args.model,
-            model_kwargs=cli_args.model_knobs(args), recipe=args.recipe,
+            output=args.output, data=cli_args.data_config(args), model=args.model or DEFAULT_MODEL,
+            model_kwargs=cli_args.model_knobs(args), recipe=args.recipe or DEFAULT_RECIPE,
             recipe_overrides=cli_args.recipe_overrides(args), device=args.device, backend=args.backend,
             channels_last=args.channels_last, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
             max_val_batches=args.max_val_batches, progress=args.progress,

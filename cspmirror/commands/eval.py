@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         state = load_checkpoint_dict(args.checkpoint)
         device = resolve_device(args.device)
         backends.resolve(args.backend, device)  # BackendUnavailableError before evaluating
+        backends.ensure_loaded(args.backend)
+        if args.json and Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json}: is a folder; give a file path")
         data_cfg = cli_args.data_config(args)
         if args.image_size is None and state.get("image_size"):
             data_cfg = dataclasses.replace(data_cfg, image_size=int(state["image_size"]))
@@ -50,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         if len(classes) != int(state["num_classes"]):
             raise DataNotFoundError(
                 f"the data has {len(classes)} classes but the checkpoint's model has {state['num_classes']}")
+        if state.get("classes") and list(state["classes"]) != list(classes):
+            raise ValueError(f"the data's classes {list(classes)} are not the checkpoint's "
+                             f"{list(state['classes'])} (labels would be mapped to the wrong outputs)")
         model = model_from_checkpoint(state, device, args.backend)
         if args.json:  # before evaluating, not after
             try:

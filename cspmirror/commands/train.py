@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None,
                    help=f"folder for checkpoints, metrics.csv, curves.png (default: {DEFAULT_OUTPUT}, or the "
                         "folder of the checkpoint given to --resume)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of initialisation, shuffling and augmentation (default 0; on --resume, the "
+                        "checkpoint's)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (file or run folder; no value: OUTPUT/last.pt)")
     g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,

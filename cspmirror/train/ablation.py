@@ -97,6 +97,8 @@ def parse_grid(spec: str) -> list[dict]:
             raise ValueError(f"grid item {item!r} must look like knob=value1,value2")
         if name not in KNOB_PARSERS:
             raise ValueError(f"unknown knob {name!r} in --grid; known: {sorted(KNOB_PARSERS)}")
+        if name in (n for n, _ in axes):  # a later item would silently replace the earlier one's values
+            raise ValueError(f"knob {name!r} is given twice in --grid; list all its values once: {name}=v1,v2")
         try:
             parsed = [KNOB_PARSERS[name](v.strip()) for v in values.split(",")]
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
@@ -212,7 +214,8 @@ def write_report(rows: Sequence[dict], output: Path, base: TrainConfig) -> None:
     output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output / ABLATION_CSV, COLUMNS)
     budget = (f"model `{base.model}`, data `{base.data.format}`, recipe `{base.recipe}` with overrides "
-              f"{base.recipe_overrides or '{}'}, max steps/epoch {base.max_steps_per_epoch}, seed {base.seed}")
+              f"{base.recipe_overrides or '{}'}, max steps/epoch {base.max_steps_per_epoch}, "
+              f"seed {base.seed or 0}, model knobs of every point (baseline included) {base.model_kwargs or '{}'}")
     text = f"# Ablation\n\n{budget}\n\nAccuracies in %, `val_acc` after the last epoch.\n\n"
     (output / ABLATION_MD).write_text(text + markdown_table(rows, COLUMNS))
     if not matplotlib_available():

@@ -61,7 +61,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint_dict(path: str | os.PathLike) -> dict:
     """The checkpoint dict at ``path`` (a file or a run folder), on the CPU; checks it is a training one."""
     path = resolve_checkpoint(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch.save file at all (text, CSV, truncated): no pickle traceback
+        raise ValueError(f"{str(path)!r} is not a cspmirror training checkpoint (torch.load failed: "
+                         f"{type(exc).__name__})") from None
     missing = [k for k in ("model", "model_name", "num_classes") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{str(path)!r} is not a cspmirror training checkpoint (missing {missing})")

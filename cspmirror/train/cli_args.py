@@ -13,6 +13,7 @@ import sys
 from ..backends import BACKENDS, BackendUnavailableError
 from ..models import MODEL_CONFIGS, list_models
 from .data import FORMATS, DataConfig
+from .engine import DEFAULT_MODEL, DEFAULT_RECIPE
 from .recipes import FIELD_CHOICES, FIELD_HELP, RECIPES, recipe_fields
 
 
@@ -49,7 +50,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (knobs default to the model's config)")
-    g.add_argument("--model", choices=list_models(), default="cspmirrornet_tiny")
+    g.add_argument("--model", choices=list_models(), default=None,
+                   help=f"default {DEFAULT_MODEL} (on train --resume: the checkpoint's)")
     g.add_argument("--overlap", type=unit_float, default=None, help="split overlap in [0, 1] (default 0.25)")
     g.add_argument("--axis", type=int, choices=(-1, -2), default=None, help="split axis: -1 width, -2 height")
     g.add_argument("--no-mirror", dest="mirror", action="store_const", const=False, default=None,
@@ -90,7 +92,7 @@ def parse_split_stages(text: str) -> list[int] | None:
 def model_knobs(args: argparse.Namespace) -> dict:
     """The model knobs given on the command line (the others keep the config's defaults)."""
     names = ("overlap", "axis", "mirror", "siamese", "reduce", "fusion", "split_stages")
-    return resolve_knobs(args.model, {k: getattr(args, k, None) for k in names})
+    return resolve_knobs(args.model or DEFAULT_MODEL, {k: getattr(args, k, None) for k in names})
 
 
 def resolve_knobs(model: str, knobs: dict) -> dict:
@@ -107,14 +109,17 @@ def resolve_knobs(model: str, knobs: dict) -> dict:
     return knobs
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--recipe`` plus one flag per :class:`~cspmirror.train.recipes.Recipe` field."""
+def add_recipe_arguments(parser: argparse.ArgumentParser, help_for: dict[str, str] | None = None) -> None:
+    """``--recipe`` plus one flag per :class:`~cspmirror.train.recipes.Recipe` field (``help_for``: a field's
+    help text where a command sets its own default)."""
     g = parser.add_argument_group("recipe (every field overrides the preset)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                   help="paper: the paper's CIFAR-10 recipe; modern: augmentation, cosine, label smoothing, AMP")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="paper: the paper's CIFAR-10 recipe; modern: augmentation, cosine, label smoothing, AMP "
+                        f"(default {DEFAULT_RECIPE}; on train --resume: the checkpoint's)")
     for name, kind, default in recipe_fields():
         flag = "--" + name.replace("_", "-")
-        text = f"{FIELD_HELP[name]} (paper: {default}, modern: {getattr(RECIPES['modern'], name)})"
+        text = (help_for or {}).get(name) or (
+            f"{FIELD_HELP[name]} (paper: {default}, modern: {getattr(RECIPES['modern'], name)})")
         if kind is bool:
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

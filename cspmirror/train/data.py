@@ -222,6 +222,18 @@ def _folder_transform(size: int, augment: bool) -> Callable:
     return v2.Compose(steps + ([extra] if extra is not None else []))
 
 
+def _load_rgb(path: str):
+    """The image at ``path`` as RGB (torchvision's loader), with the file named when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
 def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
 
@@ -229,7 +241,7 @@ def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
     if not folder.is_dir():
         raise DataNotFoundError(missing_data_message("imagefolder", str(root), f"{folder} is not a folder."))
     try:
-        return ImageFolder(str(folder), transform=_folder_transform(size, augment))
+        return ImageFolder(str(folder), transform=_folder_transform(size, augment), loader=_load_rgb)
     except FileNotFoundError as exc:  # no class folders / no images
         raise DataNotFoundError(missing_data_message("imagefolder", str(root), str(exc))) from None
 
@@ -237,38 +249,48 @@ def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
 # ---------------------------------------------------------------------------------------------- building
 
 
+# per format: the mean and std the images are normalised with
+NORMALISATION = {"synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+                 "imagefolder": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
 def build_datasets(cfg: DataConfig, augment: bool = False) -> DataBundle:
     """Both splits of the configured dataset; raises :class:`DataNotFoundError` when it is not there."""
-    size = cfg.size
+    train, val = build_split(cfg, "train", augment), build_split(cfg, "val")
+    if list(train.classes) != list(val.classes):
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(f"{cfg.root}: train/ and val/ have different class folders (only in train/: "
+                         f"{only_train}; only in val/: {only_val})")
+    mean, std = NORMALISATION[cfg.format]
+    return DataBundle(train, val, list(train.classes), mean, std, cfg.size)
+
+
+def build_split(cfg: DataConfig, split: str, augment: bool = False) -> Dataset:
+    """One split ("train" or "val"; only the training split is ever augmented), with ``.classes``; raises
+    :class:`DataNotFoundError` when it is not there. Only that split's files are read."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    size, train = cfg.size, split == "train"
+    transform = train_transform(augment, size) if train else None
     if cfg.format == "synthetic":
-        kw = dict(num_classes=cfg.synthetic_classes, size=size)
-        train = SyntheticPatterns(cfg.synthetic_train, seed=cfg.synthetic_seed,
-                                  transform=train_transform(augment, size), **kw)
-        val = SyntheticPatterns(cfg.synthetic_val, seed=cfg.synthetic_seed + 1, **kw)
-        return DataBundle(train, val, train.classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
+        return SyntheticPatterns(cfg.synthetic_train if train else cfg.synthetic_val,
+                                 seed=cfg.synthetic_seed + (0 if train else 1), transform=transform,
+                                 num_classes=cfg.synthetic_classes, size=size)
     if cfg.root is None:
         raise DataNotFoundError(missing_data_message(cfg.format, None, "No dataset folder was given."))
     root = Path(cfg.root)
     if cfg.format == "cifar10":
         if size != 32:
             raise ValueError(f"CIFAR-10 images are 32x32; image_size (--image-size) must be 32, got {size}")
-        train = CIFAR10Batches(root, True, train_transform(augment, size))
-        val = CIFAR10Batches(root, False)
-        return DataBundle(train, val, train.classes, CIFAR10_MEAN, CIFAR10_STD, size)
-    train = _image_folder(root, "train", size, augment)
-    val = _image_folder(root, "val", size, False)
-    if train.classes != val.classes:
-        raise ValueError(f"{root}: train/ and val/ have different class folders "
-                         f"({len(train.classes)} vs {len(val.classes)})")
-    return DataBundle(train, val, list(train.classes), IMAGENET_MEAN, IMAGENET_STD, size)
+        return CIFAR10Batches(root, train, transform)
+    return _image_folder(root, split, size, augment and train)
 
 
 def build_eval_dataset(cfg: DataConfig, split: str = "val") -> tuple[Dataset, list[str]]:
-    """One split ("val" or "train") without augmentation, and its class names."""
-    if split not in ("val", "train"):
-        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-    bundle = build_datasets(cfg, augment=False)
-    return (bundle.val if split == "val" else bundle.train), bundle.classes
+    """One split ("val" or "train") without augmentation, and its class names (the other split is not read)."""
+    dataset = build_split(cfg, split)
+    return dataset, list(dataset.classes)
 
 
 def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -41,7 +41,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; a bare ``cuda`` gets this process's ``local_rank``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device (--device) {device!r} asked for CUDA, but no CUDA device is available")

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import backends
 from ..fuse import set_backend
-from ..models import get_model
+from ..models import MODEL_CONFIGS, CSPMirrorNetConfig, configure, get_model
 from ..profile import count_params
 from ..sync_bn import convert_sync_batchnorm
 from . import distributed
@@ -51,26 +52,41 @@ CURVES_PNG = "curves.png"
 CONFIG_JSON = "config.json"
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """Create the folder ``path`` (ValueError naming ``flag`` when it cannot be), so that a wrong output
+    folder fails before the first step rather than after it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {str(path)!r}: cannot create the folder ({exc.strerror or exc})") from None
+
+
+DEFAULT_MODEL = "cspmirrornet_tiny"
+DEFAULT_RECIPE = "paper"
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``recipe`` names a preset of :data:`~cspmirror.train.recipes.RECIPES`;
     ``recipe_overrides`` replace its fields (``None`` values ignored).
 
-    When ``resume`` is set (a checkpoint file or a run folder), the model name and knobs and the recipe come
-    from the checkpoint; ``recipe_overrides`` still apply (e.g. more ``epochs``).
+    ``model`` and ``recipe`` None mean :data:`DEFAULT_MODEL` and :data:`DEFAULT_RECIPE`. When ``resume`` is set
+    (a checkpoint file or a run folder), the model name and knobs and the recipe come from the checkpoint, and a
+    ``model``, knob or ``recipe`` given must agree with it (it could not take effect); ``recipe_overrides``
+    still apply (e.g. more ``epochs``).
     """
 
     output: str
     data: DataConfig = field(default_factory=DataConfig)
-    model: str = "cspmirrornet_tiny"
+    model: str | None = None
     model_kwargs: dict = field(default_factory=dict)
-    recipe: str = "paper"
+    recipe: str | None = None
     recipe_overrides: dict = field(default_factory=dict)
     device: str = "auto"
     backend: str = "auto"
     channels_last: bool = False
     grad_checkpointing: bool = False  # recompute each stage in the backward (less memory, more time)
-    seed: int = 0
+    seed: int | None = None  # None: the resumed checkpoint's seed, else 0
     resume: str | None = None
     max_steps_per_epoch: int | None = None
     max_val_batches: int | None = None
@@ -79,11 +95,14 @@ class TrainConfig:
     verbose: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps_per_epoch", "max_val_batches"):
+        for name, flag in (("max_steps_per_epoch", "--max-steps-per-epoch"),
+                           ("max_val_batches", "--limit-val-batches")):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
-        if self.recipe not in RECIPES:
+                raise ValueError(f"{name} ({flag}) must be >= 1, got {value}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed (--seed) must be >= 0, got {self.seed}")
+        if self.recipe is not None and self.recipe not in RECIPES:
             raise RecipeError(f"recipe (--recipe) must be one of {sorted(RECIPES)}, got {self.recipe!r}")
 
 
@@ -248,13 +267,23 @@ def fit(cfg: TrainConfig) -> FitResult:
 
 def prepare(cfg: TrainConfig) -> PreparedRun:
     """Join the process group (if any) and build everything a run needs, checking the configuration: the
-    data, the device, the backend, the recipe and the resume checkpoint. Nothing is trained or written yet;
+    data, the device, the backend, the recipe and the resume checkpoint. Nothing is trained or written yet (but the
+    empty output folder);
     the errors a wrong configuration gives (ValueError, FileNotFoundError, RecipeError,
     :class:`~cspmirror.backends.BackendUnavailableError`) come from here, not from :meth:`PreparedRun.train`.
     """
     ctx, device = distributed.setup(cfg.device)
     with distributed.leaving(ctx, on_success=False):
         return _prepare(cfg, ctx, device)
+
+
+def _resolved_seed(cfg: TrainConfig, ckpt: dict | None) -> int:
+    """``cfg.seed``; when not given, the seed the resumed run was started with (else 0), so that a resumed
+    run continues as the uninterrupted one would have."""
+    if cfg.seed is not None:
+        return cfg.seed
+    saved = (ckpt or {}).get("args", {}).get("seed") if ckpt else None
+    return int(saved) if isinstance(saved, int) else 0
 
 
 @dataclass
@@ -343,15 +372,22 @@ class PreparedRun:
 
 def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> PreparedRun:
     ckpt = load_checkpoint_dict(cfg.resume) if cfg.resume else None
-    base = Recipe(**ckpt["recipe"]) if ckpt else RECIPES[cfg.recipe]
+    cfg = dataclasses.replace(cfg, seed=_resolved_seed(cfg, ckpt))
+    if ckpt:
+        _check_resume_agrees(cfg, ckpt)
+    base = Recipe(**ckpt["recipe"]) if ckpt else RECIPES[cfg.recipe or DEFAULT_RECIPE]
     recipe = base.with_overrides(**cfg.recipe_overrides)
-    model_name = ckpt["model_name"] if ckpt else cfg.model
+    if ckpt and int(ckpt["epoch"]) >= recipe.epochs:  # else it would train nothing and say nothing
+        raise RecipeError(f"epochs (--epochs) {recipe.epochs}: the checkpoint resumed has done {ckpt['epoch']} "
+                          f"epochs already; give more --epochs to train on")
+    model_name = ckpt["model_name"] if ckpt else cfg.model or DEFAULT_MODEL
     model_kwargs = dict(ckpt["model_kwargs"]) if ckpt else dict(cfg.model_kwargs)
     if recipe.batch_size % ctx.world_size:
         raise RecipeError(f"batch_size (--batch-size) {recipe.batch_size} is the global batch and must be "
                           f"divisible by the number of processes ({ctx.world_size})")
     amp_dtype = autocast_dtype(recipe, device)
     backends.resolve(cfg.backend, device)  # BackendUnavailableError now, not at the first step
+    backends.ensure_loaded(cfg.backend)  # an extension that fails to build, too
     data = build_datasets(cfg.data, augment=recipe.augment)
     if ckpt and int(ckpt["num_classes"]) != data.num_classes:
         raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
@@ -382,7 +418,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, history, best = 0, [], -math.inf
     if ckpt:
-        _restore(ckpt, optimizer, scheduler, scaler, recipe)
+        _restore(ckpt, optimizer, scheduler, scaler, recipe, int(ckpt["epoch"]) * steps)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
         best = float(ckpt.get("best_val_acc", -math.inf))
 
@@ -392,18 +428,55 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     meta = dict(model_name=model_name, model_kwargs=model_kwargs, num_classes=data.num_classes,
                 classes=list(data.classes), mean=list(data.mean), std=list(data.std),
                 image_size=data.image_size, recipe=recipe.to_dict(), args=_jsonable(dataclasses.asdict(cfg)))
+    if ctx.is_main:  # last: a run that fails an earlier check leaves no empty folder behind
+        check_output_folder(cfg.output, "--output")
     return PreparedRun(cfg, ctx, device, recipe, model_name, model_kwargs, model, train_model, train_loader,
                        val_loader, steps, optimizer, scheduler, scaler, criterion, env, meta, count_params(model),
                        len(data.train), len(data.val), start_epoch, history, best)
 
 
+def _check_resume_agrees(cfg: TrainConfig, ckpt: dict) -> None:
+    """A resumed run trains the checkpoint's model with the checkpoint's recipe: a ``--model``, knob or
+    ``--recipe`` given that would change them is an error (silently ignored, it would look as if it applied)."""
+    name, saved = ckpt["model_name"], dict(ckpt["model_kwargs"])
+    if cfg.model is not None and cfg.model != name:
+        raise ValueError(f"--model {cfg.model}: the checkpoint resumed is a {name}; on --resume the model is the "
+                         f"checkpoint's (leave --model out)")
+
+    def architecture(knobs: dict) -> CSPMirrorNetConfig:
+        return configure(MODEL_CONFIGS[name], **knobs)
+
+    changed = [k for k, v in cfg.model_kwargs.items() if architecture({**saved, k: v}) != architecture(saved)]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"{flags}: the checkpoint resumed was trained with {saved or 'the default knobs'}; on "
+                         f"--resume the model's knobs are the checkpoint's (leave {flags} out)")
+    if cfg.recipe is not None:
+        given = RECIPES[cfg.recipe].with_overrides(**cfg.recipe_overrides)
+        saved_recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
+        fields = [f.name for f in dataclasses.fields(Recipe) if getattr(given, f.name) != getattr(saved_recipe, f.name)]
+        if fields:
+            raise RecipeError(f"--recipe {cfg.recipe}: the checkpoint's recipe differs in {fields}; on --resume the "
+                              f"recipe is the checkpoint's, with the recipe fields given as flags on top (leave "
+                              f"--recipe out)")
+
+
 def _restore(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-             scaler: torch.amp.GradScaler, recipe: Recipe) -> None:
+             scaler: torch.amp.GradScaler, recipe: Recipe, step: int) -> None:
     """Load optimizer / scheduler / scaler state, then re-apply the (possibly overridden) recipe's
-    hyper-parameters, so that e.g. ``--epochs`` or ``--lr`` given on resume take effect."""
+    hyper-parameters, so that e.g. ``--epochs`` or ``--lr`` given on resume take effect. ``step`` is the
+    schedule's position now (completed epochs x steps per epoch of this run: the saved step count means
+    another epoch when ``--batch-size`` or ``--max-steps-per-epoch`` changed)."""
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    saved = ckpt["optimizer"]
+    was = ckpt.get("recipe", {})
+    for name in ("optimizer", "decay_norm_and_bias"):  # the optimizer state's layout depends on these
+        if name in was and was[name] != getattr(recipe, name):
+            raise RecipeError(f"recipe field {name} (--{name.replace('_', '-')}) cannot change on resume: the "
+                              f"checkpoint's optimizer state is for {was[name]!r}, got {getattr(recipe, name)!r}")
+    optimizer.load_state_dict(saved)
     scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.last_epoch = step
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)

@@ -80,12 +80,18 @@ class Recipe:
             ("drop_path_rate", 0 <= self.drop_path_rate < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ]
+        for f in dataclasses.fields(self):  # inf passes every range check below, then trains on NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"recipe field {f.name} (--{f.name.replace('_', '-')}) must be finite, "
+                                  f"got {value!r}")
         for name, ok, rule in checks:
             if not ok:
                 raise RecipeError(f"recipe field {name} (--{name.replace('_', '-')}) {rule}, "
                                   f"got {getattr(self, name)!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise RecipeError("recipe field nesterov (--nesterov) needs --optimizer sgd and --momentum > 0")
+            raise RecipeError("recipe field nesterov (--nesterov) needs --optimizer sgd and --momentum > 0 "
+                              "(--no-nesterov to leave it out)")
 
     def with_overrides(self, **overrides: object) -> Recipe:
         """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
@@ -93,7 +99,11 @@ class Recipe:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise RecipeError(f"unknown recipe field(s) {unknown}; known: {sorted(names)}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        sgd_momentum = given.get("optimizer", self.optimizer) == "sgd" and given.get("momentum", self.momentum) > 0
+        if self.nesterov and "nesterov" not in given and not sgd_momentum:
+            given["nesterov"] = False  # the preset's Nesterov goes with its SGD momentum, e.g. --optimizer adamw
+        return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,8 +156,8 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based) with ``steps_per_epoch`` steps/epoch."""
     epoch = step / steps_per_epoch
     warmup = recipe.warmup_epochs
-    if warmup > 0 and epoch < warmup:
-        return (step + 1) / (warmup * steps_per_epoch)
+    if warmup > 0 and epoch < warmup:  # linear up to 1, never past it (warmup * steps may be fractional)
+        return min(1.0, (step + 1) / (warmup * steps_per_epoch))
     if recipe.schedule == "constant":
         return 1.0
     if recipe.schedule == "step":
