@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -52,10 +53,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"argument --device: expected cpu or cuda, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA device is available")
     return device
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """SystemExit with a one-line message naming the flag, for values the suites would misread."""
+    from .variants import VARIANTS
+
+    for flag, value, least in (("--threads", args.threads, 1), ("--max-layers", args.max_layers, 0),
+                               ("--compile-layers", args.compile_layers, 0)):
+        if value is not None and value < least:
+            raise SystemExit(f"argument {flag}: expected an integer >= {least}, got {value}")
+    if args.budget is not None and not args.budget > 0:
+        raise SystemExit(f"argument --budget: expected a number of seconds > 0, got {args.budget}")
+    if args.variants:
+        known = (*VARIANTS, "copy")
+        bad = [v for v in args.variants.split(",") if v.split("[")[0] not in known]
+        if bad:
+            raise SystemExit(f"argument --variants: unknown {bad}; known: {','.join(known)}")
+    if args.report_only and args.no_report:
+        raise SystemExit("argument --no-report: not allowed with --report-only")
 
 
 def notes(device: torch.device) -> list[str]:
@@ -127,12 +152,13 @@ RUNNERS = {"ops": run_ops, "models": run_models, "compare": run_compare}
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen suites, then write the reports; returns a process exit code."""
+    check_arguments(args)
     device = resolve_device(args.device)
     if args.out is None:
         args.out = RESULTS_ROOT / harness.device_slug(device)
     args.out = Path(args.out)
     if not args.report_only:
-        if args.threads:
+        if args.threads is not None:
             torch.set_num_threads(args.threads)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -153,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     written = report.write_all(args.out)
     for path in written:
         print(f"wrote {path}")
+    if not written:
+        print(f"no <suite>.json results in {args.out}: nothing to report", file=sys.stderr)
     return 0 if written else 1
 
 

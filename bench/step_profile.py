@@ -1,4 +1,4 @@
-"""Where a training step's time goes: the host or the GPU, and which kernels (GPU; CPU: host side only).
+"""Where a training step's time goes: the host or the GPU, and which kernels (GPU only).
 
 The models suite's eager training step (forward, cross-entropy, backward, SGD step; bf16 autocast; on a GPU
 cspmirrornet53 at batch 64, 256x256) on the reference and the Triton backend, side by side. Per backend:

@@ -57,6 +57,35 @@ def test_check_fails_a_wrong_backend(monkeypatch, capsys):
     assert code == 0 and "SKIP" in text and "no conv here" in text
 
 
+def test_check_fails_an_available_backend_that_does_not_load(monkeypatch, capsys):
+    """The extension is listed as available before its first build; a failed build is a FAIL (exit 1) whose
+    reason is the compiler's error line, not the log's first 200 characters."""
+    log = "Error building extension 'x':\n[1/3] c++ -MMD ... (long command)\nc++: error: unrecognized option '-fx'\n"
+
+    def failing(backend: str) -> None:
+        raise backends.BackendUnavailableError(f"the extension could not be loaded: {log}")
+
+    monkeypatch.setattr(backends, "ensure_loaded", failing)
+    code = cli.main(["check", "--device", "cpu", "--backends", "reference", "--dtypes", "fp32", "--no-bench",
+                     "--only", "mirror_split W"])
+    text = capsys.readouterr().out
+    assert code == 1 and "did not load: c++: error: unrecognized option '-fx'" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
+    (["--dtypes", "fp64"], "argument --dtypes"),
+    (["--dtypes", ""], "argument --dtypes"),
+    (["--backends", "tritn"], "argument --backends"),
+    (["--only", "no such check"], "argument --only: no check matches"),
+    (["--json", "."], "argument --json: '.' is a folder"),
+])
+def test_check_bad_arguments_are_usage_errors(args, message, capsys):
+    """Before: tracebacks, or exit 0 having checked nothing."""
+    assert cli.main(["check", "--no-bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_check_short_benchmark(capsys):
     code = cli.main(["check", "--device", "cpu", "--backends", "reference", "--dtypes", "fp32",
                      "--only", "mirror_fuse 2 parts"])
@@ -91,6 +120,25 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     assert tiny["status"] == "ok" and tiny["params_m"] > 0 and tiny["gmacs_256"] > 0 and tiny["act_mib"] > 0
     md = (tmp_path / "results.md").read_text()
     assert torch.__version__ in md and "cpu" in md
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "meta"], "argument --device: expected cpu or cuda, got 'meta'"),
+    (["--device", "foo"], "argument --device"),
+    (["--threads", "0"], "argument --threads"),
+    (["--max-layers", "-1"], "argument --max-layers"),
+    (["--budget", "-1"], "argument --budget"),
+    (["--variants", "bogus"], "argument --variants: unknown ['bogus']"),
+    (["--report-only", "--no-report"], "argument --no-report"),
+])
+def test_bench_bad_arguments_name_the_flag(args, message, tmp_path, monkeypatch):
+    """Before: tracebacks, or results of nothing written over the old ones (meta: 'measured' nonsense)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import runner
+
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        runner.main(["--quick", "--out", str(tmp_path), *args])
+    assert not any(tmp_path.iterdir())
 
 
 def test_bench_checkpointed_training_keeps_fewer_activations(tmp_path, monkeypatch):

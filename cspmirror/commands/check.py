@@ -420,17 +420,59 @@ def use_interpreter() -> bool:
 def all_results(wanted: list[str], statuses: dict, checks: list[Check], dtypes: list[torch.dtype],
                 device: torch.device, gen: torch.Generator) -> Iterator[Result]:
     """Every (backend, check, dtype) result as it is computed; one SKIP per unavailable backend."""
+    from cspmirror.backends import BackendUnavailableError, ensure_loaded
+
     for backend in wanted:
         status = statuses.get(backend)
         if status is None or not status.available:
             yield Result(backend, "*", "*", "*", "*", "SKIP", reason=status.reason if status else "unknown backend")
+            continue
+        try:  # the extension builds here on first use: a failed build of an "available" backend is a FAIL
+            ensure_loaded(backend)
+        except BackendUnavailableError as exc:
+            yield Result(backend, "*", "*", "*", "*", "FAIL", reason=f"did not load: {error_line(str(exc))}")
             continue
         for check in checks:
             for dtype in dtypes:
                 yield from check_one(check, backend, dtype, device, gen)
 
 
+def error_line(text: str) -> str:
+    """The line of a (build) log that says what went wrong: the last one naming an error, else the last one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    return next((line for line in reversed(lines) if "error" in line.lower()), lines[-1])[:300]
+
+
+def argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags (one line naming the flag), or None."""
+    from cspmirror.backends import BACKENDS
+
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return f"argument --device: expected cpu, cuda or cuda:N, got {args.device!r}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"argument --device: {args.device!r} asked for CUDA, but no CUDA device is available"
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPE_NAMES for d in dtypes):
+        return f"argument --dtypes: expected a comma-separated list of {sorted(DTYPE_NAMES)}, got {args.dtypes!r}"
+    known = [b for b in BACKENDS if b != "auto"]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not wanted or any(b not in known for b in wanted):
+        return f"argument --backends: expected a comma-separated list of {known}, got {args.backends!r}"
+    if args.json is not None and args.json.is_dir():
+        return f"argument --json: {str(args.json)!r} is a folder; give a file path"
+    if args.only and not any(args.only in f"{c.op} {c.case}" for c in CHECKS):
+        return f"argument --only: no check matches {args.only!r}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    error = argument_error(args)
+    if error:
+        print(f"cspmirror check: error: {error}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not torch.cuda.is_available() and not use_interpreter():
         print("(re-running in a fresh process with TRITON_INTERPRET=1: triton was imported before it was set)",
@@ -480,7 +522,11 @@ class Report:
         self.results: list[Result] = []
         self.bench: list[dict] = []
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SystemExit(f"cspmirror check: error: argument --json: cannot create {str(path.parent)!r} "
+                                 f"({exc.strerror or exc})") from None
         self.save()
 
     def add(self, result: Result) -> None:
