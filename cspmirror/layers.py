@@ -6,6 +6,7 @@ Every module that calls a fused op keeps a ``backend`` attribute ("auto" by defa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -113,6 +114,12 @@ class ConvBNMish(PreloadOnMove, nn.Module, BackendMixin):
             h = recompute.conv2d_on_recomputed(x, self.conv.weight, self.conv.stride[0], self.conv.padding[0],
                                                recipe)
         return self.bn(h, residual, out)
+
+    def train(self, mode: bool = True) -> ConvBNMish:
+        if mode and self.fused:
+            warnings.warn("training a model fused for inference: its convs have BatchNorm folded in, so it trains "
+                          "without normalisation (fuse_for_inference is meant for eval mode)", stacklevel=2)
+        return super().train(mode)
 
     @torch.no_grad()
     def fuse(self) -> ConvBNMish:

@@ -80,6 +80,7 @@ def test_help_description_is_a_whole_sentence(capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--models", "resnet50"], "invalid choice: 'resnet50'"),
     (["--resolution", "0"], "expected an integer >= 1, got '0'"),
+    (["--num-classes", "-3"], "expected an integer >= 0, got '-3'"),  # was a traceback from the model
 ])
 def test_info_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -157,6 +157,8 @@ def test_fuse_for_inference_parity(name):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     rel = (got - expected).norm() / expected.norm()
     assert rel <= 1e-5, rel
+    with pytest.warns(UserWarning, match="training a model fused for inference"):
+        fused.train()  # it would train without normalisation
 
 
 def test_fusing_a_channels_last_model_keeps_its_layout():

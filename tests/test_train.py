@@ -342,6 +342,16 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
     assert "Traceback" not in err and not out.exists()
 
 
+def test_configuration_errors_name_the_rank_under_torchrun(monkeypatch, capsys):
+    """Every process that meets the error prints it (one rank alone may): the lines say which."""
+    from cspmirror.train import cli_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli_args.fail("train", ValueError("bad flag")) == 2
+    assert capsys.readouterr().err == "cspmirror train: error (rank 1 of 2): bad flag\n"
+
+
 def test_ablate_configuration_error_is_one_line(tmp_path, capsys, monkeypatch):
     _triton_unavailable(monkeypatch)
     assert main(["ablate", "--synthetic", "--backend", "triton", "--grid", "overlap=0", *TINY,

@@ -10,14 +10,14 @@ import torch
 from .. import backends
 from ..models import get_model, list_models
 from ..profile import count_gmacs, count_params
-from ..train.cli_args import positive_int
+from ..train.cli_args import int_at_least, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=positive_int, default=256, help="input size for GMACs (default 256)")
     parser.add_argument("--models", nargs="*", choices=list_models(), default=None, metavar="MODEL",
                         help=f"model names (default: all): {', '.join(list_models())}")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-classes", type=int_at_least(0), default=1000, help="classifier outputs (0: none)")
 
 
 def run(args: argparse.Namespace) -> int:

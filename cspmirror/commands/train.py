@@ -2,7 +2,8 @@
 
 Multi-GPU / multi-machine: ``torchrun --nproc-per-node 2 $(which cspmirror) train ...`` runs under
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs) with synchronised BatchNorm; ``--batch-size`` is the
-global batch. Only rank 0 prints, writes checkpoints, metrics and plots.
+global batch. Only rank 0 prints progress and results and writes checkpoints, metrics and plots; a configuration
+error is printed by each process that meets it, tagged with its rank (one rank alone may meet it).
 """
 
 from __future__ import annotations

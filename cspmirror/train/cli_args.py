@@ -8,7 +8,9 @@ defaults stay in one place (the dataclasses) and resuming can tell what was give
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 
 from ..backends import BACKENDS, BackendUnavailableError
 from ..models import MODEL_CONFIGS, list_models
@@ -136,18 +138,26 @@ def recipe_overrides(args: argparse.Namespace) -> dict:
 CONFIG_ERRORS = (ValueError, FileNotFoundError, BackendUnavailableError)
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def fail(command: str, exc: BaseException) -> int:
     """Print ``exc`` as a one-paragraph error (no traceback) and return the exit code 2."""
-    print(f"cspmirror {command}: error: {exc}", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""  # under torchrun
+    print(f"cspmirror {command}: error{rank}: {exc}", file=sys.stderr)
     return 2
