@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,14 +244,21 @@ def main() -> int:
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated numbers)")
     parser.add_argument("--model-size", type=int, default=128, help="part 3's image size")
     args = parser.parse_args()
+    parts = {"1": eval_sums, "2": fp32_eval_accuracy, "3": lambda: model_gradients(args.model_size)}
+    unknown = [p for p in args.parts.split(",") if p not in parts]
+    if unknown:
+        parser.error(f"argument --parts: unknown part(s) {unknown}; the parts are {','.join(parts)}")
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to diagnose here")
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu runs the Triton kernels in their interpreter: set TRITON_INTERPRET=1")
+    if DEVICE not in ("cuda", "cpu"):
+        parser.error(f"argument --device: expected cuda or cpu, got {DEVICE!r}")
     import triton
 
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch.__version__, triton.__version__)
-    parts = {"1": eval_sums, "2": fp32_eval_accuracy, "3": lambda: model_gradients(args.model_size)}
     failed = []
     for number in args.parts.split(","):
         try:

@@ -34,6 +34,8 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from bench.harness import environment
+from bench.runner import resolve_device
+from cspmirror.train.cli_args import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (2, 16, 8, 8)
@@ -206,11 +208,11 @@ def write(rows: list[dict], out: Path, rounds: int, device: torch.device) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--rounds", type=positive_int, default=300)
     parser.add_argument("--device", default="cpu", help="cpu (launches stubbed) or cuda (real launches)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device type>")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     write(measure(args.rounds, device), args.out or RESULTS / device.type, args.rounds, device)
 
 

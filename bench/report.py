@@ -37,7 +37,13 @@ def load_suites(out: Path) -> dict[str, dict]:
     return found
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+# what every CSV row says about where and when it was measured (the JSON keeps all of ``meta``)
+CSV_META = ("device_name", "torch", "triton", "date")
+
+
+def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
+    """``rows`` as CSV, each with the :data:`CSV_META` fields of ``meta`` as its last columns."""
+    rows = [{**r, **{k: meta.get(k) for k in CSV_META}} for r in rows]
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
@@ -284,6 +290,13 @@ def _title(meta: dict) -> str:
            f"{str(meta.get('date', ''))[:10]}"
 
 
+def _bar_group(row: dict) -> str:
+    """The x-axis group of a memory-bound op's bar: op, direction and, for a channels_last case, its layout
+    (each layout is a case of its own; sharing a position, one bar would hide the other)."""
+    layout = "\nchannels_last" if row["shape"].endswith("channels_last") else ""
+    return f"{row['op']}\n{row['direction']}{layout}"
+
+
 def plot_ops(data: dict, path: Path) -> Path | None:
     """Roofline-style chart: achieved GB/s per op/direction and variant, against the copy of the same bytes
     (marker) and the large-copy ceiling (line); a second panel places the convolutions on a roofline."""
@@ -294,17 +307,17 @@ def plot_ops(data: dict, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.2, 1]})
-    groups = list(dict.fromkeys(f"{r['op']}\n{r['direction']}" for r in mem))
+    groups = list(dict.fromkeys(_bar_group(r) for r in mem))
     variants = list(dict.fromkeys(r["variant"] for r in mem if r["variant"] != "copy"))
     width = 0.8 / max(len(variants), 1)
     for i, v in enumerate(variants):
         xs, ys = [], []
         for r in mem:
             if r["variant"] == v:
-                xs.append(groups.index(f"{r['op']}\n{r['direction']}") + (i - (len(variants) - 1) / 2) * width)
+                xs.append(groups.index(_bar_group(r)) + (i - (len(variants) - 1) / 2) * width)
                 ys.append(r["gbps"])
         ax1.bar(xs, ys, width, label=v)
-    copies = [(groups.index(f"{r['op']}\n{r['direction']}"), r["gbps"]) for r in mem if r["variant"] == "copy"]
+    copies = [(groups.index(_bar_group(r)), r["gbps"]) for r in mem if r["variant"] == "copy"]
     if copies:
         ax1.scatter(*zip(*copies, strict=True), marker="_", s=900, color="k", zorder=3,
                     label="copy of the same bytes")
@@ -423,7 +436,7 @@ def write_all(out: Path) -> list[Path]:
     written = [out / "results.json"]
     written[0].write_text(json.dumps(suites, indent=1, default=str))
     for suite, data in suites.items():
-        write_csv(out / f"{suite}.csv", data["rows"])
+        write_csv(out / f"{suite}.csv", data["rows"], data["meta"])
         written.append(out / f"{suite}.csv")
         name, plot = PLOTS[suite]
         try:

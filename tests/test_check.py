@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +101,7 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     combined JSON, CSV, markdown and PNG charts, naming the device and versions."""
     monkeypatch.syspath_prepend(str(REPO))
     pytest.importorskip("matplotlib")
-    from bench import runner
+    from bench import report, runner
 
     common = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-compile"]
     ops = ["--suite", "ops", "--only", "mirror_split", "--variants", "reference,copy"]
@@ -120,6 +122,12 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     assert tiny["status"] == "ok" and tiny["params_m"] > 0 and tiny["gmacs_256"] > 0 and tiny["act_mib"] > 0
     md = (tmp_path / "results.md").read_text()
     assert torch.__version__ in md and "cpu" in md
+    with (tmp_path / "ops.csv").open() as f:  # every file names the device and versions, the CSVs too
+        csv_rows = list(csv.DictReader(f))
+    assert csv_rows and all(r["torch"] == torch.__version__ and r["device_name"] and r["date"] for r in csv_rows)
+    # each layout of an op gets its own bars in the chart (they shared a position: one hid the other)
+    layouts = [dict(op="mirror_split", direction="fwd", shape=f"8x64x32x32{cl}") for cl in ("", " channels_last")]
+    assert len({report._bar_group(r) for r in layouts}) == 2
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -249,6 +257,21 @@ def test_step_profile_runs(tmp_path, monkeypatch):
     assert "| bn_mish (Triton) | 1.00 |" in md and "- cudnn::wgrad_alg0_engine: 3.00 (2)" in md
     step_profile.plot(rows, tmp_path / "step_profile.png")
     assert (tmp_path / "step_profile.png").stat().st_size > 0
+
+
+def test_bench_tools_bad_arguments_name_the_flag(monkeypatch, capsys):
+    """Were tracebacks (an empty median, a missing driver, KeyError '9') or an interpreter-less Triton error."""
+    monkeypatch.syspath_prepend(str(REPO))
+    pytest.importorskip("triton")
+    from bench import diagnose_bn_mish, host_overhead
+
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--rounds", "0"])
+    assert "argument --rounds: expected an integer >= 1" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["diagnose_bn_mish", "--device", "cpu", "--parts", "9"])
+    with pytest.raises(SystemExit):
+        diagnose_bn_mish.main()
+    assert "argument --parts: unknown part(s) ['9']" in capsys.readouterr().err
 
 
 def test_host_overhead_runs(tmp_path, monkeypatch):

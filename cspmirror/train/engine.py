@@ -6,7 +6,9 @@ Reproducibility: the model is initialised from ``seed``; every epoch re-seeds Py
 resumed from the checkpoint of epoch k continues exactly as the uninterrupted run would have (bit-exact on
 the CPU; on GPUs up to the non-determinism of cuDNN/atomics), and the order of samples does not depend on
 the number of processes: W processes with ``batch_size / W`` samples each see, step by step, the same
-global batches as one process.
+global batches as one process, when W divides the training set. When it does not, DistributedSampler pads
+the epoch with the first samples of its order again (as in timm): the last global batch then holds those
+repeats, and they count in the training loss and accuracy (validation counts every image once).
 
 :func:`fit` is :func:`prepare` (everything that can fail on the configuration: data, device, backend, recipe,
 resume checkpoint) followed by :meth:`PreparedRun.train` (the epochs).
