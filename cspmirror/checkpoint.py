@@ -41,14 +41,24 @@ def _unwrapped(key: str) -> str:
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load the weights at ``path`` into ``model`` and return it.
 
-    The checkpoint's classifier (``pretrained_cfg["classifier"]``, ``fc`` for cspmirror's models) is left out
+    The stages a ``features_only`` model does not have (it stops at its last level) are left out, and so is the
+    checkpoint's classifier (``pretrained_cfg["classifier"]``, ``fc`` for cspmirror's models)
     where ``model``'s cannot take it: none (``features_only``, ``num_classes=0``) or another number of classes
     (a warning says so; the model's own classifier keeps its fresh initialization), as timm loads pretrained
     weights for fine-tuning.
     """
-    state = _without_foreign_classifier(read_state_dict(path), model, path)
+    state = _without_foreign_classifier(_without_pruned_stages(read_state_dict(path), model), model, path)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _without_pruned_stages(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A ``features_only`` model that stops at an earlier level has no later stages: their weights are left out
+    (a whole model's checkpoint loads into such a backbone, as in timm)."""
+    if not getattr(model, "features_only", False):
+        return state
+    kept = len(model.stages)
+    return {k: v for k, v in state.items() if not (k.startswith("stages.") and int(k.split(".")[1]) >= kept)}
 
 
 def _without_foreign_classifier(state: dict[str, torch.Tensor], model: nn.Module, path: object

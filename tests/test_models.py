@@ -51,12 +51,20 @@ def test_features_match_feature_info(name):
         cspmirror.get_model(name, features_only=True, out_indices=(levels,))
 
 
-def test_features_only_runs_no_stage_after_the_last_level():
-    """The later stages would cost time and update their BatchNorm statistics from outputs nobody uses."""
-    model = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 1)).train()
-    model(torch.randn(2, 3, 32, 32))
-    steps = [stage.down.bn.num_batches_tracked.item() for stage in model.stages]
-    assert steps == [1, 1, 0, 0]
+def test_features_only_has_no_stage_after_the_last_level(tmp_path):
+    """As timm's feature models: later stages would cost time, update their BatchNorm statistics from outputs
+    nobody uses and leave parameters without gradients (plain DDP fails on those). A whole model's
+    checkpoint still loads."""
+    full = cspmirror.cspmirrornet_tiny(num_classes=3)
+    torch.save(full.state_dict(), tmp_path / "full.pth")
+    model = cspmirror.cspmirrornet_tiny(features_only=True, out_indices=(2, 1), weights=str(tmp_path / "full.pth"))
+    assert len(model.stages) == 2 and model.num_features == model.feature_info[0]["num_chs"] == 64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = full.eval().forward_intermediates(x, [1, 2], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(model.eval()(x)[::-1], expected, strict=True))
+    sum(level.sum() for level in model.train()(x)).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_features_come_in_the_order_of_out_indices():

@@ -202,6 +202,11 @@ class CSPMirrorNet(nn.Module):
 
         if features_only:
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
+            # as timm's feature models: no stage after the last level asked for (it would cost time, update
+            # BatchNorm statistics from outputs nobody uses, and leave parameters without gradients under DDP)
+            last = max(self.out_indices)
+            self.stages = self.stages[:last]
+            self.num_features = self.head_hidden_size = self._level_channels(last)
             self.global_pool, self.head_drop, self.fc = None, None, None
         else:
             self.reset_classifier(num_classes, global_pool)
@@ -227,7 +232,7 @@ class CSPMirrorNet(nn.Module):
         if global_pool is not None:
             self.global_pool = _global_pool(global_pool)
             self.global_pool_type = global_pool
-        if self.features_only:
+        if self.features_only and num_classes > 0:
             raise ValueError("a features_only model has no head: build it with features_only=False for a classifier")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
@@ -343,10 +348,7 @@ class CSPMirrorNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:  # the levels in the order (and number) of out_indices, as feature_info lists them
             levels = sorted(set(self.out_indices))
-            # stop_early: the stages after the last level asked for would only cost time and update their
-            # BatchNorm running statistics with outputs nobody uses
-            found = dict(zip(levels, self.forward_intermediates(x, levels, intermediates_only=True, stop_early=True),
-                             strict=True))
+            found = dict(zip(levels, self.forward_intermediates(x, levels, intermediates_only=True), strict=True))
             return [found[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
