@@ -278,7 +278,7 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
                                   "limit_val_batches", "backend", "extension_build", "resume_classes",
                                   "resume_not_a_checkpoint", "resume_text_file", "resume_optimizer",
                                   "resume_model", "resume_knob", "resume_recipe", "resume_finished",
-                                  "imagefolder_classes", "output"])
+                                  "imagefolder_classes", "imagefolder_empty_class", "output"])
 def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
     """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
     out = tmp_path / "run"
@@ -312,6 +312,11 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
             "resume_finished": (["--epochs", "1"], "the checkpoint resumed has done 1 epochs already"),
         }[case]
         args = ["--resume", str(one_epoch), *cifar, "--epochs", "2", *args]
+    elif case == "imagefolder_empty_class":  # the message names the split's folder
+        root = _imagefolder(tmp_path / "data", {"train": ("cat", "dog"), "val": ("cat",)})
+        (root / "val" / "dog").mkdir()
+        args = ["--data", str(root), "--data-format", "imagefolder", "--image-size", "8", *TINY]
+        expected = f"{root / 'val'}: Found no valid file for the classes dog"
     elif case == "output":  # an output folder that cannot be created fails before the data is read
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "run"
@@ -523,6 +528,21 @@ def test_an_unreadable_image_is_named(tmp_path):
     index = [path for path, _ in data.train.samples].index(str(bad))
     with pytest.raises(OSError, match="cannot read image .*bad.png"):
         data.train[index]
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grayscale: a 0..65535 ramp came out almost all white."""
+    from PIL import Image
+
+    from cspmirror.train.data import DataConfig, build_split
+
+    root = _imagefolder(tmp_path / "data", {"val": ("cat", "dog")})
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(ramp).save(root / "val" / "cat" / "0.png")
+    assert Image.open(root / "val" / "cat" / "0.png").mode == "I;16"
+    data = build_split(DataConfig(format="imagefolder", root=str(root), image_size=16, workers=0), "val")
+    image, _ = data[0]
+    assert torch.equal(image[0], torch.arange(256, dtype=torch.uint8).reshape(16, 16))
 
 
 def test_eval_reads_only_its_split_and_checks_the_class_names(tmp_path, capsys):

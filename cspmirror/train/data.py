@@ -223,12 +223,15 @@ def _folder_transform(size: int, augment: bool) -> Callable:
 
 
 def _load_rgb(path: str):
-    """The image at ``path`` as RGB (torchvision's loader), with the file named when it cannot be read."""
+    """The image at ``path`` as 8-bit RGB (torchvision's loader, but 16-bit grayscale is scaled down, where
+    ``convert`` would clip it to white), with the file named when it cannot be read."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
+            if image.mode.startswith("I;16"):
+                image = image.point(lambda v: v * (1 / 256)).convert("L")
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         raise OSError(f"cannot read image {path}: {exc}") from exc
@@ -243,7 +246,7 @@ def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
     try:
         return ImageFolder(str(folder), transform=_folder_transform(size, augment), loader=_load_rgb)
     except FileNotFoundError as exc:  # no class folders / no images
-        raise DataNotFoundError(missing_data_message("imagefolder", str(root), str(exc))) from None
+        raise DataNotFoundError(missing_data_message("imagefolder", str(root), f"{folder}: {exc}")) from None
 
 
 # ---------------------------------------------------------------------------------------------- building
