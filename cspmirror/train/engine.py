@@ -54,6 +54,10 @@ CURVES_PNG = "curves.png"
 CONFIG_JSON = "config.json"
 
 
+DEFAULT_MODEL = "cspmirrornet_tiny"
+DEFAULT_RECIPE = "paper"
+
+
 def check_output_folder(path: str | os.PathLike, flag: str) -> None:
     """Create the folder ``path`` (ValueError naming ``flag`` when it cannot be), so that a wrong output
     folder fails before the first step rather than after it."""
@@ -61,10 +65,6 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{flag} {str(path)!r}: cannot create the folder ({exc.strerror or exc})") from None
-
-
-DEFAULT_MODEL = "cspmirrornet_tiny"
-DEFAULT_RECIPE = "paper"
 
 
 @dataclass
@@ -269,10 +269,10 @@ def fit(cfg: TrainConfig) -> FitResult:
 
 def prepare(cfg: TrainConfig) -> PreparedRun:
     """Join the process group (if any) and build everything a run needs, checking the configuration: the
-    data, the device, the backend, the recipe and the resume checkpoint. Nothing is trained or written yet (but the
-    empty output folder);
-    the errors a wrong configuration gives (ValueError, FileNotFoundError, RecipeError,
-    :class:`~cspmirror.backends.BackendUnavailableError`) come from here, not from :meth:`PreparedRun.train`.
+    data, the device, the backend, the recipe and the resume checkpoint. Nothing is trained or written yet (but
+    the output folder is created); the errors a wrong configuration gives (ValueError, FileNotFoundError,
+    RecipeError, :class:`~cspmirror.backends.BackendUnavailableError`) come from here, not from
+    :meth:`PreparedRun.train`.
     """
     ctx, device = distributed.setup(cfg.device)
     with distributed.leaving(ctx, on_success=False):
@@ -284,7 +284,7 @@ def _resolved_seed(cfg: TrainConfig, ckpt: dict | None) -> int:
     run continues as the uninterrupted one would have."""
     if cfg.seed is not None:
         return cfg.seed
-    saved = (ckpt or {}).get("args", {}).get("seed") if ckpt else None
+    saved = ckpt.get("args", {}).get("seed") if ckpt else None
     return int(saved) if isinstance(saved, int) else 0
 
 
@@ -470,13 +470,12 @@ def _restore(ckpt: dict, optimizer: torch.optim.Optimizer, scheduler: torch.opti
     schedule's position now (completed epochs x steps per epoch of this run: the saved step count means
     another epoch when ``--batch-size`` or ``--max-steps-per-epoch`` changed)."""
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    saved = ckpt["optimizer"]
     was = ckpt.get("recipe", {})
     for name in ("optimizer", "decay_norm_and_bias"):  # the optimizer state's layout depends on these
         if name in was and was[name] != getattr(recipe, name):
             raise RecipeError(f"recipe field {name} (--{name.replace('_', '-')}) cannot change on resume: the "
                               f"checkpoint's optimizer state is for {was[name]!r}, got {getattr(recipe, name)!r}")
-    optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scheduler.last_epoch = step
     if ckpt.get("scaler"):
