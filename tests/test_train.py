@@ -518,12 +518,15 @@ def test_resume_with_other_steps_per_epoch_keeps_the_epoch(tmp_path):
 
 def test_an_unreadable_image_is_named(tmp_path):
     """PIL names no file for a truncated PNG; the reader does."""
+    from PIL import Image
+
     from cspmirror.train.data import DataConfig, build_datasets
 
     root = _imagefolder(tmp_path / "data", {"train": ("cat", "dog"), "val": ("cat", "dog")})
     bad = root / "train" / "dog" / "bad.png"
-    good = (root / "train" / "dog" / "0.png").read_bytes()
-    bad.write_bytes(good[: len(good) // 2])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(bad)
+    bad.write_bytes(bad.read_bytes()[:4000])  # the header intact, the pixels cut short
     data = build_datasets(DataConfig(format="imagefolder", root=str(root), image_size=8, workers=0))
     index = [path for path, _ in data.train.samples].index(str(bad))
     with pytest.raises(OSError, match="cannot read image .*bad.png"):

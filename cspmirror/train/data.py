@@ -233,8 +233,8 @@ def _load_rgb(path: str):
             if image.mode.startswith("I;16"):
                 image = image.point(lambda v: v * (1 / 256)).convert("L")
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise OSError(f"cannot read image {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds (and a library may patch Image.open)
+        raise OSError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
