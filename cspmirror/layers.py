@@ -175,8 +175,10 @@ class MishedDenseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.drop_path > 0.0
         # A torch.fx trace (x a Proxy) takes this path too: the one below branches on dtypes and writes into
-        # slices of a buffer, which a symbolic trace cannot follow (tracing under torch.no_grad would fail).
-        if torch.is_grad_enabled() or dropping or not isinstance(x, torch.Tensor):
+        # slices of a buffer, which a symbolic trace cannot follow (tracing under torch.no_grad would fail);
+        # so does torch.jit.trace, whose ONNX conversion (torch.onnx.export(dynamo=False), Ultralytics'
+        # export) drops those writes into slices.
+        if torch.is_grad_enabled() or dropping or not isinstance(x, torch.Tensor) or torch.jit.is_tracing():
             # With autograd, x1 stays its own tensor: were it a slice of the output buffer, conv2 would save
             # that whole buffer for backward, and autograd would copy the buffer's gradient for each slice.
             x1 = self.conv1(x)

@@ -84,3 +84,22 @@ def test_check_onnx_fails_for_other_weights(onnx_file):
     other = randomize_bn(_features_model(), affine=False)
     with pytest.raises(RuntimeError, match="differs"):
         export.check_onnx(path, other, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_torchscript_onnx_exporter_keeps_the_input(grad_mode, tmp_path):
+    """torch.onnx.export(dynamo=False) (what Ultralytics' export runs, under inference_mode) must give a graph
+    that reads its input: writes into slices of a buffer (mirror_fuse's zeros, the dense block's output
+    buffer) are dropped by its ONNX conversion, which used to leave a graph of constants."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomize_bn(cspmirror.cspmirrornet_tiny(num_classes=10, reduce="mean"), affine=False).eval()
+    path = tmp_path / "legacy.onnx"
+    with getattr(torch, grad_mode)():
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 28),), str(path), dynamo=False, opset_version=18)
+    assert len(onnx.load(str(path)).graph.input) == 1
+    x = torch.randn(1, 3, 32, 28)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(export.onnxruntime_outputs(path, x)[0], expected) <= 1e-5

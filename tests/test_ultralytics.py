@@ -151,3 +151,34 @@ def test_short_training_run_offline(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.model.float().eval()(torch.rand(1, 3, 64, 64))
     assert torch.isfinite(out[0] if isinstance(out, (tuple, list)) else out).all()
+
+
+def test_ultralytics_onnx_export_follows_the_input(yolo_pair, tmp_path, monkeypatch):
+    """Ultralytics' own ``export(format="onnx")`` (TorchScript-based exporter, under inference_mode) gives a graph
+    that reads its image input and matches PyTorch on onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "m.pt"
+    yolo_pair[0].save(str(path))
+    model = ultralytics.YOLO(str(path))
+    onnx_path = model.export(format="onnx", imgsz=(64, 96), simplify=False, verbose=False)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 1
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = copy.deepcopy(yolo_pair[0].model).float().eval()(x)[0].numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def test_check_onnx_flattens_a_yolo_models_outputs(yolo_pair, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from cspmirror.integrations import export
+
+    x = torch.rand(1, 3, 64, 64)
+    path = export.export_onnx(yolo_pair[0].model, x, tmp_path / "yolo.onnx")
+    assert export.check_onnx(path, yolo_pair[0].model, torch.rand(2, 3, 64, 64)) <= 1e-4

@@ -118,10 +118,13 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, x: torch.Tensor, *, rt
     Raises:
         RuntimeError: the output counts or shapes differ, or an error exceeds ``rtol``.
     """
+    from torch.utils._pytree import tree_leaves
+
     reference = prepare_for_export(model)
     with torch.no_grad():
         expected = reference(x.to(next(reference.parameters()).device))
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    # Flattened as the exporter flattens them (a YOLO model returns a tensor and a list or dict of tensors).
+    expected = tree_leaves(expected)
     got = onnxruntime_outputs(path, x)
     if len(got) != len(expected):
         raise RuntimeError(f"the ONNX model has {len(got)} outputs, PyTorch {len(expected)}")

@@ -24,6 +24,10 @@ CUDA tensors). For inference, ``cspmirror.fuse_for_inference(model.model)`` fold
 (Ultralytics' own ``fuse()`` folds only its ``Conv`` layers). Checkpoints pickle the block by its import path,
 so loading one needs cspmirror installed (and not Ultralytics' restricted ``ULTRALYTICS_SAFE_LOAD`` mode).
 
+Export: ``model.export(format="onnx")`` works (the graph matches PyTorch on onnxruntime), for the image size
+exported: the split widths of every block are fixed at that size, so ``dynamic=True`` leaves the batch free but
+not the height and width (another size gives wrong boxes, with no error): export at the size you run.
+
 Limits: the registration lives in the process that imported this module. Ultralytics' multi-GPU (DDP) training
 re-parses the yaml in worker processes it starts itself, which do not import cspmirror: train on one device, or
 launch DDP yourself with this module imported in every rank. Parsing swaps ``tasks.C2f`` for the duration of one

@@ -45,13 +45,18 @@ def mirror_fuse(
     z1, z2 = z[:n], z[n:]
     if mirror:
         z2 = z2.flip(axis)
-    shape = list(z1.shape)
-    shape[axis] = length
-    out = z.new_zeros(shape)
-    out.narrow(axis, 0, width).add_(z1)
-    out.narrow(axis, length - width, width).add_(z2)
+    # Built out of place (slices, add, cat) rather than by adding into slices of a zero tensor: exporters
+    # that do not follow writes into views (torch.onnx.export(dynamo=False), which Ultralytics' export
+    # uses) would otherwise record the zeros as a constant and cut the graph off from its input.
+    # The "+ 0.0" keeps the values bit for bit those of the sums into zeros (0 + z1, then + z2), which the
+    # kernels reproduce: -0.0 becomes +0.0.
+    start = length - width  # where part 2 begins; the overlap is [start, width)
+    shared = 2 * width - length
+    middle = z1.narrow(axis, start, shared) + z2.narrow(axis, 0, shared) + 0.0
     if reduce == "mean":
-        out.narrow(axis, length - width, 2 * width - length).div_(2)
+        middle = middle / 2
+    left, right = z1.narrow(axis, 0, start) + 0.0, z2.narrow(axis, shared, width - shared) + 0.0
+    out = torch.cat([left, middle, right], dim=axis)
     return out.contiguous(memory_format=memory_format_of(parts[0]))
 
 
