@@ -44,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         backends.resolve(args.backend, device)  # BackendUnavailableError before evaluating
         backends.ensure_loaded(args.backend)
-        if args.json and Path(args.json).is_dir():
-            raise ValueError(f"--json {args.json}: is a folder; give a file path")
         data_cfg = cli_args.data_config(args)
         if args.image_size is None and state.get("image_size"):
             data_cfg = dataclasses.replace(data_cfg, image_size=int(state["image_size"]))
@@ -58,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
                              f"{list(state['classes'])} (labels would be mapped to the wrong outputs)")
         model = model_from_checkpoint(state, device, args.backend)
         if args.json:  # before evaluating, not after
+            if Path(args.json).is_dir():
+                raise ValueError(f"--json {args.json}: is a folder; give a file path")
             try:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

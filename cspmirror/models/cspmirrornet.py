@@ -204,9 +204,7 @@ class CSPMirrorNet(nn.Module):
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
             # as timm's feature models: no stage after the last level asked for (it would cost time, update
             # BatchNorm statistics from outputs nobody uses, and leave parameters without gradients under DDP)
-            last = max(self.out_indices)
-            self.stages = self.stages[:last]
-            self.num_features = self.head_hidden_size = self._level_channels(last)
+            self._drop_stages_after(max(self.out_indices))
             self.global_pool, self.head_drop, self.fc = None, None, None
         else:
             self.reset_classifier(num_classes, global_pool)
@@ -306,8 +304,7 @@ class CSPMirrorNet(nn.Module):
         take, last = self._take_indices(indices)
         pruned = last < len(self.stages)
         if pruned:
-            self.stages = self.stages[:last]
-            self.num_features = self.head_hidden_size = self._level_channels(last)
+            self._drop_stages_after(last)
         if prune_head or pruned:
             self.reset_classifier(0, "")
         return take
@@ -327,6 +324,11 @@ class CSPMirrorNet(nn.Module):
                 raise ValueError(f"indices must be levels in [{-levels}, {levels}), got {list(indices)}")
             take = [i % levels for i in indices]
         return take, max(take)
+
+    def _drop_stages_after(self, level: int) -> None:
+        """Keep only the stages up to ``level`` (0: the stem alone); the last kept level is the features'."""
+        self.stages = self.stages[:level]
+        self.num_features = self.head_hidden_size = self._level_channels(level)
 
     def _level_channels(self, level: int) -> int:
         return self.cfg.stem_chs if level == 0 else self.cfg.stages[level - 1].out_chs
