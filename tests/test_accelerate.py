@@ -331,6 +331,28 @@ def test_conv_bn_mish_under_autocast_runs_in_the_autocast_dtype(dtype):
         assert ops.conv_bn_mish(x64, w.double(), b.double(), backend="reference").dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize("into_out", [False, True], ids=["new", "out"])
+def test_flop_counter_counts_a_fast_conv_as_its_convolution(device, backend, into_out):
+    """Under torch.utils.flop_counter.FlopCounterMode a fast backend's conv_bn_mish is one opaque op (0 FLOPs
+    unless registered); it counts the FLOPs of the reference's aten.convolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if backend == "triton":
+        triton_or_skip()
+    elif not cspmirror.backends.extension_status().available:
+        pytest.skip(cspmirror.backends.extension_status().reason)
+    x, w, b = (torch.randn(shape, device=device) for shape in ((2, 4, 9, 7), (6, 4, 3, 3), (6,)))
+    ops.conv_bn_mish(x, w, b, 2, backend=backend)  # loads the backend, which registers its formula
+    counts = {}
+    for name in ("reference", backend):
+        out = torch.empty(2, 6, 5, 4, device=device) if into_out else None
+        with FlopCounterMode(display=False) as counter:
+            ops.conv_bn_mish(x, w, b, 2, out=out, backend=name)
+        counts[name] = counter.get_total_flops()
+    assert counts[backend] == counts["reference"] == 2 * (2 * 6 * 5 * 4) * (4 * 3 * 3)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_dense_block_under_autocast_gives_the_same_without_grad(fused):
     """MishedDenseBlock's no-grad path (halves written into one buffer) under autocast: the dtype and values

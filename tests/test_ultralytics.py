@@ -104,6 +104,25 @@ def test_accelerate_and_fuse_apply_to_the_yolo_model(yolo_pair):
     assert torch.allclose(fused, expected, rtol=1e-4, atol=1e-4)
 
 
+
+def test_gflops_count_the_folded_convolutions(yolo_pair):
+    """model.info()'s GFLOPs (THOP's per-module hooks) after fuse_for_inference: a fused block calls its conv as a
+    function, which THOP's conv hook never sees (they dropped from 7.7 to 6.8). Folding BatchNorm only removes
+    its own few operations; and a fused ConvBNMish counts exactly what a plain conv of its shape does."""
+    thop = pytest.importorskip("thop")
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = copy.deepcopy(yolo_pair[0].model).eval()
+    unfused = get_flops(model, 64)
+    fused = get_flops(cspmirror.fuse_for_inference(model), 64)
+    assert unfused > 0 and 0.98 * unfused < fused < unfused
+
+    block = cspmirror.layers.ConvBNMish(8, 16, kernel_size=3, stride=2).eval().fuse()
+    x = torch.randn(1, 8, 9, 7)
+    macs = thop.profile(block, inputs=(x,), verbose=False)[0]
+    assert macs == thop.profile(copy.deepcopy(block.conv), inputs=(x,), verbose=False)[0] > 0
+
+
 def _write_dataset(root) -> str:
     """A tiny YOLO-format dataset of synthetic shapes (filled squares on noise); returns data.yaml's path."""
     import numpy as np

@@ -21,8 +21,10 @@ exactly as a C2f row would.
 
 Backends: the block's ops follow :func:`cspmirror.accelerate` like any cspmirror module ("auto" runs Triton on
 CUDA tensors). For inference, ``cspmirror.fuse_for_inference(model.model)`` folds the block's BatchNorms
-(Ultralytics' own ``fuse()`` folds only its ``Conv`` layers). Checkpoints pickle the block by its import path,
-so loading one needs cspmirror installed (and not Ultralytics' restricted ``ULTRALYTICS_SAFE_LOAD`` mode).
+(Ultralytics' own ``fuse()`` folds only its ``Conv`` layers); ``model.info()`` still counts the folded
+convolutions' GFLOPs then (:func:`register` gives THOP, Ultralytics' FLOP counter, a rule for them). Checkpoints
+pickle the block by its import path, so loading one needs cspmirror installed (and not Ultralytics' restricted
+``ULTRALYTICS_SAFE_LOAD`` mode).
 
 Export: ``model.export(format="onnx")`` works (the graph matches PyTorch on onnxruntime), for the image size
 exported: the split widths of every block are fixed at that size, so ``dynamic=True`` leaves the batch free but
@@ -38,10 +40,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from ..layers import ConvBNMish, CSPMirrorStage
@@ -129,8 +133,26 @@ def _wrap_parse_model(original: Callable, tasks) -> Callable:
     return parse_model
 
 
+def _count_conv_macs(module: ConvBNMish, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """THOP's counting rule for :class:`ConvBNMish`. Once fused, the module calls its conv as a function, so the
+    conv's own counting hook never runs: its multiply-adds are counted here instead, as THOP counts a conv's
+    (one per output element and weight of a filter). Unfused, the conv counts itself."""
+    if module.fused:
+        module.total_ops += output.numel() * module.conv.weight[0].numel()
+
+
+def _register_flop_rule() -> None:
+    """Give THOP (``thop``, which Ultralytics' ``model.info()`` counts GFLOPs with) its rule for fused convs."""
+    if importlib.util.find_spec("thop") is None:
+        return
+    rules = getattr(importlib.import_module("thop.profile"), "register_hooks", None)
+    if isinstance(rules, dict):
+        rules.setdefault(ConvBNMish, _count_conv_macs)
+
+
 def register() -> None:
-    """Make Ultralytics resolve :data:`BLOCKS` by name in model yaml files (idempotent).
+    """Make Ultralytics resolve :data:`BLOCKS` by name in model yaml files (idempotent), and count the GFLOPs of
+    models fused by :func:`cspmirror.fuse_for_inference`.
 
     Raises:
         ImportError: Ultralytics is not installed (``pip install 'cspmirror[yolo]'``).
@@ -143,6 +165,7 @@ def register() -> None:
         setattr(tasks, name, cls)
     if not getattr(tasks.parse_model, "cspmirror_wrapped", False):
         tasks.parse_model = _wrap_parse_model(tasks.parse_model, tasks)
+    _register_flop_rule()
 
 
 def yolo(cfg: str | Path = YAML, **kwargs):

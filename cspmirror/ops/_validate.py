@@ -190,11 +190,12 @@ def check_residual_out(y_like: torch.Tensor, residual: torch.Tensor | None, out:
                          "several of its elements share memory, so it cannot be written to")
 
 
-def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
+def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: int) -> tuple[int, int, int, int]:
+    """[N, C_out, H_out, W_out] of ``conv2d(x, weight, stride, padding=k // 2)``."""
+    n, _, h, w = x_shape
+    k = weight_shape[-1]
     pad = k // 2
-    return (n, weight.shape[0], (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
+    return (n, weight_shape[0], (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
 
 
 def check_conv_args(
@@ -216,5 +217,5 @@ def check_conv_args(
         check_like(bias, x, "bias", "x")
     if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
-    check_residual_out(x, residual, out, shape=conv_output_shape(x, weight, stride))
+    check_residual_out(x, residual, out, shape=conv_output_shape(x.shape, weight.shape, stride))
     return x

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..backends import BackendStatus, BackendUnavailableError
 from . import reference
 from ._eager import EagerOp, bump_versions
+from ._flop_counts import register_conv_flops
 from ._validate import conv_output_shape, split_width
 
 _NAMESPACE = "cspmirror_ext"
@@ -402,7 +403,7 @@ def _fake_bn_backward(grad_y, x, weight, bias, mean, var, eps, training, param_g
 
 
 def _fake_conv(x, weight, bias, stride, residual):
-    return _empty(conv_output_shape(x, weight, stride), x, _format_of(x))
+    return _empty(conv_output_shape(x.shape, weight.shape, stride), x, _format_of(x))
 
 
 def _lib() -> Any:
@@ -550,6 +551,8 @@ def _register_python_side() -> None:
     for name, (backward, setup) in _AUTOGRAD.items():
         torch.library.register_autograd(f"{_NAMESPACE}::{name}", backward, setup_context=setup)
         _EAGER[name] = _eager_op(name, backward, setup)
+    namespace = getattr(torch.ops, _NAMESPACE)
+    register_conv_flops(namespace.conv_bn_mish, namespace.conv_bn_mish_out)
 
 
 __all__ = ["status", "load", "build_info", "build_directory", "csrc_dir", "mirror_split", "mirror_fuse",

@@ -38,6 +38,7 @@ from cspmirror.kernels import conv as kernels
 from .. import backends
 from . import reference
 from ._eager import EagerOp
+from ._flop_counts import register_conv_flops
 from ._validate import conv_output_shape
 
 PATHS = ("auto", "triton", "cudnn")
@@ -87,7 +88,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     per-shape timing cache (filled on first use on CUDA)."""
     if path == "auto":
         path = check_path(os.environ.get(PATH_ENV, "auto"), PATH_ENV)
-    n, _, h_out, w_out = conv_output_shape(x, weight, stride)
+    n, _, h_out, w_out = conv_output_shape(x.shape, weight.shape, stride)
     if x.dtype == torch.float64 or n * h_out * w_out >= kernels.MAX_GEMM_ROWS:
         return "cudnn"
     if path != "auto":
@@ -171,7 +172,7 @@ _RUNNERS = {"triton": _run_triton, "cudnn": _run_cudnn}
 
 
 def _new_output(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    return torch.empty(conv_output_shape(x, weight, stride), dtype=x.dtype, device=x.device,
+    return torch.empty(conv_output_shape(x.shape, weight.shape, stride), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
@@ -289,5 +290,7 @@ def _(x, weight, bias, stride, residual, out, path):
 
 # What :func:`conv_bn_mish` calls: the registered ops, or in plain eager mode the same code without the
 # custom-op dispatch (see :mod:`._eager`).
+register_conv_flops(torch.ops.cspmirror.conv_bn_mish, torch.ops.cspmirror.conv_bn_mish_out)
+
 _conv = EagerOp(_conv_bn_mish_op, _conv_bn_mish_impl, _setup_context, _backward)
 _conv_out = EagerOp(_conv_bn_mish_out_op, _conv_bn_mish_out_impl, mutates=(5,))
