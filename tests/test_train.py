@@ -169,6 +169,7 @@ def test_synthetic_task_is_learned(tmp_path):
 @pytest.mark.parametrize("fmt, expected", [
     ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "batches.meta"]),
     ("imagefolder", ["train/<class>", "val/<class>"]),
+    ("auto", ["--data-format auto", "cifar-10-batches-py", "data_batch_1", "train/<class>", "val/<class>"]),
 ])
 def test_missing_data_gives_a_clear_message(fmt, expected, tmp_path, capsys):
     missing = tmp_path / "no_data_here"
@@ -278,7 +279,8 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
                                   "limit_val_batches", "backend", "extension_build", "resume_classes",
                                   "resume_not_a_checkpoint", "resume_text_file", "resume_optimizer",
                                   "resume_model", "resume_knob", "resume_recipe", "resume_finished",
-                                  "imagefolder_classes", "imagefolder_empty_class", "output"])
+                                  "imagefolder_classes", "imagefolder_empty_class", "output", "warmup",
+                                  "data_both_layouts"])
 def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
     """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
     out = tmp_path / "run"
@@ -317,6 +319,14 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         (root / "val" / "dog").mkdir()
         args = ["--data", str(root), "--data-format", "imagefolder", "--image-size", "8", *TINY]
         expected = f"{root / 'val'}: Found no valid file for the classes dog"
+    elif case == "warmup":  # was: two epochs inside the warm-up, the learning rate never at its peak
+        args = [*syn, "--recipe", "modern", "--epochs", "2", "--warmup-epochs", "2", "--max-steps-per-epoch", "1"]
+        expected = "recipe field warmup_epochs (--warmup-epochs) must be < epochs (--epochs), got 2 for 2 epochs"
+    elif case == "data_both_layouts":  # --data-format auto cannot choose
+        root = _imagefolder(tmp_path / "data", {"train": ("cat",), "val": ("cat",)})
+        shutil.copytree(cifar_root / "cifar-10-batches-py", root / "cifar-10-batches-py")
+        args = ["--data", str(root), "--epochs", "1", *TINY]
+        expected = "holds both CIFAR-10's batches and an ImageFolder tree"
     elif case == "output":  # an output folder that cannot be created fails before the data is read
         (tmp_path / "file").write_text("")
         out = tmp_path / "file" / "run"
@@ -562,6 +572,67 @@ def test_eval_reads_only_its_split_and_checks_the_class_names(tmp_path, capsys):
     assert "are not the checkpoint's" in capsys.readouterr().err
 
 
+def test_data_format_is_found_from_the_folder(cifar_root, tmp_path):
+    """--data-format auto (the default): CIFAR-10's batches (in cifar-10-batches-py/ or the folder itself) or an
+    ImageFolder tree (one split is enough: eval reads one); the format found sets the image size and the
+    normalisation. Was: cifar10 whatever the folder held."""
+    from cspmirror.train.data import CIFAR10_MEAN, IMAGENET_MEAN, DataConfig, build_datasets, resolve_format
+
+    tree = _imagefolder(tmp_path / "tree", {"train": ("cat", "dog"), "val": ("cat", "dog")})
+    val_only = _imagefolder(tmp_path / "val_only", {"val": ("cat",)})
+    flat = cifar_root / "cifar-10-batches-py"
+    assert DataConfig().format == "auto"
+    for root, fmt in ((cifar_root, "cifar10"), (flat, "cifar10"), (tree, "imagefolder"), (val_only, "imagefolder")):
+        assert resolve_format(DataConfig(root=str(root))).format == fmt, root
+    bundle = build_datasets(DataConfig(root=str(tree), workers=0))
+    assert bundle.image_size == 224 and bundle.mean == IMAGENET_MEAN
+    bundle = build_datasets(DataConfig(root=str(flat), workers=0))
+    assert bundle.image_size == 32 and bundle.mean == CIFAR10_MEAN and len(bundle.train) == N_TRAIN
+
+
+def test_an_imagefolder_tree_needs_no_data_format(tmp_path):
+    """train, eval and ablate on an ImageFolder tree without --data-format (was: "CIFAR-10 is missing ..."); the
+    checkpoint and the ablation report keep the format found, not "auto"."""
+    root = _imagefolder(tmp_path / "data", {"train": ("ant", "bee"), "val": ("ant", "bee")})
+    out = tmp_path / "run"
+    flags = ["--data", str(root), "--image-size", "8", *TINY, "--epochs", "1", "--batch-size", "2"]
+    assert main(["train", *flags, "--output", str(out)]) == 0
+    assert _state(out / "last.pt")["args"]["data"]["format"] == "imagefolder"
+    assert json.loads((out / "config.json").read_text())["args"]["data"]["format"] == "imagefolder"
+    assert main(["eval", "--checkpoint", str(out), "--data", str(root), "--workers", "0", "--no-progress"]) == 0
+    abl = tmp_path / "abl"
+    assert main(["ablate", "--grid", "overlap=0", *flags, "--max-steps-per-epoch", "1", "--output", str(abl)]) == 0
+    assert "data `imagefolder`" in (abl / "ablation.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "ablate", "eval"])
+def test_help_describes_the_defaults(command, capsys):
+    """--data-format defaults to auto; --warmup-epochs says how a preset's warm-up fits a short run."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0 and "auto (default: cifar10 or imagefolder, whichever ROOT holds)" in text
+    assert command == "eval" or "a preset's is at most 20% of the run" in text
+
+
+def test_resume_keeps_the_warmup_of_a_short_modern_run(tmp_path, capsys):
+    """A 1-epoch modern run warms up for a fifth of it (was: 5 epochs, never left); extended twice with
+    --recipe modern given again, it keeps that warm-up and agrees with the preset (whose warm-up for 2 or 3
+    epochs would be longer); the run says how long its warm-up is."""
+    out = tmp_path / "run"
+    flags = ["--data-format", "synthetic", "--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "16",
+             *TINY, "--recipe", "modern", "--output", str(out)]
+    assert main(["train", *flags, "--epochs", "1"]) == 0
+    assert "warm-up 0.2 epochs" in capsys.readouterr().out
+    for epochs in ("2", "3"):
+        assert main(["train", *flags, "--epochs", epochs, "--resume"]) == 0, capsys.readouterr().err
+    recipe = _state(out / "last.pt")["recipe"]
+    assert recipe["epochs"] == 3 and recipe["warmup_epochs"] == pytest.approx(0.2)
+    # another preset is still refused
+    assert main(["train", *flags, "--epochs", "4", "--resume", "--recipe", "paper"]) == 2
+    assert "--recipe paper: the checkpoint's recipe differs in" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ pure parts
 
 
@@ -605,6 +676,17 @@ def test_cosine_with_warmup():
     assert factors[-1] < 0.01
 
 
+@pytest.mark.parametrize(("epochs", "warmup"), [(1, 0.2), (3, 0.6), (5, 1.0), (10, 2.0), (25, 5.0), (100, 5.0)])
+def test_modern_warmup_fits_a_short_run(epochs, warmup):
+    """The modern preset's 5 warm-up epochs take at most a fifth of the run: a run of 5 epochs or less never
+    left them (its learning rate never at the peak, its cosine never started). A --warmup-epochs given is kept."""
+    recipe = recipes.get_recipe("modern", epochs=epochs)
+    assert recipe.warmup_epochs == pytest.approx(warmup)
+    factors = [recipes.lr_factor(recipe, step, 20) for step in range(20 * epochs)]
+    assert max(factors) == pytest.approx(1.0) and factors[-1] < 0.05  # the peak, then the cosine down to ~0
+    assert recipes.get_recipe("modern", epochs=epochs, warmup_epochs=0.5).warmup_epochs == 0.5
+
+
 def test_recipe_overrides_and_validation():
     r = recipes.get_recipe("paper", lr=0.01, epochs=None)
     assert r.lr == 0.01 and r.epochs == 100 and r.step_size == 25 and r.gamma == 0.5 and not r.augment
@@ -633,6 +715,16 @@ def test_parse_grid():
         ablation.parse_grid("colour=red")
     with pytest.raises(ValueError, match="mirror"):
         ablation.parse_grid("mirror=maybe")
+
+
+def test_grid_values_are_checked_where_preset_points_are():
+    """parse_grid only parses; whether a value fits the model is point_knobs's check, for grid and preset points
+    alike (the values were checked twice: in parse_grid, then again in point_knobs)."""
+    (point,) = ablation.parse_grid("overlap=2;axis=0;reduce=max;fusion=late")
+    assert point == {"overlap": 2.0, "axis": 0, "reduce": "max", "fusion": "late"}
+    for knob, value in point.items():
+        with pytest.raises(ValueError, match=f"ablation point '{knob}=.*': {knob} must"):
+            ablation.point_knobs("cspmirrornet_tiny", {}, {knob: value})
 
 
 def test_synthetic_patterns_are_deterministic():

@@ -15,6 +15,7 @@ import argparse
 
 from ..train import cli_args
 from ..train.ablation import PRESETS, parse_grid, start_ablation
+from ..train.data import AUTO
 from ..train.engine import DEFAULT_MODEL, DEFAULT_RECIPE, TrainConfig
 from ..train.plots import matplotlib_available
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.synthetic:
-        if args.data is not None or args.data_format not in ("cifar10", "synthetic"):  # (cifar10: the default)
+        if args.data is not None or args.data_format not in (AUTO, "synthetic"):  # (auto: the default)
             return cli_args.fail("ablate", ValueError("--synthetic generates its data: leave out --data and "
                                                       "--data-format (or leave out --synthetic)"))
         args.data_format = "synthetic"

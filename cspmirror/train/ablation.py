@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import MODEL_CONFIGS, configure
-from ..ops._validate import check_axis, check_overlap, check_reduce
 from . import distributed
 from .cli_args import parse_split_stages, resolve_knobs
+from .data import resolve_format
 from .distributed import DistContext
 from .engine import PreparedRun, TrainConfig, prepare
 from .history import markdown_table, write_csv
@@ -43,34 +43,17 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def _checked(parse: Callable[[str], object], check: Callable[[object], object]) -> Callable[[str], object]:
-    """``parse``, then the model's own check of the value (which raises naming the knob); the parsed value."""
-    def parse_and_check(text: str) -> object:
-        value = parse(text)
-        check(value)
-        return value
-
-    return parse_and_check
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in options:
-            raise ValueError(f"expected one of {options}, got {text!r}")
-        return text
-
-    return parse
-
-
-# knob -> parser of one value (split_stages: all | none | indices joined by '+', e.g. 0+1).
+# knob -> parser of one value (split_stages: all | none | indices joined by '+', e.g. 0+1). They only parse:
+# whether a value fits the model (an overlap in [0, 1], a stage index, ...) is checked in one place, for grid and
+# preset points alike, by point_knobs (the model's own checks).
 KNOB_PARSERS: dict[str, Callable[[str], object]] = {
-    "overlap": _checked(float, check_overlap),
+    "overlap": float,
     "mirror": _parse_bool,
     "siamese": _parse_bool,
-    "reduce": _checked(str, check_reduce),
-    "fusion": _choice("sum_concat", "concat_first"),
-    "axis": _checked(int, check_axis),
-    "split_stages": lambda text: parse_split_stages(text),
+    "reduce": str,
+    "fusion": str,
+    "axis": int,
+    "split_stages": parse_split_stages,
 }
 
 PRESETS: dict[str, list[dict]] = {
@@ -86,8 +69,8 @@ PRESETS: dict[str, list[dict]] = {
 def parse_grid(spec: str) -> list[dict]:
     """``"knob=v1,v2;knob2=v3"`` -> the cartesian product as a list of dicts, in spec order.
 
-    Raises ValueError naming the knob for an unknown knob or a bad value (stage indices are checked against
-    the model by :func:`point_knobs`).
+    Raises ValueError naming the knob for an unknown knob or a value that does not parse; whether a value fits
+    the model is :func:`point_knobs`'s check.
     """
     axes: list[tuple[str, list]] = []
     for item in filter(None, (part.strip() for part in spec.split(";"))):
@@ -131,10 +114,7 @@ def point_knobs(model: str, base_knobs: dict, point: dict) -> dict:
         knobs = {**base_knobs, **resolve_knobs(model, point)}
         if "split_stages" in point and point["split_stages"] is None:
             knobs.pop("split_stages", None)
-        cfg = configure(MODEL_CONFIGS[model], **knobs)
-        check_overlap(cfg.overlap)
-        check_axis(cfg.axis)
-        check_reduce(cfg.reduce)
+        configure(MODEL_CONFIGS[model], **knobs)  # checks every knob (the model's own checks)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"ablation point {point_label(point)!r}: {exc}") from None
     return knobs
@@ -195,6 +175,7 @@ def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path
     that a bad configuration raises here, before anything trains."""
     if not points:
         raise ValueError("an ablation needs at least one point")
+    base = dataclasses.replace(base, data=resolve_format(base.data))  # once, and the report names the format found
     configs = point_configs(base, points, output)
     ctx, _ = distributed.setup(base.device)
     with distributed.leaving(ctx, on_success=False):

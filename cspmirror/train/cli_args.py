@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..backends import BACKENDS, BackendUnavailableError
 from ..models import MODEL_CONFIGS, list_models
-from .data import FORMATS, DataConfig
+from .data import AUTO, FORMATS, DataConfig
 from .engine import DEFAULT_MODEL, DEFAULT_RECIPE
 from .recipes import FIELD_CHOICES, FIELD_HELP, RECIPES, recipe_fields
 
@@ -24,9 +24,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, workers: int = 2) -> Non
     g.add_argument("--data", default=None, metavar="ROOT",
                    help="dataset folder: ROOT/cifar-10-batches-py/... (cifar10) or ROOT/train, ROOT/val "
                         "(imagefolder)")
-    g.add_argument("--data-format", choices=FORMATS, default="cifar10",
-                   help="cifar10 (the pickled python batches), imagefolder, or synthetic (generated, "
-                        "for smoke tests)")
+    g.add_argument("--data-format", choices=FORMATS, default=AUTO,
+                   help="auto (default: cifar10 or imagefolder, whichever ROOT holds), cifar10 (the pickled python "
+                        "batches), imagefolder, or synthetic (generated, for smoke tests)")
     g.add_argument("--image-size", type=int, default=None,
                    help="input size (default 32 for cifar10/synthetic, 224 for imagefolder)")
     g.add_argument("--workers", type=int, default=workers, help=f"data-loader processes (default {workers})")
@@ -122,6 +122,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, help_for: dict[str, st
         flag = "--" + name.replace("_", "-")
         text = (help_for or {}).get(name) or (
             f"{FIELD_HELP[name]} (paper: {default}, modern: {getattr(RECIPES['modern'], name)})")
+        text = text.replace("%", "%%")  # argparse formats help texts with %
         if kind is bool:
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

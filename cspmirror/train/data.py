@@ -5,10 +5,11 @@ happens on the device, per batch (:func:`to_input`), which keeps data loading ch
 
 Formats (``DataConfig.format``):
 
+- ``auto`` (the default): ``cifar10`` or ``imagefolder``, whichever layout ``ROOT`` holds (:func:`resolve_format`).
 - ``cifar10``: the "python version" of CIFAR-10 as it is distributed (``cifar-10-python.tar.gz``, extracted):
-  ``ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, pickled dicts with ``data``
-  (uint8 [n, 3072], channel-major rows) and ``labels``; the same files ``torchvision.datasets.CIFAR10(ROOT)``
-  reads (we skip its MD5 check so that subsets in the same format work too).
+  ``ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (or those files in ``ROOT`` itself),
+  pickled dicts with ``data`` (uint8 [n, 3072], channel-major rows) and ``labels``; the same files
+  ``torchvision.datasets.CIFAR10(ROOT)`` reads (we skip its MD5 check so that subsets in the same format work too).
 - ``imagefolder``: ``ROOT/train/<class>/*.png|jpg`` and ``ROOT/val/<class>/...`` (torchvision ImageFolder);
   images are resized (shorter side) and centre-cropped to ``image_size``.
 - ``synthetic``: :class:`SyntheticPatterns`, generated in memory from a seed (for tests and smoke runs).
@@ -16,6 +17,7 @@ Formats (``DataConfig.format``):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from collections.abc import Callable
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-FORMATS = ("cifar10", "imagefolder", "synthetic")
+AUTO = "auto"  # the default format: whichever of cifar10 and imagefolder the folder holds
+FORMATS = (AUTO, "cifar10", "imagefolder", "synthetic")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
@@ -45,10 +48,11 @@ class DataNotFoundError(FileNotFoundError):
 class DataConfig:
     """Where the data is and how to read it.
 
-    ``image_size`` None means 32 for cifar10/synthetic and 224 for imagefolder.
+    ``image_size`` None means 32 for cifar10/synthetic and 224 for imagefolder. ``format`` ``auto`` is resolved
+    from the folder's contents by :func:`resolve_format` (every reader here resolves it first).
     """
 
-    format: str = "cifar10"
+    format: str = AUTO
     root: str | None = None
     image_size: int | None = None
     workers: int = 2
@@ -74,6 +78,8 @@ class DataConfig:
     def size(self) -> int:
         if self.image_size is not None:
             return self.image_size
+        if self.format == AUTO:  # a bug, not a user error: 32 or 224 depends on the format found
+            raise ValueError("the default image size of format 'auto' depends on the data: resolve_format first")
         return 224 if self.format == "imagefolder" else 32
 
 
@@ -96,21 +102,31 @@ class DataBundle:
 # ----------------------------------------------------------------------------------------------- messages
 
 
-def missing_data_message(fmt: str, root: str | None, problem: str) -> str:
-    """What is wrong and where to put the data, in which format (cspmirror never downloads)."""
-    where = root if root is not None else "<not given: pass --data ROOT>"
-    lines = [f"{problem}", f"cspmirror never downloads data. Looked in: {where}"]
-    if fmt == "cifar10":
-        lines += [
+def _layouts(where: str) -> dict[str, list[str]]:
+    """Per format read from a folder: the lines that describe its layout under ``where``."""
+    return {
+        "cifar10": [
             "Expected CIFAR-10 in its standard 'python version' format (cifar-10-python.tar.gz, extracted):",
             f"  {where}/{CIFAR10_DIR}/data_batch_1 ... data_batch_5, {CIFAR10_TEST}, {CIFAR10_META}",
-            "(the files torchvision.datasets.CIFAR10(root, download=False) reads).",
-        ]
-    else:
-        lines += [
+            f"(the files torchvision.datasets.CIFAR10(root, download=False) reads; or those files in {where} itself).",
+        ],
+        "imagefolder": [
             "Expected an ImageFolder tree with train/ and val/ subfolders, one folder per class:",
             f"  {where}/train/<class>/<image>.png|jpg   and   {where}/val/<class>/<image>.png|jpg",
-        ]
+        ],
+    }
+
+
+def missing_data_message(fmt: str, root: str | None, problem: str) -> str:
+    """What is wrong and where to put the data, in which format (cspmirror never downloads); ``auto`` lists
+    every layout it recognises."""
+    where = root if root is not None else "<not given: pass --data ROOT>"
+    layouts = _layouts(where)
+    lines = [f"{problem}", f"cspmirror never downloads data. Looked in: {where}"]
+    if fmt == AUTO:
+        lines.append("--data-format auto (the default) reads either of these layouts:")
+    for name in layouts if fmt == AUTO else (fmt,):
+        lines += layouts[name]
     lines.append("Other formats: --data-format cifar10 | imagefolder (or synthetic, for smoke tests).")
     return "\n".join(lines)
 
@@ -140,6 +156,17 @@ class _InMemoryImages(Dataset):
         return image, int(self.targets[index])
 
 
+def _holds_cifar10(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (*CIFAR10_TRAIN, CIFAR10_TEST))
+
+
+def cifar10_folder(root: Path) -> Path:
+    """The folder of CIFAR-10's batches under ``root``: ``root/cifar-10-batches-py`` as extracted, or ``root``
+    itself when it holds them (the extracted folder given as ``--data``)."""
+    nested = root / CIFAR10_DIR
+    return root if not nested.is_dir() and _holds_cifar10(root) else nested
+
+
 class CIFAR10Batches(_InMemoryImages):
     """CIFAR-10 from its pickled batches: ``train=True`` reads data_batch_1..5, else test_batch.
 
@@ -147,7 +174,7 @@ class CIFAR10Batches(_InMemoryImages):
     """
 
     def __init__(self, root: str | os.PathLike, train: bool = True, transform: Callable | None = None):
-        folder = Path(root) / CIFAR10_DIR
+        folder = cifar10_folder(Path(root))
         names = CIFAR10_TRAIN if train else (CIFAR10_TEST,)
         missing = [n for n in (*names, CIFAR10_META) if not (folder / n).is_file()]
         if missing:
@@ -252,13 +279,41 @@ def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
 # ---------------------------------------------------------------------------------------------- building
 
 
+def _holds_image_folder(root: Path) -> bool:
+    """Whether ``root/train`` or ``root/val`` holds a class folder (one split is enough: eval reads one)."""
+    return any(split.is_dir() and any(p.is_dir() for p in split.iterdir()) for split in (root / "train", root / "val"))
+
+
+def resolve_format(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with format ``auto`` replaced by the format of the folder ``cfg.root``: cifar10 where it holds
+    CIFAR-10's python batches (``data_batch_N`` or ``test_batch``, in ``cifar-10-batches-py/`` or not),
+    imagefolder where ``train/`` or ``val/`` holds class folders. Raises :class:`DataNotFoundError` (listing both
+    layouts) when it holds neither, ValueError when it holds both; other formats are returned as they are."""
+    if cfg.format != AUTO:
+        return cfg
+    if cfg.root is None:
+        raise DataNotFoundError(missing_data_message(AUTO, None, "No dataset folder was given."))
+    root = Path(cfg.root)
+    found = [fmt for fmt, holds in (("cifar10", _holds_cifar10(cifar10_folder(root))),
+                                    ("imagefolder", _holds_image_folder(root))) if holds]
+    if not found:
+        raise DataNotFoundError(missing_data_message(
+            AUTO, cfg.root, f"--data-format auto: {root} holds neither CIFAR-10's batches nor an ImageFolder tree."))
+    if len(found) > 1:
+        raise ValueError(f"--data-format auto: {root} holds both CIFAR-10's batches and an ImageFolder tree "
+                         f"(train/, val/); give --data-format cifar10 or imagefolder")
+    return dataclasses.replace(cfg, format=found[0])
+
+
 # per format: the mean and std the images are normalised with
 NORMALISATION = {"synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
                  "imagefolder": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def build_datasets(cfg: DataConfig, augment: bool = False) -> DataBundle:
-    """Both splits of the configured dataset; raises :class:`DataNotFoundError` when it is not there."""
+    """Both splits of the configured dataset (format ``auto`` resolved: :func:`resolve_format`); raises
+    :class:`DataNotFoundError` when it is not there."""
+    cfg = resolve_format(cfg)
     train, val = build_split(cfg, "train", augment), build_split(cfg, "val")
     if list(train.classes) != list(val.classes):
         only_train = sorted(set(train.classes) - set(val.classes))
@@ -271,9 +326,11 @@ def build_datasets(cfg: DataConfig, augment: bool = False) -> DataBundle:
 
 def build_split(cfg: DataConfig, split: str, augment: bool = False) -> Dataset:
     """One split ("train" or "val"; only the training split is ever augmented), with ``.classes``; raises
-    :class:`DataNotFoundError` when it is not there. Only that split's files are read."""
+    :class:`DataNotFoundError` when it is not there. Only that split's files are read (format ``auto`` resolved
+    first: :func:`resolve_format`)."""
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    cfg = resolve_format(cfg)
     size, train = cfg.size, split == "train"
     transform = train_transform(augment, size) if train else None
     if cfg.format == "synthetic":

@@ -43,11 +43,20 @@ from ..profile import count_params
 from ..sync_bn import convert_sync_batchnorm
 from . import distributed
 from .checkpointing import BEST, LAST, load_checkpoint_dict, save_checkpoint
-from .data import DataConfig, build_datasets, stats_tensors, to_input
+from .data import DataConfig, build_datasets, resolve_format, stats_tensors, to_input
 from .distributed import DistContext
 from .history import COLUMNS, write_csv
 from .plots import matplotlib_available, note_no_matplotlib, plot_history
-from .recipes import RECIPES, Recipe, RecipeError, autocast_dtype, build_optimizer, build_scheduler
+from .recipes import (
+    RECIPES,
+    Recipe,
+    RecipeError,
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    check_warmup_ends,
+    get_recipe,
+)
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
@@ -70,7 +79,8 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> None:
 @dataclass
 class TrainConfig:
     """One training run. ``recipe`` names a preset of :data:`~cspmirror.train.recipes.RECIPES`;
-    ``recipe_overrides`` replace its fields (``None`` values ignored).
+    ``recipe_overrides`` replace its fields (``None`` values ignored; the preset's warm-up is fitted to a short
+    run unless ``warmup_epochs`` is given: :func:`~cspmirror.train.recipes.get_recipe`).
 
     ``model`` and ``recipe`` None mean :data:`DEFAULT_MODEL` and :data:`DEFAULT_RECIPE`. When ``resume`` is set
     (a checkpoint file or a run folder), the model name and knobs and the recipe come from the checkpoint, and a
@@ -335,7 +345,8 @@ class PreparedRun:
                 note_no_matplotlib()
         log(f"{self.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} x{ctx.world_size}, "
             f"{self.num_train} train / {self.num_val} val images, {steps} steps/epoch, "
-            f"epochs {self.start_epoch + 1}..{recipe.epochs}, amp={self.env.amp_dtype}")
+            f"epochs {self.start_epoch + 1}..{recipe.epochs}, warm-up {recipe.warmup_epochs:g} epochs, "
+            f"amp={self.env.amp_dtype}")
 
         for epoch in range(self.start_epoch, recipe.epochs):
             t0 = time.perf_counter()
@@ -377,8 +388,11 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     cfg = dataclasses.replace(cfg, seed=_resolved_seed(cfg, ckpt))
     if ckpt:
         _check_resume_agrees(cfg, ckpt)
-    base = Recipe(**ckpt["recipe"]) if ckpt else RECIPES[cfg.recipe or DEFAULT_RECIPE]
-    recipe = base.with_overrides(**cfg.recipe_overrides)
+    if ckpt:
+        recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
+    else:
+        recipe = get_recipe(cfg.recipe or DEFAULT_RECIPE, **cfg.recipe_overrides)
+    check_warmup_ends(recipe)
     if ckpt and int(ckpt["epoch"]) >= recipe.epochs:  # else it would train nothing and say nothing
         raise RecipeError(f"epochs (--epochs) {recipe.epochs}: the checkpoint resumed has done {ckpt['epoch']} "
                           f"epochs already; give more --epochs to train on")
@@ -390,6 +404,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     amp_dtype = autocast_dtype(recipe, device)
     backends.resolve(cfg.backend, device)  # BackendUnavailableError now, not at the first step
     backends.ensure_loaded(cfg.backend)  # an extension that fails to build, too
+    cfg = dataclasses.replace(cfg, data=resolve_format(cfg.data))  # the checkpoint keeps the format found
     data = build_datasets(cfg.data, augment=recipe.augment)
     if ckpt and int(ckpt["num_classes"]) != data.num_classes:
         raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
@@ -456,7 +471,11 @@ def _check_resume_agrees(cfg: TrainConfig, ckpt: dict) -> None:
     if cfg.recipe is not None:
         given = RECIPES[cfg.recipe].with_overrides(**cfg.recipe_overrides)
         saved_recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
-        fields = [f.name for f in dataclasses.fields(Recipe) if getattr(given, f.name) != getattr(saved_recipe, f.name)]
+        # A preset's warm-up depends on the run's length (get_recipe), which --epochs may change on resume: unless
+        # given, it is the checkpoint's, as the preset fitted it to the run that was started.
+        compared = [f.name for f in dataclasses.fields(Recipe)
+                    if f.name != "warmup_epochs" or cfg.recipe_overrides.get("warmup_epochs") is not None]
+        fields = [name for name in compared if getattr(given, name) != getattr(saved_recipe, name)]
         if fields:
             raise RecipeError(f"--recipe {cfg.recipe}: the checkpoint's recipe differs in {fields}; on --resume the "
                               f"recipe is the checkpoint's, with the recipe fields given as flags on top (leave "

@@ -6,9 +6,10 @@ dropout, full fp32.
 
 ``modern`` is what we would use today for a small CNN on CIFAR-10: random crop (padding 4) and horizontal
 flip, SGD with Nesterov momentum (lr 0.1, momentum 0.9, weight decay 5e-4 on conv/linear weights only, none
-on BatchNorm parameters and biases), a cosine schedule down to 0 after 5 epochs of linear warm-up, label
-smoothing 0.1 and mixed precision (bf16 on CPUs; bf16 on GPUs that support it, fp16 with a gradient scaler
-otherwise). ``--optimizer adamw`` is available too (then e.g. ``--lr 2e-3 --weight-decay 0.05``).
+on BatchNorm parameters and biases), a cosine schedule down to 0 after 5 epochs of linear warm-up (at most a
+fifth of the run: 1 epoch of a 5-epoch run, see :func:`get_recipe`), label smoothing 0.1 and mixed precision
+(bf16 on CPUs; bf16 on GPUs that support it, fp16 with a gradient scaler otherwise). ``--optimizer adamw`` is
+available too (then e.g. ``--lr 2e-3 --weight-decay 0.05``).
 
 Both schedules are evaluated per optimizer step (:func:`lr_factor`); the ``step`` schedule only changes at
 epoch boundaries, so it is exactly ``StepLR(step_size, gamma)`` stepped once per epoch.
@@ -117,6 +118,11 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
+# A preset's warm-up takes at most this fraction of a run: the modern preset's 5 epochs are meant for runs of 25
+# epochs and more, and a run of 5 epochs or less would never leave them (its learning rate never at the peak, its
+# cosine never started). A --warmup-epochs given is kept as it is (and must be < --epochs: check_warmup_ends).
+PRESET_WARMUP_FRACTION = 0.2
+
 # Fields whose value is one of a fixed set (the CLI offers them as choices).
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp_dtype": AMP_DTYPES}
 
@@ -133,7 +139,8 @@ FIELD_HELP: dict[str, str] = {
     "schedule": f"learning-rate schedule, one of {SCHEDULES}",
     "step_size": "epochs between decays of the step schedule",
     "gamma": "decay factor of the step schedule",
-    "warmup_epochs": "epochs of linear warm-up (any schedule)",
+    "warmup_epochs": "epochs of linear warm-up (any schedule), < --epochs; a preset's is at most "
+                     f"{PRESET_WARMUP_FRACTION:.0%} of the run",
     "min_lr_ratio": "final lr / peak lr of the cosine schedule",
     "label_smoothing": "label smoothing of the training loss",
     "augment": "random crop (padding 4) + horizontal flip",
@@ -146,10 +153,29 @@ FIELD_HELP: dict[str, str] = {
 
 
 def get_recipe(name: str, **overrides: object) -> Recipe:
-    """The named recipe with ``overrides`` applied (``None`` values ignored)."""
+    """The named recipe with ``overrides`` applied (``None`` values ignored); unless ``warmup_epochs`` is among
+    them, the preset's warm-up is capped at :data:`PRESET_WARMUP_FRACTION` of the run (:func:`preset_warmup`)."""
     if name not in RECIPES:
         raise RecipeError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
-    return RECIPES[name].with_overrides(**overrides)
+    recipe = RECIPES[name].with_overrides(**overrides)
+    if overrides.get("warmup_epochs") is not None:
+        return recipe
+    return dataclasses.replace(recipe, warmup_epochs=preset_warmup(RECIPES[name], recipe.epochs))
+
+
+def preset_warmup(preset: Recipe, epochs: int) -> float:
+    """The warm-up ``preset`` gives a run of ``epochs``: its own, capped at :data:`PRESET_WARMUP_FRACTION` of
+    the run."""
+    return min(preset.warmup_epochs, PRESET_WARMUP_FRACTION * epochs)
+
+
+def check_warmup_ends(recipe: Recipe) -> None:
+    """RecipeError naming ``--warmup-epochs`` when the run would end inside its warm-up (the learning rate
+    never at its peak; the cosine or step schedule never started)."""
+    if recipe.warmup_epochs >= recipe.epochs:  # (epochs >= 1: no warm-up always ends)
+        raise RecipeError(f"recipe field warmup_epochs (--warmup-epochs) must be < epochs (--epochs), got "
+                          f"{recipe.warmup_epochs:g} for {recipe.epochs} epochs: the run would end before its learning "
+                          f"rate reaches the peak (--warmup-epochs 0: no warm-up)")
 
 
 def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
