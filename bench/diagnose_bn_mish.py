@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.runner import resolve_device
 from cspmirror import ops
 
-DEVICE = "cuda"
+DEVICE = torch.device("cuda")  # --device
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -249,16 +250,13 @@ def main() -> int:
     if unknown:
         parser.error(f"argument --parts: unknown part(s) {unknown}; the parts are {','.join(parts)}")
     global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: nothing to diagnose here")
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    DEVICE = resolve_device(args.device)
+    if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu runs the Triton kernels in their interpreter: set TRITON_INTERPRET=1")
-    if DEVICE not in ("cuda", "cpu"):
-        parser.error(f"argument --device: expected cuda or cpu, got {DEVICE!r}")
     import triton
 
-    print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch.__version__, triton.__version__)
+    print(torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else DEVICE, torch.__version__,
+          triton.__version__)
     failed = []
     for number in args.parts.split(","):
         try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cspmirror.devices import parse_device
+
 from . import harness, report
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -26,7 +28,7 @@ RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=("ops", "models", "compare", "all"), default="all")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="ops/compare dtype; models: only this dtype (default: bf16 on GPU, fp32 on CPU; "
                              "models on GPU: bf16 then fp32)")
@@ -51,17 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """:func:`cspmirror.devices.parse_device` for the bench tools: SystemExit with its message."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"argument --device: expected cpu or cuda, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA device is available")
-    return device
+        return parse_device(name)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def test_check_fails_an_available_backend_that_does_not_load(monkeypatch, capsys
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "foo"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "meta"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "cuda:x"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     (["--dtypes", "fp64"], "argument --dtypes"),
     (["--dtypes", ""], "argument --dtypes"),
     (["--backends", "tritn"], "argument --backends"),
@@ -131,8 +134,9 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--device", "meta"], "argument --device: expected cpu or cuda, got 'meta'"),
+    (["--device", "meta"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--device", "foo"], "argument --device"),
+    (["--device", "cuda:-1"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:-1'"),
     (["--threads", "0"], "argument --threads"),
     (["--max-layers", "-1"], "argument --max-layers"),
     (["--budget", "-1"], "argument --budget"),
@@ -146,6 +150,25 @@ def test_bench_bad_arguments_name_the_flag(args, message, tmp_path, monkeypatch)
 
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
         runner.main(["--quick", "--out", str(tmp_path), *args])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("cuda_devices", "device", "message"), [
+    (0, "cuda", "argument --device: 'cuda' asked for CUDA, but no CUDA device is available"),
+    (2, "cuda:2", "argument --device: 'cuda:2' asked for CUDA device 2, but this machine has 2 (cuda:0 to cuda:1)"),
+])
+def test_check_and_bench_refuse_a_cuda_device_not_here(cuda_devices, device, message, tmp_path, monkeypatch,
+                                                       capsys):
+    """Before: an index past the last CUDA device was taken (then failed deep in a run)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    assert cli.main(["check", "--no-bench", "--device", device]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        runner.main(["--quick", "--out", str(tmp_path), "--device", device])
     assert not any(tmp_path.iterdir())
 
 

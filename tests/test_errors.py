@@ -8,6 +8,7 @@ import torch
 import cspmirror
 from cspmirror import ops
 from cspmirror.backends import BackendUnavailableError, resolve
+from cspmirror.devices import parse_device
 
 BACKENDS = ["reference", "triton", "extension", "auto"]
 
@@ -205,3 +206,31 @@ def test_error_backends_are_live(backend):
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     assert torch.equal(y, ops.mirror_split(x4, backend="reference"))
+
+
+@pytest.mark.parametrize("value", ["foo", "CUDA", "cuda:x", "cuda:-1", "meta", "mps"])
+def test_device_flag_refuses_other_strings(value):
+    """One parser for every --device: meta (which runs no kernels: train's was a traceback from autocast) and
+    other device types are refused like a misspelling."""
+    with pytest.raises(ValueError, match=rf"^argument --device: expected auto, cpu, cuda or cuda:N, got '{value}'$"):
+        parse_device(value)
+
+
+def test_device_flag_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_device(None) == parse_device("auto") == parse_device("cpu") == torch.device("cpu")
+    for value in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=f"argument --device: '{value}' asked for CUDA, but no CUDA device"):
+            parse_device(value)
+
+
+def test_device_flag_cuda_index(monkeypatch):
+    """A bare cuda (or auto) is this process's LOCAL_RANK's device; an index must be one of the machine's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == parse_device("cuda", local_rank=1) == parse_device(None, local_rank=1)
+    assert parse_device("cuda:1") == torch.device("cuda", 1) and parse_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"'cuda:2' asked for CUDA device 2, but this machine has 2 \(cuda:0 to"):
+        parse_device("cuda:2")
+    with pytest.raises(ValueError, match="'cuda' asked for LOCAL_RANK 2's CUDA device, but this machine has 2"):
+        parse_device("cuda", local_rank=2)

@@ -8,6 +8,7 @@ from helpers import randomize_bn, rel_err
 
 import cspmirror
 from cspmirror.accelerate import backend_of, ops_used
+from cspmirror.backends import BackendUnavailableError
 from cspmirror.integrations import export
 
 
@@ -84,6 +85,26 @@ def test_check_onnx_fails_for_other_weights(onnx_file):
     other = randomize_bn(_features_model(), affine=False)
     with pytest.raises(RuntimeError, match="differs"):
         export.check_onnx(path, other, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize(("backend", "namespace"), [("triton", "cspmirror"), ("extension", "cspmirror_ext")])
+def test_onnx_export_of_fast_backend_ops_names_them_and_the_fix(backend, namespace, tmp_path):
+    """export_program(..., prepare=False) keeps a fast backend's ops, which no ONNX exporter knows: the error
+    names them and the fix (it was the exporter's 'No ONNX function found', naming neither)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = cspmirror.cspmirrornet_tiny(num_classes=10)
+    try:
+        cspmirror.fuse_for_inference(model, backend=backend)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    x = torch.randn(1, 3, 32, 32)
+    program = export.export_program(model, x, prepare=False)
+    with pytest.raises(ValueError, match=rf"calls {namespace}::conv_bn_mish, {namespace}::mirror_split, "
+                                         rf"{namespace}::mirror_fuse, which have no ONNX lowering .* prepare=True "
+                                         r".* switch the model to the reference backend"):
+        export.export_onnx(program, x, tmp_path / "m.onnx")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])

@@ -275,7 +275,8 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["image_size", "device", "device_name", "synthetic_train", "seed", "lr",
+@pytest.mark.parametrize("case", ["image_size", "device", "device_name", "device_meta", "device_index",
+                                  "synthetic_train", "seed", "lr",
                                   "limit_val_batches", "backend", "extension_build", "resume_classes",
                                   "resume_not_a_checkpoint", "resume_text_file", "resume_optimizer",
                                   "resume_model", "resume_knob", "resume_recipe", "resume_finished",
@@ -287,7 +288,13 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
     syn = ["--data-format", "synthetic", *TINY]
     cifar = ["--data", str(cifar_root), *TINY]
     if case == "device_name":
-        args, expected = ["--device", "foo", *syn], "device (--device) must be auto, cpu, cuda or cuda:N"
+        args, expected = ["--device", "foo", *syn], "argument --device: expected auto, cpu, cuda or cuda:N, got 'foo'"
+    elif case == "device_meta":  # was a traceback from autocast
+        args, expected = ["--device", "meta", *syn], "argument --device: expected auto, cpu, cuda or cuda:N"
+    elif case == "device_index":  # was taken, then failed where the model moved there
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        args, expected = ["--device", "cuda:1", *syn], "'cuda:1' asked for CUDA device 1, but this machine has 1"
     elif case == "seed":
         args, expected = [*syn, "--seed", "-1"], "seed (--seed) must be >= 0"
     elif case == "lr":  # inf passed every range check, then trained on NaN
@@ -334,9 +341,8 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
     elif case == "image_size":
         args, expected = ["--data", str(cifar_root), "--image-size", "64", *TINY], "--image-size"
     elif case == "device":
-        if torch.cuda.is_available():
-            pytest.skip("a CUDA device is present")
-        args, expected = ["--device", "cuda", *syn], "--device"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        args, expected = ["--device", "cuda", *syn], "argument --device: 'cuda' asked for CUDA, but no CUDA device"
     elif case == "synthetic_train":
         args, expected = ["--synthetic-train", "0", *syn], "synthetic_train (--synthetic-train) must be >= 1"
     elif case == "backend":
@@ -482,6 +488,8 @@ def test_eval_argument_errors(one_epoch, cifar_root, tmp_path, capsys, monkeypat
     _triton_unavailable(monkeypatch)
     assert main([*base, "--backend", "triton"]) == 2
     assert capsys.readouterr().err.startswith("cspmirror eval: error: backend='triton' cannot run here")
+    assert main([*base, "--device", "meta"]) == 2  # was a traceback
+    assert "cspmirror eval: error: argument --device: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_eval_json_creates_its_folder(one_epoch, cifar_root, tmp_path):

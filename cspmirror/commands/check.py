@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..devices import parse_device
+
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 FAST_BACKENDS = ("triton", "extension")
@@ -34,7 +36,7 @@ OVERLAP = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated (fp32, bf16, fp16)")
     parser.add_argument("--backends", default=",".join(FAST_BACKENDS), help="fast backends to check")
     parser.add_argument("--only", default=None, help="only checks whose op or case contains this text")
@@ -447,13 +449,10 @@ def argument_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags (one line naming the flag), or None."""
     from cspmirror.backends import BACKENDS
 
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            return f"argument --device: expected cpu, cuda or cuda:N, got {args.device!r}"
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return f"argument --device: {args.device!r} asked for CUDA, but no CUDA device is available"
+    try:
+        parse_device(args.device)
+    except ValueError as exc:
+        return str(exc)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPE_NAMES for d in dtypes):
         return f"argument --dtypes: expected a comma-separated list of {sorted(DTYPE_NAMES)}, got {args.dtypes!r}"
@@ -473,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
     if error:
         print(f"cspmirror check: error: {error}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     if not torch.cuda.is_available() and not use_interpreter():
         print("(re-running in a fresh process with TRITON_INTERPRET=1: triton was imported before it was set)",
               flush=True)

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from ..devices import parse_device
 from ..fuse import fuse_for_inference
 from ..train import cli_args
 from ..train.checkpointing import load_checkpoint_dict, model_from_checkpoint
 from ..train.data import DataNotFoundError, build_eval_dataset, stats_tensors
-from ..train.distributed import DistContext, resolve_device
+from ..train.distributed import DistContext
 from ..train.engine import StepEnv, evaluate, make_loader
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         state = load_checkpoint_dict(args.checkpoint)
-        device = resolve_device(args.device)
+        device = parse_device(args.device)
         backends.resolve(args.backend, device)  # BackendUnavailableError before evaluating
         backends.ensure_loaded(args.backend)
         data_cfg = cli_args.data_config(args)

@@ -29,6 +29,10 @@ import torch.nn as nn
 
 from ..fuse import fuse_for_inference
 
+# The fast backends' registered ops: torch.ops.cspmirror (Triton) and torch.ops.cspmirror_ext (the extension).
+# No ONNX exporter knows them; only the reference backend's graph (standard aten ops) lowers to ONNX.
+_FAST_OP_NAMESPACES = ("cspmirror", "cspmirror_ext")
+
 
 def prepare_for_export(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) in eval mode, BatchNorm folded, on the reference backend."""
@@ -64,7 +68,8 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_bat
         model: a cspmirror model (or any module built from cspmirror modules).
         example_input: [N, C, H, W]; H and W are fixed in the program, N is dynamic with ``dynamic_batch``.
         prepare: fuse and switch a copy to the reference backend first (:func:`prepare_for_export`); False
-            exports ``model`` as it is (e.g. to keep a Triton backend's custom ops in the graph).
+            exports ``model`` as it is (e.g. to keep a Triton backend's custom ops in the graph; those have no
+            ONNX lowering, so :func:`export_onnx` refuses such a program).
 
     Returns:
         The ``torch.export.ExportedProgram``; ``program.module()(x)`` runs it.
@@ -73,6 +78,27 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_bat
     module = prepare_for_export(model) if prepare else model
     return torch.export.export(module, (_traced_input(example_input, dynamic_batch),),
                                dynamic_shapes=_dynamic_shapes(dynamic_batch))
+
+
+def _fast_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """The Triton / extension ops that ``program`` calls (``"cspmirror_ext::conv_bn_mish"``, ...), each once, in
+    graph order: what ``export_program(model, x, prepare=False)`` keeps of a model on a fast backend."""
+    names = (node.target.name() for node in program.graph.nodes
+             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+             and node.target.namespace in _FAST_OP_NAMESPACES)
+    return list(dict.fromkeys(names))
+
+
+def _check_onnx_lowering(program: torch.export.ExportedProgram) -> None:
+    """ValueError naming the ops when ``program`` calls ops that have no ONNX lowering, before the exporter
+    fails on them with an error that names neither the backend nor the fix."""
+    unlowered = _fast_ops(program)
+    if unlowered:
+        raise ValueError(
+            f"model: the exported program calls {', '.join(unlowered)}, which have no ONNX lowering (the Triton or "
+            "extension backend's ops, kept by export_program(..., prepare=False)); export it with prepare=True "
+            "(the default), or switch the model to the reference backend first "
+            "(cspmirror.accelerate(model, 'reference'))")
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_input: torch.Tensor,
@@ -86,11 +112,16 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_input: 
 
     Returns:
         ``path``. The graph's input is named ``x``; its outputs are the model's outputs in order.
+
+    Raises:
+        ValueError: ``model`` is a program that calls Triton or extension ops (from
+            ``export_program(..., prepare=False)``): they have no ONNX lowering.
     """
     _require("onnx", "onnxscript")
     example_input = _check_input(example_input)
     program = model if isinstance(model, torch.export.ExportedProgram) else export_program(
         model, example_input, dynamic_batch=dynamic_batch)
+    _check_onnx_lowering(program)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {} if opset_version is None else {"opset_version": opset_version}

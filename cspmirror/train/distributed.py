@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..devices import parse_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,22 +39,6 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a bare ``cuda`` gets this process's ``local_rank``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device (--device) {device!r} asked for CUDA, but no CUDA device is available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
 def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
     """Join the process group described by the environment (if any) and pick this process's device.
 
@@ -61,15 +47,15 @@ def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
-        dev = resolve_device(device, local)
+        dev = parse_device(device, local)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         return DistContext(rank, world, local, owns_group=False), dev
     world = env_world_size()
     if world <= 1:
-        return DistContext(), resolve_device(device)
+        return DistContext(), parse_device(device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
+    dev = parse_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
