@@ -331,6 +331,35 @@ def test_conv_bn_mish_under_autocast_runs_in_the_autocast_dtype(dtype):
         assert ops.conv_bn_mish(x64, w.double(), b.double(), backend="reference").dtype == torch.float64
 
 
+def _fast_backend_or_skip(backend: str) -> None:
+    if backend == "triton":
+        triton_or_skip()
+    elif not cspmirror.backends.extension_status().available:
+        pytest.skip(cspmirror.backends.extension_status().reason)
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_meta_device_model_runs_on_every_backend(backend):
+    """A model built on the meta device (deferred initialisation, shape inspection) trains a step and fuses on a
+    fast backend as on the reference: same shapes and strides (was: Triton's ops ran their kernels on meta
+    tensors, "Cannot copy out of meta tensor" and a RecursionError in conv_bn_mish)."""
+    _fast_backend_or_skip(backend)
+
+    def run(name: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = cspmirror.accelerate(_tiny(num_classes=10), name)
+        x = _input("meta", layout=CL)
+        logits = model(x)
+        logits.sum().backward()
+        with torch.no_grad():
+            fused = cspmirror.fuse_for_inference(copy.deepcopy(model).eval(), backend=name)(x)
+        return [logits, fused, *(p.grad for p in model.parameters())]
+
+    for got, expected in zip(run(backend), run("reference"), strict=True):
+        assert got.is_meta and (got.shape, got.stride()) == (expected.shape, expected.stride())
+
+
 @pytest.mark.parametrize("backend", ["triton", "extension"])
 @pytest.mark.parametrize("into_out", [False, True], ids=["new", "out"])
 def test_flop_counter_counts_a_fast_conv_as_its_convolution(device, backend, into_out):
@@ -338,10 +367,7 @@ def test_flop_counter_counts_a_fast_conv_as_its_convolution(device, backend, int
     unless registered); it counts the FLOPs of the reference's aten.convolution."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    if backend == "triton":
-        triton_or_skip()
-    elif not cspmirror.backends.extension_status().available:
-        pytest.skip(cspmirror.backends.extension_status().reason)
+    _fast_backend_or_skip(backend)
     x, w, b = (torch.randn(shape, device=device) for shape in ((2, 4, 9, 7), (6, 4, 3, 3), (6,)))
     ops.conv_bn_mish(x, w, b, 2, backend=backend)  # loads the backend, which registers its formula
     counts = {}

@@ -33,10 +33,11 @@ functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda:
 
 
 def plain_eager(tensors: list[torch.Tensor]) -> bool:
-    """Whether a call on ``tensors`` may bypass the registered op: eager mode, plain tensors, no dispatch
-    mode and no ``torch.func`` transform (whose wrapped tensors look like plain ones)."""
+    """Whether a call on ``tensors`` may bypass the registered op: eager mode, plain tensors with data (not on
+    the meta device, which the registered op's fake implementation serves), no dispatch mode and no
+    ``torch.func`` transform (whose wrapped tensors look like plain ones)."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not functorch_active()
-            and _get_current_dispatch_mode() is None and all(type(t) in _PLAIN for t in tensors))
+            and _get_current_dispatch_mode() is None and all(type(t) in _PLAIN and not t.is_meta for t in tensors))
 
 
 def bump_versions(tensors: list[torch.Tensor | None]) -> None:
