@@ -107,6 +107,28 @@ def test_onnx_export_of_fast_backend_ops_names_them_and_the_fix(backend, namespa
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize(("dynamo", "fused"), [(False, False), (True, True)], ids=["torchscript", "dynamo-fused"])
+def test_torch_onnx_export_of_a_fast_backend_model(backend, dynamo, fused, tmp_path):
+    """torch.onnx.export of a model on a fast backend (Ultralytics' export of a CUDA model, say) records the
+    reference ops, the same function in ops ONNX knows (it failed: 'unrecognized namespace cspmirror')."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomize_bn(cspmirror.cspmirrornet_tiny(num_classes=10), affine=False).eval()
+    try:
+        model = cspmirror.fuse_for_inference(model, backend=backend) if fused else cspmirror.accelerate(model, backend)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    path = tmp_path / "m.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 28),), str(path), dynamo=dynamo, opset_version=18)
+        x = torch.randn(1, 3, 32, 28)
+        expected = model(x)
+    assert backend_of(model) == backend
+    assert rel_err(export.onnxruntime_outputs(path, x)[0], expected) <= 1e-5
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_torchscript_onnx_exporter_keeps_the_input(grad_mode, tmp_path):
     """torch.onnx.export(dynamo=False) (what Ultralytics' export runs, under inference_mode) must give a graph

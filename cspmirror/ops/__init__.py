@@ -4,7 +4,9 @@ Each op validates its arguments here (so every backend raises the same errors), 
 ("auto" | "triton" | "extension" | "reference") for the input's device, and calls that backend's
 implementation. The fast backends' modules are imported lazily, on first use (the reference, plain PyTorch,
 always is: it is what "auto" runs off CUDA). Under a ``torch.func`` transform (``grad``, ``vmap``, ...)
-every backend runs the reference: the fast ops' autograd formulas have no functorch rules.
+every backend runs the reference: the fast ops' autograd formulas have no functorch rules. So it does while
+``torch.onnx.export`` traces the model (either exporter): ONNX has no lowering for the fast ops, and the
+reference computes the same function in standard ops.
 
 =============  ==========================================
 backend        module
@@ -55,13 +57,23 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     traces without a graph break (the first, cold look-up imports modules, which breaks the graph:
     :func:`cspmirror.accelerate` warms the cache for a model's ops and device).
     """
-    if backend != "reference" and not torch.compiler.is_compiling() and functorch_active():
+    if backend != "reference" and (_functorch_transform() or _onnx_export()):
         backend = "reference"  # (see the module docstring)
     key = (op, backend, device.type, device.index)  # plain constants, which every Dynamo version hashes
     fn = _RESOLVED.get(key)
     if fn is None:
         fn = _RESOLVED[key] = _load_implementation(op, backend, device)
     return fn
+
+
+def _functorch_transform() -> bool:
+    return not torch.compiler.is_compiling() and functorch_active()
+
+
+def _onnx_export() -> bool:
+    """Whether ``torch.onnx.export`` is tracing this call: its TorchScript exporter traces with ``torch.jit``, its
+    dynamo exporter through ``torch.export``; asked only then (the question itself costs a microsecond)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
 
 
 def _load_implementation(op: str, backend: str, device: torch.device) -> Callable:
