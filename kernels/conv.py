@@ -243,6 +243,12 @@ def _mish_epilogue_kernel(
                 out_ptr, os_n, os_c, os_h, os_w, HAS_BIAS, HAS_RES)
 
 
+def _unit_stride(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``bias`` as the kernels read it, ``bias_ptr + channel``: contiguous (a no-op for a parameter; a copy for a
+    strided view such as ``b[::2]``)."""
+    return None if bias is None else bias.contiguous()
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -272,6 +278,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
 
     precision = "tf32" if (tf32 or x.dtype != torch.float32) else "ieee"
+    bias = _unit_stride(bias)
     with on_device(out.device):
         _conv_mish_kernel[grid](
             x, weight, bias, residual, out, m, c_in, h, w, c_out, h_out, w_out,
@@ -289,6 +296,7 @@ def mish_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Te
     """
     batch, c, h, w = y.shape
     m = batch * h * w
+    bias = _unit_stride(bias)
     block_n = min(128, max(16, next_power_of_2(c)))
     block_m = 4096 // block_n
     grid = (cdiv(m, block_m), cdiv(c, block_n))

@@ -90,6 +90,9 @@ BN_CASES = [
     (_bn_args(residual=torch.randn(2, 3, 3, 3).double()), TypeError, "residual has dtype"),
     (_bn_args(out=torch.empty(2, 3, 3, 2)), ValueError, "out must have shape"),
     (_bn_args(out=torch.empty(2, 3, 3, 1).expand(2, 3, 3, 3)), ValueError, "out has a dimension of stride 0"),
+    (_bn_args(running_mean=torch.zeros(3, requires_grad=True)), ValueError, "running_mean must not require grad"),
+    (_bn_args(running_var=torch.ones(3, requires_grad=True), training=False), ValueError,
+     "running_var must not require grad"),
 ]
 
 

@@ -185,6 +185,25 @@ def test_bn_mish_functional_equals_batch_norm_then_mish():
     torch.testing.assert_close(rv, rv2)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_mish_gradient_of_an_input_with_odd_size_one_strides(training):
+    """x dense channels_last but with strides of its size-1 dims that channels_last does not give them (a permuted
+    buffer): the gradient is that of the same values laid out plainly (PyTorch's CPU batch_norm backward alone
+    gets it wrong)."""
+    torch.manual_seed(0)
+    plain = torch.randn(1, 3, 2, 1)
+    odd = plain.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    assert odd.stride() == (3, 1, 3, 3) and torch.equal(odd, plain)
+    grad = torch.randn(1, 3, 2, 1)
+    mean, var = torch.randn(3) * 0.1, torch.rand(3) + 0.5
+    grads = []
+    for x in (plain, odd):
+        x = x.detach().requires_grad_(True)
+        y = ops.bn_mish(x, None, None, mean.clone(), var.clone(), training, 0.1, 0.5, backend="reference")
+        grads.append(torch.autograd.grad(y, x, grad)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_bn_mish_out_writes_channel_slice():
     x = torch.randn(2, 3, 4, 4)
     buf = torch.full((2, 7, 4, 4), float("nan"))

@@ -120,6 +120,16 @@ def test_cudnn_path(device, dtype, layout, monkeypatch, tc):
 
 
 @pytest.mark.parametrize("path", ["triton", "cudnn"])
+def test_strided_bias(device, path, monkeypatch, tc):
+    """A bias that is a strided view (every other element of a larger vector) is read through its strides."""
+    monkeypatch.setenv(tc.PATH_ENV, path)
+    x, weight, _, stride, res = make_case(device, torch.float32, c_out=6, k=1)
+    bias = torch.randn(12, device=device)[::2]
+    args = (x, weight, bias, stride, res)
+    check(run(args), args, f"strided bias via {path}")
+
+
+@pytest.mark.parametrize("path", ["triton", "cudnn"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_out_channel_slice(device, path, layout, monkeypatch, tc):
     """out= a channel slice of a NaN-poisoned buffer: the slice matches, nothing else is written."""

@@ -139,6 +139,12 @@ def check_bn_args(
     _check_bn_vector_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                # (torch.nn.functional.batch_norm refuses it too; a fast backend would update it silently)
+                raise ValueError(f"{name} must not require grad: the running statistics are buffers, updated in "
+                                 "place when training and constants in eval, not differentiable inputs")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:

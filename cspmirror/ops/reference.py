@@ -75,10 +75,30 @@ def bn_mish(
 ) -> torch.Tensor:
     """``mish(batch_norm(x)) (+ residual)`` with BatchNorm2d semantics; running stats update in place when
     training. ``momentum`` is the exponential-average factor (the module turns ``momentum=None`` into 1/n)."""
-    y = F.mish(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+    y = F.mish(F.batch_norm(_canonical_strides(x), running_mean, running_var, weight, bias, training, momentum,
+                            eps))
     if residual is not None:
         y = y + residual
     return _write(y, out)
+
+
+def _canonical_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or, when it is dense in its memory format but a size-1 dim has another stride than that
+    format gives it (e.g. [1, 3, 2, 1] with strides (3, 1, 3, 3), from a permuted buffer), a copy with the
+    format's own strides: PyTorch's CPU ``batch_norm`` backward (2.14 at least) reads such an input with the
+    wrong layout and returns a wrong gradient, though its forward is right."""
+    fmt = memory_format_of(x)
+    if x.is_contiguous(memory_format=fmt) and x.stride() != _format_strides(tuple(x.shape), fmt):
+        return x.clone(memory_format=fmt)
+    return x
+
+
+def _format_strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides a new [N, C, H, W] tensor of ``shape`` gets in ``fmt`` (contiguous or channels_last)."""
+    n, c, h, w = shape
+    if fmt == torch.channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
 
 
 def conv_bn_mish(
