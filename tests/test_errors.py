@@ -149,6 +149,25 @@ def test_out_leaf_that_requires_grad_is_refused(backend, op):
         call()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["bn_mish", "conv_bn_mish"])
+def test_out_inference_tensor_outside_inference_mode_is_refused(backend, op):
+    """out= made under torch.inference_mode cannot be written outside it: PyTorch's error on every backend (the
+    fast kernels wrote it silently); inside inference mode it is written."""
+    shape = (2, 3, 3, 3) if op == "bn_mish" else (2, 4, 2, 3)
+    with torch.inference_mode():
+        out = torch.zeros(shape)
+    if op == "bn_mish":
+        call = lambda: ops.bn_mish(**_bn_args(), out=out, backend=backend)  # noqa: E731
+    else:
+        call = lambda: ops.conv_bn_mish(x4, torch.randn(4, 3, 3, 3), None, 2, out=out, backend=backend)  # noqa: E731
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        call()
+    assert not out.any()
+    with torch.inference_mode():
+        assert call() is out and out.any()
+
+
 def test_plain_fx_tracing_points_to_the_fx_integration():
     """torch.fx without cspmirror's leaves reaches an op with a Proxy: the error says where the tracer is."""
     with pytest.raises(TypeError, match="got Proxy; to trace a model with torch.fx, use cspmirror.integrations.fx"):

@@ -350,6 +350,19 @@ def test_running_stats_match_batchnorm2d(lib, momentum):
     torch.testing.assert_close(ours(x), F.mish(theirs(x)))
 
 
+def test_running_stats_made_in_inference_mode_update_outside_it(lib):
+    """Running statistics created under torch.inference_mode are updated by a training call outside it, as
+    F.batch_norm (the reference) and Triton do (the extension raised, after writing them)."""
+    x = torch.randn(2, 3, 4, 5)
+    with torch.inference_mode():
+        ours = torch.zeros(3), torch.ones(3)
+    theirs = torch.zeros(3), torch.ones(3)
+    ops.bn_mish(x, None, None, *ours, True, backend="extension")
+    ops.bn_mish(x, None, None, *theirs, True, backend="reference")
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

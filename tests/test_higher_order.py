@@ -110,3 +110,24 @@ def test_recomputed_input_next_to_a_checkpointed_producer():
 
     for want, have in zip(grads("reference"), grads("triton"), strict=True):
         assert rel_err(have, want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_forward_ad_runs_the_reference(backend):
+    """Forward-mode AD (torch.autograd.forward_ad) through a fast backend gives the reference's tangent: the fast
+    ops have no jvp, and used to return their output without one (tangent None, silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    _backend_or_skip(backend)
+    torch.manual_seed(0)
+    x, t = torch.randn(SHAPE), torch.randn(SHAPE)
+    w, b, rm, rv = torch.randn(SHAPE[1]), torch.randn(SHAPE[1]), torch.randn(SHAPE[1]), torch.rand(SHAPE[1]) + 0.5
+
+    def tangent(backend: str) -> torch.Tensor | None:
+        with fwAD.dual_level():
+            y = cspmirror.ops.mirror_split(fwAD.make_dual(x, t), backend=backend)
+            y = cspmirror.ops.bn_mish(y, w, b, rm.clone(), rv.clone(), False, backend=backend)
+            return fwAD.unpack_dual(y).tangent
+
+    expected, got = tangent("reference"), tangent(backend)
+    assert got is not None and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)

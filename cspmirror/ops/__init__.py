@@ -4,9 +4,10 @@ Each op validates its arguments here (so every backend raises the same errors), 
 ("auto" | "triton" | "extension" | "reference") for the input's device, and calls that backend's
 implementation. The fast backends' modules are imported lazily, on first use (the reference, plain PyTorch,
 always is: it is what "auto" runs off CUDA). Under a ``torch.func`` transform (``grad``, ``vmap``, ...)
-every backend runs the reference: the fast ops' autograd formulas have no functorch rules. So it does while
-``torch.onnx.export`` traces the model (either exporter): ONNX has no lowering for the fast ops, and the
-reference computes the same function in standard ops.
+every backend runs the reference: the fast ops' autograd formulas have no functorch rules. So it does inside
+``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the fast ops have no ``jvp``, and would return
+their output without a tangent), and while ``torch.onnx.export`` traces the model (either exporter): ONNX has no
+lowering for the fast ops, and the reference computes the same function in standard ops.
 
 =============  ==========================================
 backend        module
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .. import backends
 from . import _validate, reference  # noqa: F401  (loaded: see _load_implementation)
@@ -57,7 +59,7 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     traces without a graph break (the first, cold look-up imports modules, which breaks the graph:
     :func:`cspmirror.accelerate` warms the cache for a model's ops and device).
     """
-    if backend != "reference" and (_functorch_transform() or _onnx_export()):
+    if backend != "reference" and (_functorch_transform() or _forward_ad() or _onnx_export()):
         backend = "reference"  # (see the module docstring)
     key = (op, backend, device.type, device.index)  # plain constants, which every Dynamo version hashes
     fn = _RESOLVED.get(key)
@@ -68,6 +70,11 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
 
 def _functorch_transform() -> bool:
     return not torch.compiler.is_compiling() and functorch_active()
+
+
+def _forward_ad() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level()`` is open (dual tensors may reach the op)."""
+    return forward_ad._current_level >= 0
 
 
 def _onnx_export() -> bool:

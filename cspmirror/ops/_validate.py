@@ -194,6 +194,12 @@ def check_residual_out(y_like: torch.Tensor, residual: torch.Tensor | None, out:
         # (PyTorch's own "internal overlap" test for a written-to tensor)
         raise ValueError(f"out has a dimension of stride 0 (an expanded tensor, strides {out.stride()}): "
                          "several of its elements share memory, so it cannot be written to")
+    if (out is not None and not torch.compiler.is_compiling() and out.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        # PyTorch's error for any in-place write (the reference's copy_ raises it; the fast kernels wrote silently)
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed: out was made "
+                           "under torch.inference_mode; make a clone to get a normal tensor before writing into it. "
+                           "See https://github.com/pytorch/rfcs/pull/17 for more details.")
 
 
 def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: int) -> tuple[int, int, int, int]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..backends import BackendStatus, BackendUnavailableError
 from . import reference
-from ._eager import EagerOp, bump_versions
+from ._eager import EagerOp, bump_versions, plain_eager
 from ._flop_counts import register_conv_flops
 from ._validate import conv_output_shape, split_width
 
@@ -284,8 +284,8 @@ def bn_mish(
         else:
             y, mean, var = _EAGER["bn_mish_train"](x, weight, bias, eps, residual)
         if running_mean is not None:
-            lib.bn_update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum,
-                                        x.numel() // x.shape[1])
+            _update_running_stats(lib, running_mean, running_var, mean.detach(), var.detach(), momentum,
+                                  x.numel() // x.shape[1])
             bump_versions([running_mean, running_var])
     elif direct:
         lib.bn_mish_eval_out(x, weight, bias, running_mean, running_var, eps, residual, out)
@@ -296,6 +296,18 @@ def bn_mish(
     if out is None or direct:
         return y
     return out.copy_(y)
+
+
+def _update_running_stats(lib: Any, *args: Any) -> None:
+    """``bn_update_running_stats``; in plain eager mode below the ADInplaceOrView key, as ATen's batch_norm updates
+    them: running statistics made under torch.inference_mode (no version counter) are then updated outside it
+    too, as on the reference and Triton (that key refused them, after the kernel had written them). The caller
+    bumps the version counters."""
+    if plain_eager(list(args[:2])):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            lib.bn_update_running_stats(*args)
+    else:
+        lib.bn_update_running_stats(*args)
 
 
 def conv_bn_mish(
