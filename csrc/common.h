@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -252,7 +253,10 @@ at::Tensor mirror_fuse_op(at::TensorList parts, int64_t length, int64_t axis, bo
   const int64_t width = first.size(dim);
   TORCH_CHECK(first.size(0) % 2 == 0, "parts must have an even batch (2N)");
   TORCH_CHECK(width >= (length + 1) / 2 && width <= length, "parts of width ", width, " cannot fuse to ", length);
-  const at::MemoryFormat fmt = format_of(first);
+  // channels_last when any part is (as the reference: a channels_last model's first part is a channel slice)
+  const bool any_nhwc =
+      std::any_of(parts.begin(), parts.end(), [](const at::Tensor& p) { return is_channels_last(p); });
+  const at::MemoryFormat fmt = any_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   int64_t channels = 0;
   for (const auto& p : parts) {
     TORCH_CHECK(p.dim() == 4 && p.size(0) == first.size(0) && p.size(2) == first.size(2) &&

@@ -338,6 +338,29 @@ def _fast_backend_or_skip(backend: str) -> None:
         pytest.skip(cspmirror.backends.extension_status().reason)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", "extension"])
+def test_channels_last_model_stays_channels_last(backend):
+    """Every stage's mirror_fuse of a channels_last model returns channels_last (its first part is a channel
+    slice of a channels_last tensor, not channels_last itself; it returned NCHW, for the next conv to convert
+    back), on every backend, with the same values as the contiguous model."""
+    if backend != "reference":
+        _fast_backend_or_skip(backend)
+    model = cspmirror.accelerate(_tiny(num_classes=10).eval(), backend)
+    x = _input("cpu")
+    with torch.no_grad():
+        expected = model(x)
+    model = model.to(memory_format=CL)
+    formats = []
+    hooks = [m.register_forward_hook(lambda _m, _args, out: formats.append(out.is_contiguous(memory_format=CL)))
+             for m in model.modules() if isinstance(m, cspmirror.layers.MirrorFuse)]
+    with torch.no_grad():
+        got = model(x.contiguous(memory_format=CL))
+    for hook in hooks:
+        hook.remove()
+    assert formats and all(formats), formats
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["triton", "extension"])
 def test_meta_device_model_runs_on_every_backend(backend):
     """A model built on the meta device (deferred initialisation, shape inspection) trains a step and fuses on a

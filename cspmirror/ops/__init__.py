@@ -144,7 +144,7 @@ def mirror_fuse(
         reduce: "sum" or "mean" ("mean" halves the overlap columns).
 
     Returns:
-        [N, sum(C_i), H, L] in the memory format of ``parts[0]``.
+        [N, sum(C_i), H, L], channels_last when a part is (else contiguous).
     """
     parts, length, overlap, axis, reduce = _validate.check_fuse_args(parts, length, overlap, axis, reduce)
     fn = implementation("mirror_fuse", backend, parts[0].device)

@@ -376,7 +376,7 @@ def _fake_fuse(parts, length, axis, mirror, mean):
     shape[0] //= 2
     shape[1] = sum(p.shape[1] for p in parts)
     shape[axis] = length
-    return _empty(shape, parts[0], _format_of(parts[0]))
+    return _empty(shape, parts[0], reference.fuse_memory_format(parts))
 
 
 def _fake_fuse_backward(grad, channels, width, axis, mirror, mean):

@@ -57,7 +57,7 @@ def mirror_fuse(
         middle = middle / 2
     left, right = z1.narrow(axis, 0, start) + 0.0, z2.narrow(axis, shared, width - shared) + 0.0
     out = torch.cat([left, middle, right], dim=axis)
-    return out.contiguous(memory_format=memory_format_of(parts[0]))
+    return out.contiguous(memory_format=fuse_memory_format(parts))
 
 
 def bn_mish(
@@ -174,5 +174,14 @@ def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last when ``x`` is stored that way (and is not trivially both), else contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def fuse_memory_format(parts: Sequence[torch.Tensor]) -> torch.memory_format:
+    """``mirror_fuse``'s output format: channels_last when any part is stored that way. (In a channels_last
+    model the first part is a channel slice of a channels_last tensor, not channels_last itself: its format alone
+    would turn every fused stage output to NCHW, for the next convolution to convert back.)"""
+    if any(memory_format_of(p) == torch.channels_last for p in parts):
         return torch.channels_last
     return torch.contiguous_format

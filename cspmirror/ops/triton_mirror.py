@@ -7,7 +7,8 @@ Both are ``torch.library`` custom ops, so they run under autograd, ``torch.compi
   of ``mirror_fuse(reduce=r)``. Each op's backward is then the other op (SPEC §1.2): split's is a fuse of
   the gradient with one part; fuse's is a split of each part's channel slice of the gradient.
 - ``channels_last``: the output's memory format. The public functions pass the reference's choice (that of
-  ``x`` / ``parts[0]``); the backwards pass the format of the input whose gradient they compute.
+  ``x``; for the fuse, channels_last when a part is); the backwards pass the format of the input whose gradient
+  they compute.
 
 Arguments arrive validated (:mod:`cspmirror.ops` validates); axis is -1 or -2.
 """
@@ -23,7 +24,7 @@ from .. import backends
 from ..kernels import mirror as kernels
 from ._eager import EagerOp
 from ._validate import split_width
-from .reference import memory_format_of
+from .reference import fuse_memory_format, memory_format_of
 
 
 @functools.cache
@@ -167,13 +168,13 @@ def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror:
 
 def mirror_fuse(parts: Sequence[torch.Tensor], length: int, overlap: float = 0.25, axis: int = -1,
                 mirror: bool = True, reduce: str = "sum") -> torch.Tensor:
-    """Triton ``mirror_fuse``: parts [2N, C_i, H, P] -> [N, sum(C_i), H, length] (axis=-1), in the memory
-    format of ``parts[0]``.
+    """Triton ``mirror_fuse``: parts [2N, C_i, H, P] -> [N, sum(C_i), H, length] (axis=-1), channels_last when a
+    part is (:func:`~cspmirror.ops.reference.fuse_memory_format`).
 
     Raises :class:`cspmirror.backends.BackendUnavailableError` when Triton cannot run on the parts' device.
     """
     parts = list(parts)
-    return _fuse(parts, length, overlap, axis, mirror, reduce, _is_channels_last(parts[0]))
+    return _fuse(parts, length, overlap, axis, mirror, reduce, fuse_memory_format(parts) == torch.channels_last)
 
 
 __all__ = ["mirror_split", "mirror_fuse"]
