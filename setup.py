@@ -21,7 +21,9 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 
-packages = find_packages(include=["cspmirror", "cspmirror.*"]) + ["cspmirror.kernels"]
+# kernels/ and csrc/ sit at the top of the repository and install inside the package: cspmirror/kernels (the
+# Triton kernels, a subpackage) and cspmirror/csrc (the extension's sources, data for its just-in-time build).
+packages = find_packages(include=["cspmirror", "cspmirror.*"]) + ["cspmirror.kernels", "cspmirror.csrc"]
 
 
 def extension_build() -> dict:
@@ -58,7 +60,7 @@ def extension_build() -> dict:
 
 setup(
     packages=packages,
-    package_dir={"cspmirror.kernels": "kernels"},
-    package_data={"cspmirror": ["csrc/*", "yolo/*.yaml"]},
+    package_dir={"cspmirror.kernels": "kernels", "cspmirror.csrc": "csrc"},
+    package_data={"cspmirror": ["yolo/*.yaml"], "cspmirror.csrc": ["*.cpp", "*.cu", "*.h"]},
     **extension_build(),
 )

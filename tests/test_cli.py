@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,37 @@ def test_a_checkout_runs_its_own_kernels(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                           env={"PATH": "", "PYTHONPATH": str(tmp_path)})
     assert Path(done.stdout.strip()) == tmp_path / "kernels" / "mirror.py"
+
+
+def _skip_unless_wheels_build_offline() -> None:
+    """Building a wheel without build isolation (no download) needs setuptools >= 70.1 or the wheel package."""
+    pytest.importorskip("setuptools")
+    try:
+        import setuptools.command.bdist_wheel  # noqa: F401
+    except ImportError:
+        pytest.importorskip("wheel", reason="building a wheel offline needs setuptools >= 70.1 or wheel")
+
+
+def test_a_wheel_carries_the_kernels_and_the_extension_sources(tmp_path):
+    """A wheel (a non-editable install) holds ``kernels/`` as ``cspmirror/kernels`` and ``csrc/`` as
+    ``cspmirror/csrc``, where the extension's just-in-time build looks for its sources."""
+    _skip_unless_wheels_build_offline()
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy, so that the build's folders stay out of the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.so")
+    for folder in ("cspmirror", "kernels", "csrc"):
+        shutil.copytree(repo / folder, source / folder, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("cspmirror-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = [f"cspmirror/kernels/{p.name}" for p in (repo / "kernels").glob("*.py")]
+    sources = [p for p in (repo / "csrc").iterdir() if p.suffix in (".py", ".cpp", ".cu", ".h")]
+    expected += [f"cspmirror/csrc/{p.name}" for p in sources]
+    expected += ["cspmirror/yolo/cspmirror_yolov8n.yaml"]
+    assert not [name for name in expected if name not in names]
 
 
 @pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [

@@ -27,7 +27,7 @@ FX feature extraction (``feature_cls="fx"``, ``timm.models.create_feature_extrac
 :func:`cspmirror.integrations.fx.create_feature_extractor` instead.
 
 TorchScript: no cspmirror module is scriptable: ``torch.jit.script`` stops at the modules' Python-only
-helpers (the first it meets is the recomputation check of the dense blocks, which reads autograd's graph-task
+helpers (the first it meets is ``BatchNormMish2d``'s recomputation check, which reads autograd's graph-task
 id) and would stop at the fused ops next (:func:`cspmirror.ops.bn_mish` / ``conv_bn_mish`` have SPEC §3
 keyword-only arguments that TorchScript cannot compile, and their backend dispatch imports modules at run time).
 ``torch.jit.trace(model, x, check_trace=False)`` works on the reference backend, for a fixed input size. For

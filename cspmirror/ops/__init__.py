@@ -168,7 +168,8 @@ def bn_mish(
     """``mish(batch_norm(x)) (+ residual)`` (SPEC §1.3, §3).
 
     Args:
-        x: [N, C, H, W]. weight, bias, running_mean, running_var: [C] (fp32 for half inputs, as BatchNorm2d).
+        x: [N, C, H, W]. weight, bias, running_mean, running_var: [C], in x's dtype (or all fp32 for half
+            inputs, as BatchNorm2d).
         training: batch statistics (and running-stat update in place) when True, running stats when False.
         momentum: exponential-average factor for the running stats (``nn.BatchNorm2d`` semantics).
         residual: [N, C, H, W], added after Mish.
