@@ -97,14 +97,15 @@ MERGE_ROWS = 64
 
 @triton.jit
 def _tile(item, nbb, C, B, pid_c, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr):
-    """Indices of tile ``item`` (``a * nbb + b_block``) of channel block ``pid_c``: (a, offs_c, offs_b, mask)."""
+    """Indices of tile ``item`` (``a * nbb + b_block``) of channel block ``pid_c``: (a, offs_c, offs_b, mask).
+    IDX64: in int64 from the tile number on (``b_block * BLOCK_B`` passes 2^31 where B does, e.g. C = 1)."""
+    if IDX64:
+        item = tl.cast(item, tl.int64)
     a = item // nbb
     offs_b = (item - a * nbb) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_c < C)[:, None] & (offs_b < B)[None, :]
     if IDX64:
-        a = a.to(tl.int64)
-        offs_b = offs_b.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
     return a, offs_c[:, None], offs_b[None, :], mask
 
@@ -150,9 +151,10 @@ def _nth_item(i, start, end, REVERSED: tl.constexpr):
 
 @triton.jit
 def _count(start, end, nbb, B, BLOCK_B: tl.constexpr):
-    """Valid elements per channel in tiles [start, end): every tile is full except the last of each ``a``."""
+    """Valid elements per channel in tiles [start, end): every tile is full except the last of each ``a``, which
+    lacks ``nbb * BLOCK_B - B`` (computed without that product, which passes 2^31 where B does)."""
     lasts = end // nbb - start // nbb
-    return (end - start) * BLOCK_B - lasts * (nbb * BLOCK_B - B)
+    return (end - start) * BLOCK_B - lasts * ((BLOCK_B - B % BLOCK_B) % BLOCK_B)
 
 
 @triton.jit
@@ -327,15 +329,14 @@ def _apply_tiles(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, B, nbb, eps,
+    x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, B, nbb, items, eps,
     sxa, sxc, sxb, sra, src, srb, sya, syc, syb,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
 ):
-    """Eval forward: :func:`_apply_tiles` from given statistics, one tile per program (grid: tiles, blocks).
-    EVICT (``""``: none) comes from the launch: Triton 3.6 takes no string written in device code as a
-    constexpr argument."""
-    pid_c = tl.program_id(1)
-    item = tl.program_id(0)
+    """Eval forward: :func:`_apply_tiles` from given statistics, one tile per program (a 1-D grid of
+    ``items`` programs per channel block, see :func:`_role`). EVICT (``""``: none) comes from the launch:
+    Triton 3.6 takes no string written in device code as a constexpr argument."""
+    item, pid_c = _role(tl.program_id(0), 0, items)
     _apply_tiles(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pid_c, item, item + 1, C, B, nbb, eps,
                  sxa, sxc, sxb, sra, src, srb, sya, syc, syb, BLOCK_C, BLOCK_B, IDX64, False, EVICT)
 
@@ -489,23 +490,23 @@ def _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid
 @triton.jit
 def _backward_kernel(
     dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr,
-    C, B, nbb, items, ipp, eps,
+    C, B, nbb, items, splits, ipp, eps,
     sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
     REDUCE: tl.constexpr, WRITE_DX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr, EVICT: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
 ):
     """:func:`_backward_tiles` without the batch-statistics terms (eval, or the sums alone), over program
-    ``(split, channel block)``'s tiles (EVICT as in :func:`_apply_kernel`); with REDUCE, the last program of
-    each channel block adds up the block's partials into ``sum_g`` and ``sum_gx``."""
-    split = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    ``(split, channel block)``'s tiles (a 1-D grid of ``splits`` programs per channel block; EVICT as in
+    :func:`_apply_kernel`); with REDUCE, the last program of each channel block adds up the block's partials
+    into ``sum_g`` and ``sum_gx``."""
+    split, pid_c = _role(tl.program_id(0), 0, splits)
     start, end = _items_of(split, ipp, items)
     _backward_tiles(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pg_ptr, pgx_ptr, 0.0, 0.0,
                     split, pid_c, start, end, C, B, nbb, eps, sda, sdc, sdb, sxa, sxc, sxb, sea, sec, seb,
                     REDUCE, WRITE_DX, False, BLOCK_C, BLOCK_B, IDX64, False, EVICT)
     if REDUCE:
-        _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid_c, C, tl.num_programs(0),
+        _sum_partials_if_last(pg_ptr, pgx_ptr, count_ptr, sum_g_ptr, sum_gx_ptr, pid_c, C, splits,
                               BLOCK_C, MERGE_ROWS)
 
 
@@ -895,8 +896,8 @@ def apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, we
     plan, x_in, (res,), y = _prepare(x, [residual], out)
     mean, var, weight, bias = _vectors(mean, var, weight, bias)
     with on_device(x.device):
-        _apply_kernel[(plan.items, plan.c_blocks)](
-            x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, float(eps),
+        _apply_kernel[(plan.items * plan.c_blocks,)](
+            x_in, res, y, mean, var, weight, bias, plan.c, plan.b, plan.nbb, plan.items, float(eps),
             *plan.strides(x_in), *_strides_or_zeros(plan, res), *plan.strides(y),
             BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", num_warps=NUM_WARPS,
         )
@@ -1006,9 +1007,9 @@ def _launch_backward(plan: Plan, dy: torch.Tensor, x: torch.Tensor, dx: torch.Te
     """One ``_backward_kernel`` launch (no batch-statistics terms): reduces when ``reduction`` (the two
     partials [programs, C], the zeroed counters, sum_g and sum_gx [C]) is given, writes ``dx`` when given."""
     mean, var, eps, weight, bias = args
-    _backward_kernel[(programs, plan.c_blocks)](
+    _backward_kernel[(programs * plan.c_blocks,)](
         dy, x, dx, mean, var, weight, bias, *(reduction if reduction is not None else (None,) * 5),
-        plan.c, plan.b, plan.nbb, plan.items, ipp, float(eps),
+        plan.c, plan.b, plan.nbb, plan.items, programs, ipp, float(eps),
         *plan.strides(dy), *plan.strides(x), *_strides_or_zeros(plan, dx),
         REDUCE=reduction is not None, WRITE_DX=dx is not None,
         BLOCK_C=plan.block_c, BLOCK_B=plan.block_b, IDX64=plan.idx64, EVICT="", MERGE_ROWS=MERGE_ROWS,

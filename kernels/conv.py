@@ -157,8 +157,10 @@ def _autotune_options() -> dict:
     return {name: value for name, value in options.items() if name in accepted}
 
 
+# The key holds every argument _prune_configs reads (Triton adds the tensors' dtypes): a config found for one key
+# is reused, unpruned, for every later call with that key (PRECISION: ieee takes only small FMA tiles).
 @triton.autotune(configs=_INTERPRETER_CONFIGS if INTERPRETED else _GPU_CONFIGS,
-                 key=["M", "C_in", "C_out", "K_SIZE", "STRIDE"],
+                 key=["M", "C_in", "C_out", "K_SIZE", "STRIDE", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_configs}, **_autotune_options())
 # Sizes that only bound rows (pixels) are not specialized: a layer of another resolution reuses the binary.
 # C_in and C_out stay specialized: their divisibility lets the channel masks keep 16-byte accesses.

@@ -273,14 +273,26 @@ def _second_part(x_base, mask, i1, i2, group, lane, xs1, xs2, xs3, length, width
 
 @triton.jit
 def _aligned_back(in0, in1, in2, out0, out1, out2, size3, length, width, SPLIT_DIM: tl.constexpr,
-                  ALIGN: tl.constexpr):
+                  ALIGN: tl.constexpr, INT64: tl.constexpr):
     """The row quantities the launcher divided by ALIGN (strides of dims 0..2 in and out, size3, and L, P
-    when SPLIT_DIM == 3), multiplied back: the compiler then knows they are multiples of ALIGN."""
+    when SPLIT_DIM == 3), multiplied back: the compiler then knows they are multiples of ALIGN. INT64: in 64
+    bits, before the product (a quotient that fits 32 bits may not, multiplied back; and the split's second
+    half starts at ``n_half`` times the batch stride)."""
+    if INT64:
+        in0, in1, in2 = _as_int64(in0), _as_int64(in1), _as_int64(in2)
+        out0, out1, out2 = _as_int64(out0), _as_int64(out1), _as_int64(out2)
+        size3, length, width = _as_int64(size3), _as_int64(length), _as_int64(width)
     if SPLIT_DIM == 3:
         length *= ALIGN
         width *= ALIGN
     return (in0 * ALIGN, in1 * ALIGN, in2 * ALIGN, out0 * ALIGN, out1 * ALIGN, out2 * ALIGN, size3 * ALIGN,
             length, width)
+
+
+@triton.jit
+def _as_int64(v):
+    """``v`` in int64 (``tl.cast``, not ``.to()``: an argument equal to 1 arrives as a plain int)."""
+    return tl.cast(v, tl.int64)
 
 
 @triton.jit
@@ -302,7 +314,7 @@ def mirror_split_kernel(
     loads and stores along dim 3 (Triton alone only knows "multiple of 16").
     """
     xs0, xs1, xs2, ys0, ys1, ys2, size3, length, width = _aligned_back(
-        xs0, xs1, xs2, ys0, ys1, ys2, size3, length, width, SPLIT_DIM, ALIGN)
+        xs0, xs1, xs2, ys0, ys1, ys2, size3, length, width, SPLIT_DIM, ALIGN, INT64)
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
                                                     B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane
@@ -336,7 +348,7 @@ def mirror_fuse_kernel(
     """out [N, C_k, ...] (a channel slice) = mirror_fuse of one part [2N, C_k, ...]; sizes and strides in
     out's physical order, row quantities divided by ALIGN as in :func:`mirror_split_kernel`."""
     ps0, ps1, ps2, os0, os1, os2, size3, length, width = _aligned_back(
-        ps0, ps1, ps2, os0, os1, os2, size3, length, width, SPLIT_DIM, ALIGN)
+        ps0, ps1, ps2, os0, os1, os2, size3, length, width, SPLIT_DIM, ALIGN, INT64)
     n, i1, i2, group, lane, mask = _program_indices(tiles1, tiles2, tiles3, size1, size2, size3,
                                                     B1, B2, B3, ALIGN, INT64, FLAT)
     i3 = group + lane

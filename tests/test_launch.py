@@ -44,3 +44,34 @@ def test_every_launch_names_its_tensors_device(monkeypatch, device):
     for name, devices in seen.items():
         assert devices, f"{name} launched without choosing the device"
         assert all(d == x.device for d in devices), (name, devices)
+
+
+def test_conv_path_timing_runs_on_the_tensors_device(monkeypatch, device):
+    """The conv's per-shape path choice times both paths with ``do_bench``, whose events, synchronizations and
+    L2 flush are the current CUDA device's: it must be the tensors' device (for a tensor on cuda:1 while
+    cuda:0 was current, the events timed cuda:0's idle stream, and the cached choice was arbitrary)."""
+    import triton.testing
+
+    from cspmirror.ops import triton_conv
+
+    entered: list[torch.device] = []
+    timed_in: list[list[torch.device]] = []
+
+    @contextlib.contextmanager
+    def recorded(dev):
+        entered.append(dev)
+        try:
+            with launch.on_device(dev):
+                yield
+        finally:
+            entered.pop()
+
+    def bench(fn, **kwargs):  # nothing runs: only where the timing would happen
+        timed_in.append(list(entered))
+        return 1.0
+
+    monkeypatch.setattr(triton_conv, "on_device", recorded)
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    x = torch.randn(1, 4, 5, 6, device=device)
+    assert triton_conv._fastest_path(x, torch.randn(3, 4, 3, 3, device=device), None, 1, None) in ("triton", "cudnn")
+    assert timed_in == [[x.device], [x.device]]

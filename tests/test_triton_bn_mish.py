@@ -406,6 +406,69 @@ def test_idx64_path(kernels, monkeypatch, device):
         check_case(make_case((2, 3, 4, 5), layout=layout, device=device))
 
 
+def _tile_probe(kernels, device: torch.device, item: int, nbb: int, b: int, idx64: bool) -> list[int]:
+    """What ``_tile`` gives for tile ``item`` of a channel of ``b`` elements (BLOCK_B = 4096): its first and
+    last offsets along B and how many are inside B; and ``_count`` of the tiles [item - 1, nbb)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, item, nbb, B, BLOCK_B: tl.constexpr, IDX64: tl.constexpr):
+        _, _, offs, mask = cspmirror.kernels.bn_mish._tile(item, nbb, 1, B, 0, 1, BLOCK_B, IDX64)
+        offs = tl.reshape(offs, [BLOCK_B]).to(tl.int64)
+        tl.store(out_ptr, tl.min(offs, axis=0))
+        tl.store(out_ptr + 1, tl.max(offs, axis=0))
+        tl.store(out_ptr + 2, tl.sum(tl.reshape(mask, [BLOCK_B]).to(tl.int64), axis=0))
+        tl.store(out_ptr + 3, cspmirror.kernels.bn_mish._count(item - 1, nbb, nbb, B, BLOCK_B).to(tl.int64))
+
+    out = torch.full((4,), -1, dtype=torch.int64, device=device)
+    probe[(1,)](out, item, nbb, b, BLOCK_B=4096, IDX64=idx64)
+    return out.tolist()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 32-bit probe, on purpose
+@pytest.mark.parametrize("on", ["default", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tile_offsets_past_2_to_the_31(kernels, device, on):
+    """One channel of more than 2^31 elements along B (e.g. C = 1, whose N, H and W merge into B): the tile
+    offsets and the count of valid elements in 64 bits from the tile number on (32-bit products wrapped
+    negative: reads and writes before the tensor, and a wrong count in the statistics). The 64-bit path's
+    only full test needs 4 GiB (test_gpu_c1_past_2_to_the_31_elements)."""
+    item = 2**19 + 5  # the last tile; it starts at 2^31 + 20480 and lacks 100 elements
+    nbb = item + 1
+    b = nbb * 4096 - 100
+    device = torch.device("cuda") if on == "cuda" else device
+    assert _tile_probe(kernels, device, item, nbb, b, idx64=True) == [item * 4096, item * 4096 + 4095, 3996,
+                                                                      8092]
+    assert _tile_probe(kernels, device, item, nbb, b, idx64=False)[0] < 0  # the probe's teeth: 32 bits wrap
+
+
+def test_launch_grids_stay_within_cuda_limits(kernels, monkeypatch):
+    """More than 65535 channel blocks (one channel per block with tiles of 2): every launch's grid fits CUDA's
+    limits (x < 2^31 programs, y and z <= 65535), which the interpreter does not enforce. The eval kernels had
+    the channel blocks along y: on a GPU, eval forward and backward of e.g. [1, 2^18, 32, 32] NCHW did not
+    launch. The kernels are not run here (the grids are recorded); the interpreter tests run the same
+    program numbering on small shapes."""
+    monkeypatch.setattr(kernels, "TILE", 2)
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for name in ("_apply_kernel", "_backward_kernel", "_train_forward_kernel", "_train_backward_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder())
+    c = 2**16 + 1
+    x, stats = torch.randn(1, c, 1, 2), torch.ones(c)
+    assert kernels.make_plan(x).c_blocks == c
+    kernels.apply(x, stats, stats, 1e-5, None, None, None, torch.empty_like(x))
+    kernels.train_forward(x, None, None, None, 1e-5, torch.empty_like(x))
+    for training, dx in ((False, torch.empty_like(x)), (True, torch.empty_like(x)), (True, None)):
+        kernels.backward(x, x, stats, stats, 1e-5, None, None, training, dx, True)
+    assert len(grids) >= 5
+    assert all(g[0] < 2**31 and all(d <= 65535 for d in g[1:]) for g in grids), grids
+
+
 def test_deterministic(kernels, device):
     case = make_case((2, 3, 4, 7), device=device)
     assert kernels.make_plan(case.x).splits(kernels.target_programs(case.x.device))[0] == 2
@@ -612,6 +675,30 @@ def test_gpu_past_2_to_the_31_elements():
         tail = x[0, c, -1, -64:].float()
         expected = F.mish((tail - mean) / torch.sqrt(var + 1e-5))
         torch.testing.assert_close(y[0, c, -1, -64:].float(), expected, rtol=1e-2, atol=1e-2)
+    del x, y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_c1_past_2_to_the_31_elements(kernels):
+    """One channel of 2^31 + 2^19 elements (4.3 GB in bf16), whose N, H and W merge into one axis B past 2^31
+    (see test_tile_offsets_past_2_to_the_31): training statistics vs torch, the running mean, and y at both
+    ends vs the formula, in training and in eval."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 32 * 2**30:
+        pytest.skip("needs 32 GiB of free GPU memory")
+    x = torch.randn(2, 1, 2**15, 2**15 + 8, dtype=torch.bfloat16, device="cuda")
+    assert kernels.make_plan(x).b > 2**31
+    running_mean, running_var = torch.zeros(1, device="cuda"), torch.ones(1, device="cuda")
+    y = ops.bn_mish(x, None, None, running_mean, running_var, True, backend="triton")
+    var, mean = torch.var_mean(x.float(), unbiased=False)
+    torch.testing.assert_close(running_mean, 0.1 * mean.reshape(1), rtol=1e-4, atol=1e-6)
+    for training in (True, False):
+        if not training:
+            y = ops.bn_mish(x, None, None, mean.reshape(1), var.reshape(1), False, backend="triton")
+        for n, h, w in ((0, 0, slice(0, 64)), (-1, -1, slice(-64, None))):  # the first and the last elements
+            expected = F.mish((x[n, 0, h, w].float() - mean) / torch.sqrt(var + 1e-5))
+            torch.testing.assert_close(y[n, 0, h, w].float(), expected, rtol=1e-2, atol=1e-2)
     del x, y
     torch.cuda.empty_cache()
 

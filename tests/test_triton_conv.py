@@ -285,6 +285,21 @@ def test_gpu_config_pruning(monkeypatch):
         assert all(v >= 16 and v & (v - 1) == 0 for k, v in c.kwargs.items() if k.startswith("BLOCK"))
 
 
+def test_autotune_key_holds_what_pruning_reads():
+    """A config the autotuner found for a key is reused, unpruned, by every later call with that key: the key
+    must hold every argument :func:`_prune_configs` reads (Triton adds the tensors' dtypes itself). Without
+    PRECISION, an fp32 layer tuned with TF32 on handed its big tile to the same layer with TF32 off ("ieee",
+    FMA units, which the pruning keeps to small tiles), and a layer tuned exact handed its small tile to TF32."""
+    import inspect
+    import re
+
+    from cspmirror.kernels import conv as kc
+
+    read = set(re.findall(r'\bargs\["(\w+)"\]', inspect.getsource(kc._prune_configs))) - {"x_ptr"}
+    assert {"K_SIZE", "M", "C_in", "C_out", "PRECISION"} <= read
+    assert read <= set(kc._conv_mish_kernel.keys)
+
+
 @pytest.mark.parametrize("bad", ["stride", "kernel", "dtype", "channels", "residual", "out", "bias"])
 def test_bad_input_same_error_as_reference(device, bad):
     x, weight, b, stride, res = make_case(device, torch.float32)

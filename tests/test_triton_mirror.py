@@ -482,6 +482,42 @@ def test_gpu_int64_offsets(device: torch.device) -> None:
     assert torch.equal(out, ref)
 
 
+def _sparse_buffer(elements: int, device: torch.device) -> torch.Tensor:
+    """An fp16 buffer of ``elements`` that a test touches only here and there: on the CPU its untouched pages
+    are never allocated (virtual memory only); skipped where it cannot be had."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < elements * 2 + 2**30:
+        pytest.skip(f"needs {elements * 2 / 2**30:.0f} GiB of free GPU memory")
+    try:
+        return torch.empty(elements, dtype=torch.float16, device=device)
+    except RuntimeError as exc:  # e.g. a CPU without that much address space to overcommit
+        pytest.skip(f"cannot reserve {elements * 2 / 2**30:.0f} GiB: {exc}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 32-bit products, had they wrapped
+@pytest.mark.parametrize(("batch", "batch_stride"), [(2, 2**30), (1, 2**31)],
+                         ids=["second_half_at_2_to_the_31", "batch_stride_2_to_the_31"])
+def test_launchers_past_2_to_the_31_in_a_sparse_buffer(batch: int, batch_stride: int, device: torch.device) -> None:
+    """The split's output and the fuse's part as views with a huge batch stride, whose second half starts
+    2^31 elements in (``n_half`` times the batch stride) or whose batch stride is 2^31 itself (passed divided by
+    ALIGN it fits 32 bits, multiplied back it does not): 64-bit offsets (32-bit ones wrapped, and wrote or read
+    2^31 elements before the view: inside the buffer here, which starts 2^31 elements before the views). Tiny
+    tensors in an 8-10 GiB buffer, of which only the rows written are ever touched."""
+    length, width = 32, 20  # ALIGN = 4
+    x = torch.randn(batch, 1, 1, length, dtype=torch.float16, device=device)
+    buffer = _sparse_buffer(2**31 + (2 * batch - 1) * batch_stride + width, device)
+    y = buffer.as_strided((2 * batch, 1, 1, width), (batch_stride, width, width, 1), 2**31)
+    plan = kernels._plan(x, y, -1, batch, length, width, False)
+    assert plan.int64 and plan.align == 4
+    ref = reference.mirror_split(x, 0.25, -1, True)
+    poison(y)
+    kernels.split(x, y, length, width, -1, True, halve=False)
+    assert_bit_exact(y, ref, "split")
+    y.copy_(ref)
+    out = poison(torch.empty_like(x))
+    kernels.fuse_part(y, out, length, width, -1, True, mean=False)
+    assert_bit_exact(out, reference.mirror_fuse([ref], length, 0.25, -1, True, "sum"), "fuse")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fuse_mean_of_an_overflowing_overlap(dtype, device):

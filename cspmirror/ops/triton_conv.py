@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cspmirror.kernels import conv as kernels
+from cspmirror.kernels.launch import on_device
 
 from .. import backends
 from . import reference
@@ -120,10 +121,12 @@ def _fastest_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     x = _kernel_input(x)
     scratch = _new_output(x, weight, stride)  # never the caller's out, which may alias residual
-    times = {
-        name: do_bench(lambda run=run: run(x, weight, bias, stride, residual, scratch), warmup=5, rep=25)
-        for name, run in _RUNNERS.items()
-    }
+    # do_bench times with events on the current device (and synchronizes and flushes the L2 there)
+    with on_device(x.device):
+        times = {
+            name: do_bench(lambda run=run: run(x, weight, bias, stride, residual, scratch), warmup=5, rep=25)
+            for name, run in _RUNNERS.items()
+        }
     return min(times, key=times.get)
 
 
