@@ -92,11 +92,11 @@ def notes(device: torch.device) -> list[str]:
 
 
 class Recorder:
-    """Collects a suite's rows and rewrites ``<suite>.json`` after each, so a killed run keeps its rows."""
+    """Collects a suite's rows and rewrites ``<suite>.json`` after each, so a killed run keeps its rows. Nothing
+    is written before the first row: a suite with no case to run (``--only``) leaves an earlier file as it was."""
 
     def __init__(self, out: Path, suite: str, meta: dict):
         self.out, self.suite, self.meta, self.rows = out, suite, meta, []
-        report.save_suite(out, suite, meta, self.rows)
 
     def __call__(self, row: dict) -> None:
         self.rows.append(row)
@@ -106,7 +106,7 @@ class Recorder:
         report.save_suite(self.out, self.suite, self.meta, self.rows)
 
 
-def run_ops(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> None:
+def run_ops(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> bool:
     from . import ops_suite
     from .cases import op_cases, shapes_for
 
@@ -121,26 +121,32 @@ def run_ops(args: argparse.Namespace, device: torch.device, meta: dict, deadline
     meta["ceilings"] = ops_suite.ceilings(device, dtype, args.quick)
     cases = [c for c in op_cases(shapes_for(device, args.quick), max_layers, compile_layers)
              if not args.only or args.only in c.name]
-    ops_suite.run(cases, settings, deadline, Recorder(args.out, "ops", meta), progress=not args.no_progress)
+    recorder = Recorder(args.out, "ops", meta)
+    ops_suite.run(cases, settings, deadline, recorder, progress=not args.no_progress)
+    return bool(recorder.rows)
 
 
-def run_models(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> None:
+def run_models(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> bool:
     from . import models_suite
 
     plan = models_suite.plan_for(device, args.quick, (DTYPES[args.dtype],) if args.dtype else None)
     if args.no_compile:
         plan = dataclasses.replace(plan, compiled_modes=())
     meta = {**meta, "options": {**meta["options"], "model": plan.model, "resolution": plan.resolution}}
-    models_suite.run(plan, device, deadline, Recorder(args.out, "models", meta), not args.no_progress, args.only)
+    recorder = Recorder(args.out, "models", meta)
+    models_suite.run(plan, device, deadline, recorder, not args.no_progress, args.only)
+    return bool(recorder.rows)
 
 
-def run_compare(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> None:
+def run_compare(args: argparse.Namespace, device: torch.device, meta: dict, deadline: harness.Deadline) -> bool:
     from . import compare_suite
 
     plan = compare_suite.plan_for(device, args.quick, DTYPES[args.dtype] if args.dtype else None)
     meta = {**meta, "options": {**meta["options"], "batch": plan.batch, "resolution": plan.resolution,
                                 "dtype": str(plan.dtype).removeprefix("torch.")}}
-    compare_suite.run(plan, device, deadline, Recorder(args.out, "compare", meta), not args.no_progress, args.only)
+    recorder = Recorder(args.out, "compare", meta)
+    compare_suite.run(plan, device, deadline, recorder, not args.no_progress, args.only)
+    return bool(recorder.rows)
 
 
 RUNNERS = {"ops": run_ops, "models": run_models, "compare": run_compare}
@@ -163,13 +169,17 @@ def run(args: argparse.Namespace) -> int:
                             "torch_threads": torch.get_num_threads()}}
         deadline = harness.Deadline(args.budget)
         suites = list(RUNNERS) if args.suite == "all" else [args.suite]
+        ran = False  # whether any suite had a case to run
         for suite in suites:
             t0 = time.perf_counter()
             try:
-                RUNNERS[suite](args, device, meta, deadline)
+                ran |= RUNNERS[suite](args, device, meta, deadline)
             except harness.CaseTimeout as exc:
+                ran = True
                 print(f"{suite}: {exc}")
             print(f"{suite}: {time.perf_counter() - t0:.0f} s")
+        if not ran:  # (only --only can leave every suite without a case)
+            raise SystemExit(f"argument --only: no case of --suite {args.suite} matches {args.only!r}")
     if args.no_report:
         return 0
     written = report.write_all(args.out)

@@ -109,6 +109,24 @@ inline at::MemoryFormat format_of(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// The output formats of the reference's bn_mish and conv_bn_mish, ATen's batch_norm and convolution rules
+// (cspmirror/ops/reference.py: bn_memory_format, conv_memory_format, which the fake implementations use): they
+// also count as channels_last an input strided like it without being dense, such as a channel slice of a
+// channels_last buffer (Tensor::suggest_memory_format).
+inline bool strided_like_channels_last(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline at::MemoryFormat bn_format(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return format_of(x);
+  return strided_like_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline at::MemoryFormat conv_format(const at::Tensor& x, const at::Tensor& weight) {
+  const bool nhwc = strided_like_channels_last(x) || strided_like_channels_last(weight);
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // `t` itself when its dense dimension in `fmt` (W for NCHW, C for channels_last) has stride 1, as for a channel
 // slice of a larger tensor: the mirror kernels read such views in place. Otherwise a dense copy.
 inline at::Tensor unit_inner_stride(const at::Tensor& t, at::MemoryFormat fmt) {
@@ -312,7 +330,7 @@ struct Prepared {
 
 inline Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& residual) {
   check_input(x, "x");
-  const at::MemoryFormat fmt = format_of(x);
+  const at::MemoryFormat fmt = bn_format(x);
   Prepared p{channel_geometry(x, fmt == at::MemoryFormat::ChannelsLast), x.contiguous(fmt), at::Tensor(),
              StridedView{nullptr, 0, 0, 0}};
   if (residual.has_value()) {
@@ -434,7 +452,7 @@ inline at::Tensor conv_pre_activation(const at::Tensor& x, const at::Tensor& wei
   check_input(weight, "weight");
   const int64_t pad = weight.size(3) / 2;
   at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {pad, pad});
-  return y.contiguous(format_of(x));
+  return y.contiguous(conv_format(x, weight));  // already so, except where cuDNN runs NCHW (float64)
 }
 
 template <class K>

@@ -84,6 +84,7 @@ def test_check_fails_an_available_backend_that_does_not_load(monkeypatch, capsys
     (["--backends", "tritn"], "argument --backends"),
     (["--only", "no such check"], "argument --only: no check matches"),
     (["--json", "."], "argument --json: '.' is a folder"),
+    (["--seed", str(2**64)], f"argument --seed: {2**64} cannot seed a torch.Generator"),
 ])
 def test_check_bad_arguments_are_usage_errors(args, message, capsys):
     """Before: tracebacks, or exit 0 having checked nothing."""
@@ -131,6 +132,21 @@ def test_bench_quick_writes_every_format(tmp_path, monkeypatch):
     # each layout of an op gets its own bars in the chart (they shared a position: one hid the other)
     layouts = [dict(op="mirror_split", direction="fwd", shape=f"8x64x32x32{cl}") for cl in ("", " channels_last")]
     assert len({report._bar_group(r) for r in layouts}) == 2
+
+
+def test_bench_only_matching_no_case_keeps_the_results(tmp_path, monkeypatch):
+    """Was: exit 0, having rewritten every suite's JSON (by default the committed bench/results/<device>/) with
+    no rows, and the report with them."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import runner
+
+    old = {f"{suite}.json": json.dumps({"meta": {}, "rows": [{"suite": suite}]}) for suite in runner.RUNNERS}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit, match="argument --only: no case of --suite all matches 'no such case'"):
+        runner.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-compile",
+                     "--only", "no such case"])
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import os
 import shutil
@@ -74,7 +75,7 @@ def test_status_never_builds(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "not built yet" in done.stdout or "prebuilt" in done.stdout or "False" in done.stdout
+    assert "not loaded yet" in done.stdout or "prebuilt" in done.stdout or "False" in done.stdout
     assert not any(tmp_path.iterdir())
 
 
@@ -505,6 +506,50 @@ def test_conv_bn_mish_matches_reference(lib, stride, k, dtype, layout, device):
     assert buf[:, :1].isnan().all() and buf[:, 7:].isnan().all()
 
 
+FORMATS = ["nchw", "nhwc", "nhwc_slice"]  # nhwc_slice: a channel slice of a channels_last buffer
+
+
+def in_format(shape, fmt: str, device) -> torch.Tensor:
+    n, c, h, w = shape
+    if fmt == "nhwc_slice":
+        return to_layout(torch.randn(n, c + 2, h, w, device=device), torch.channels_last)[:, 1:c + 1]
+    return to_layout(torch.randn(shape, device=device), LAYOUTS[fmt == "nhwc"])
+
+
+def assert_strides_of_reference_and_fake(op, *args, what: str) -> None:
+    """``op(*args, backend="extension")`` has the reference's strides, and so has its fake implementation (what
+    torch.compile traces with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    got, ref = op(*args, backend="extension"), op(*args, backend="reference")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args), backend="extension")
+    assert got.stride() == ref.stride(), f"{what}: eager"
+    assert fake.stride() == got.stride(), f"{what}: fake"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bn_mish_output_format_is_the_references(lib, device):
+    """channels_last when x or the weight is strided like it, a channel slice of a channels_last buffer
+    included (ATen's convolution, the reference); was: x's own format, whatever the weight's."""
+    for x_format, w_format, k in itertools.product(FORMATS, FORMATS[:2], (1, 3)):
+        x, w = in_format((2, 5, 6, 7), x_format, device), in_format((6, 5, k, k), w_format, device)
+        with torch.no_grad():
+            assert_strides_of_reference_and_fake(ops.conv_bn_mish, x, w, torch.randn(6, device=device), 1,
+                                                 what=f"x {x_format}, weight {w_format}, k={k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_mish_output_format_is_the_references(lib, device):
+    """A channel slice of a channels_last buffer gives a channels_last output, as on the reference (ATen's
+    batch_norm); was: contiguous."""
+    stats = (torch.zeros(5, device=device), torch.ones(5, device=device))
+    for x_format, training in itertools.product(FORMATS, (True, False)):
+        with torch.no_grad():
+            assert_strides_of_reference_and_fake(ops.bn_mish, in_format((2, 5, 6, 7), x_format, device), None,
+                                                 None, *stats, training, what=f"x {x_format}, training={training}")
+
+
 def test_conv_bn_mish_gradients(lib):
     """The inference op still differentiates (recomputing through ATen's backward ops)."""
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -539,6 +584,10 @@ def opcheck_samples(lib, device):
         (lib.bn_update_running_stats.default, (rm.clone(), rv.clone(), t(3), t(3).abs(), 0.1, 48)),
         (lib.conv_bn_mish.default, (x.detach().requires_grad_(), t(5, 3, 3, 3), t(5), 2, None)),
         (lib.conv_bn_mish.default, (cl, t(5, 3, 1, 1), None, 1, t(2, 5, 4, 6))),
+        (lib.conv_bn_mish.default, (x.detach(), t(5, 3, 3, 3).contiguous(memory_format=torch.channels_last), None, 2,
+                                    None)),
+        (lib.bn_mish_train.default, (t(2, 5, 4, 6).contiguous(memory_format=torch.channels_last)[:, 1:4], None, None,
+                                     1e-5, None)),
         (lib.conv_bn_mish_out.default, (x.detach(), t(5, 3, 3, 3), t(5), 1, None, t(2, 5, 4, 6))),
     ]
 

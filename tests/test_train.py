@@ -281,13 +281,56 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
                                   "resume_not_a_checkpoint", "resume_text_file", "resume_optimizer",
                                   "resume_model", "resume_knob", "resume_recipe", "resume_finished",
                                   "imagefolder_classes", "imagefolder_empty_class", "output", "warmup",
-                                  "data_both_layouts"])
+                                  "data_both_layouts", "cifar_truncated", "cifar_not_a_batch", "cifar_labels",
+                                  "resume_class_names", "resume_weights", "resume_model_only", "batch_of_one",
+                                  "no_training_step", "seed_too_large", "synthetic_classes",
+                                  "synthetic_with_data"])
 def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
     """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
     out = tmp_path / "run"
     syn = ["--data-format", "synthetic", *TINY]
     cifar = ["--data", str(cifar_root), *TINY]
-    if case == "device_name":
+    if case.startswith(("cifar_", "resume_class_names")):  # were tracebacks (the labels: at the first step)
+        data = tmp_path / "data"
+        shutil.copytree(cifar_root, data)
+        batch = data / "cifar-10-batches-py" / "data_batch_2"
+        entry = pickle.loads(batch.read_bytes(), encoding="latin1")
+        if case == "cifar_truncated":
+            batch.write_bytes(batch.read_bytes()[:100])
+            expected = f"{batch}: cannot be read as a CIFAR-10 python file (UnpicklingError"
+        elif case == "cifar_not_a_batch":
+            batch.write_bytes(pickle.dumps([1, 2]))
+            expected = f"{batch}: not a CIFAR-10 python file (a pickled dict with ['data', 'labels|fine_labels']"
+        elif case == "cifar_labels":
+            _write_batch(batch, entry["data"], [CLASSES] * len(entry["labels"]))
+            expected = f"{batch}: labels [10] are not in [0, 10)"
+        else:  # the same number of classes, other names: the labels would mean other classes
+            meta = data / "cifar-10-batches-py" / "batches.meta"
+            meta.write_bytes(pickle.dumps({"label_names": [f"d{i}" for i in range(CLASSES)]}))
+            args, expected = ["--resume", str(one_epoch), "--epochs", "2"], "are not the checkpoint's"
+        args = [*(args if case == "resume_class_names" else ["--epochs", "1"]), "--data", str(data), *TINY]
+    elif case in ("resume_weights", "resume_model_only"):  # were a RuntimeError and a KeyError
+        state = _state(one_epoch / "last.pt")
+        if case == "resume_weights":  # as if written by a version with other module names
+            state["model"] = {k.replace("stem.", "stem0."): v for k, v in state["model"].items()}
+            expected = "the checkpoint's weights do not fit its model, cspmirrornet_tiny"
+        else:
+            state = {k: state[k] for k in ("model", "model_name", "num_classes", "mean", "std")}
+            expected = "is not a cspmirror training checkpoint (missing ['model_kwargs', 'optimizer'"
+        torch.save(state, tmp_path / "edited.pt")
+        args = ["--resume", str(tmp_path / "edited.pt"), *cifar, "--epochs", "2"]
+    elif case == "batch_of_one":  # was a traceback from BatchNorm at the first step: the last stage is 1x1 at 16
+        args = [*SYN, "--batch-size", "1"]
+        expected = "batch_size (--batch-size) gives one image per process: BatchNorm cannot train on one value"
+    elif case == "no_training_step":  # one image, whose batch of one is dropped: was "steps_per_epoch must be"
+        args, expected = [*SYN, "--synthetic-train", "1"], "the training split has 1 image(s): no training step"
+    elif case == "seed_too_large":  # was a traceback at the second epoch (seed + epoch seeds a torch.Generator)
+        args, expected = [*syn, "--seed", str(2**64 - 1)], "seed (--seed) must be >= 0 and < 2**63"
+    elif case == "synthetic_classes":
+        args, expected = [*syn, "--synthetic-classes", "9"], "synthetic_classes (--synthetic-classes) must be in"
+    elif case == "synthetic_with_data":  # was: trained on the synthetic data, the folder silently ignored
+        args, expected = [*SYN, "--data", str(cifar_root)], "--data-format synthetic generates its data"
+    elif case == "device_name":
         args, expected = ["--device", "foo", *syn], "argument --device: expected auto, cpu, cuda or cuda:N, got 'foo'"
     elif case == "device_meta":  # was a traceback from autocast
         args, expected = ["--device", "meta", *syn], "argument --device: expected auto, cpu, cuda or cuda:N"
@@ -349,7 +392,8 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         _triton_unavailable(monkeypatch)
         args, expected = ["--backend", "triton", *syn], "backend='triton' cannot run here"
     elif case == "resume_classes":  # the checkpoint has 10 classes, the synthetic data 4
-        args, expected = ["--resume", str(one_epoch), *syn, "--epochs", "2"], "the checkpoint has 10 classes but the"
+        args = ["--resume", str(one_epoch), *syn, "--epochs", "2"]
+        expected = "the data has 4 classes but the checkpoint's model has 10"
     elif case == "resume_not_a_checkpoint":
         torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
         args, expected = ["--resume", str(tmp_path / "other.pt"), *syn], "is not a cspmirror training checkpoint"
@@ -380,6 +424,28 @@ def test_ablate_configuration_error_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("cspmirror ablate: error: backend='triton' cannot run here"), err
     assert not (tmp_path / "abl").exists()
+
+
+def test_an_ablation_cut_short_keeps_the_table_of_its_finished_points(tmp_path, monkeypatch):
+    """The report is written after every point: an error (or Ctrl-C) in the second point left no table at all
+    for the first."""
+    from cspmirror.train import engine
+
+    prepare, calls = engine.prepare, []
+
+    def second_fails(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return prepare(cfg)
+
+    monkeypatch.setattr(ablation, "prepare", second_fails)
+    out = tmp_path / "abl"
+    with pytest.raises(KeyboardInterrupt):
+        main(["ablate", "--synthetic", "--grid", "overlap=0,0.5", *SYN, "--max-steps-per-epoch", "1",
+              "--output", str(out)])
+    assert [r["label"] for r in read_csv(out / "ablation.csv")] == ["overlap=0.0"]
+    assert "1 of 2 points finished so far" in (out / "ablation.md").read_text()
 
 
 def test_an_error_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
@@ -513,6 +579,35 @@ def test_resume_without_seed_continues_with_the_checkpoints(tmp_path):
     assert json.loads((part / "config.json").read_text())["args"]["seed"] == 5
 
 
+def test_resuming_an_earlier_checkpoint_keeps_the_later_epochs(one_epoch, cifar_root, tmp_path, capsys):
+    """--resume RUN/best.pt goes on in RUN by default: it overwrote RUN's later epochs (last.pt, metrics.csv)
+    without a word; another --output is fine."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    later = _state(run / "last.pt")
+    later["epoch"] = 2  # as if the run had gone on past its best epoch
+    torch.save(later, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args = ["train", "--resume", str(run / "best.pt"), "--data", str(cifar_root), "--epochs", "3", *TINY]
+    assert main(args) == 2
+    assert "holds a run at epoch 2, past the checkpoint resumed (epoch 1)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert main([*args, "--output", str(tmp_path / "other")]) == 0
+
+
+def test_resume_keeps_the_image_size(tmp_path):
+    """An ImageFolder run at --image-size 8 resumed without the flag goes on at 8, as eval reads it: it went on
+    at 224, the format's default, silently (and the checkpoint said 224 from then on)."""
+    root = _imagefolder(tmp_path / "data", {"train": ("ant", "bee"), "val": ("ant", "bee")})
+    flags = ["--data", str(root), *TINY, "--batch-size", "2"]
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    assert main(["train", *flags, "--image-size", "8", "--epochs", "2", "--output", str(straight)]) == 0
+    assert main(["train", *flags, "--image-size", "8", "--epochs", "1", "--output", str(part)]) == 0
+    assert main(["train", *flags, "--epochs", "2", "--resume", str(part)]) == 0
+    a, b = _state(straight / "last.pt"), _state(part / "last.pt")
+    assert b["image_size"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_resume_with_other_steps_per_epoch_keeps_the_epoch(tmp_path):
     """The schedule resumes at the completed epochs, whatever the steps per epoch now (a --batch-size given
     on resume, or --max-steps-per-epoch left out): the saved step count would mean another epoch."""
@@ -549,6 +644,24 @@ def test_an_unreadable_image_is_named(tmp_path):
     index = [path for path, _ in data.train.samples].index(str(bad))
     with pytest.raises(OSError, match="cannot read image .*bad.png"):
         data.train[index]
+
+
+def test_hidden_folders_are_no_classes(tmp_path):
+    """A hidden folder beside the classes (Jupyter's .ipynb_checkpoints) was a class: torchvision's "Found no
+    valid file for the classes .ipynb_checkpoints" when empty, one class too many (labels shifted) when not."""
+    from PIL import Image
+
+    from cspmirror.train.data import DataConfig, DataNotFoundError, build_datasets, resolve_format
+
+    root = _imagefolder(tmp_path / "data", {"train": ("cat", "dog"), "val": ("cat", "dog")})
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "val" / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / ".hidden" / "0.png")
+    data = build_datasets(DataConfig(format="imagefolder", root=str(root), image_size=8, workers=0))
+    assert data.train.classes == data.val.classes == ["cat", "dog"] and len(data.val) == 4
+    only_hidden = _imagefolder(tmp_path / "hidden", {"train": (".git",)})
+    with pytest.raises(DataNotFoundError, match="holds neither CIFAR-10's batches nor an ImageFolder tree"):
+        resolve_format(DataConfig(root=str(only_hidden)))
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
@@ -709,6 +822,9 @@ def test_recipe_overrides_and_validation():
     # the modern preset's Nesterov goes with its SGD: --optimizer adamw (as recipes.py suggests) just works
     assert not recipes.get_recipe("modern", optimizer="adamw", lr=2e-3).nesterov
     assert not recipes.get_recipe("modern", momentum=0.0).nesterov
+    with pytest.raises(ValueError, match=r"amp_dtype \(--amp-dtype\) bf16 needs --amp"):  # was ignored
+        recipes.get_recipe("paper", amp_dtype="bf16")
+    assert recipes.get_recipe("paper", amp=True, amp_dtype="bf16").amp_dtype == "bf16"
     groups = recipes.param_groups(torch.nn.Conv2d(3, 4, 3), recipes.RECIPES["modern"])
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and groups[1]["params"][0].ndim == 1
 
@@ -723,6 +839,8 @@ def test_parse_grid():
         ablation.parse_grid("colour=red")
     with pytest.raises(ValueError, match="mirror"):
         ablation.parse_grid("mirror=maybe")
+    with pytest.raises(ValueError, match="knob 'split_stages'.* got ''"):  # was a "none" point, silently
+        ablation.parse_grid("split_stages=all,")
 
 
 def test_grid_values_are_checked_where_preset_points_are():

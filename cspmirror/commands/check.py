@@ -464,6 +464,11 @@ def argument_error(args: argparse.Namespace) -> str | None:
         return f"argument --json: {str(args.json)!r} is a folder; give a file path"
     if args.only and not any(args.only in f"{c.op} {c.case}" for c in CHECKS):
         return f"argument --only: no check matches {args.only!r}"
+    if args.seed is not None:
+        try:
+            torch.Generator().manual_seed(args.seed)
+        except (ValueError, RuntimeError) as exc:
+            return f"argument --seed: {args.seed} cannot seed a torch.Generator ({exc})"
     return None
 
 

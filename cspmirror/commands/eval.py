@@ -7,7 +7,6 @@ checkpoint; the data flags say where the images are.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from .. import backends
 from ..devices import parse_device
 from ..fuse import fuse_for_inference
 from ..train import cli_args
-from ..train.checkpointing import load_checkpoint_dict, model_from_checkpoint
-from ..train.data import DataNotFoundError, build_eval_dataset, stats_tensors
+from ..train.checkpointing import check_classes, data_for_checkpoint, load_checkpoint_dict, model_from_checkpoint
+from ..train.data import build_eval_dataset, stats_tensors
 from ..train.distributed import DistContext
 from ..train.engine import StepEnv, evaluate, make_loader
 
@@ -45,16 +44,8 @@ def run(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
         backends.resolve(args.backend, device)  # BackendUnavailableError before evaluating
         backends.ensure_loaded(args.backend)
-        data_cfg = cli_args.data_config(args)
-        if args.image_size is None and state.get("image_size"):
-            data_cfg = dataclasses.replace(data_cfg, image_size=int(state["image_size"]))
-        dataset, classes = build_eval_dataset(data_cfg, args.split)
-        if len(classes) != int(state["num_classes"]):
-            raise DataNotFoundError(
-                f"the data has {len(classes)} classes but the checkpoint's model has {state['num_classes']}")
-        if state.get("classes") and list(state["classes"]) != list(classes):
-            raise ValueError(f"the data's classes {list(classes)} are not the checkpoint's "
-                             f"{list(state['classes'])} (labels would be mapped to the wrong outputs)")
+        dataset, classes = build_eval_dataset(data_for_checkpoint(cli_args.data_config(args), state), args.split)
+        check_classes(state, classes)
         model = model_from_checkpoint(state, device, args.backend)
         if args.json:  # before evaluating, not after
             if Path(args.json).is_dir():

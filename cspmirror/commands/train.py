@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checkpoint's)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (file or run folder; no value: OUTPUT/last.pt) with its model, "
-                        "knobs, recipe and seed; recipe flags (e.g. --epochs) apply on top")
+                        "knobs, recipe, seed and image size; recipe flags (e.g. --epochs) apply on top")
     g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,
                    default=None, help="cap optimizer steps per epoch (smoke runs)")
     g.add_argument("--limit-val-batches", dest="max_val_batches", type=int, default=None,

@@ -7,7 +7,11 @@ always is: it is what "auto" runs off CUDA). Under a ``torch.func`` transform (`
 every backend runs the reference: the fast ops' autograd formulas have no functorch rules. So it does inside
 ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the fast ops have no ``jvp``, and would return
 their output without a tangent), and while ``torch.onnx.export`` traces the model (either exporter): ONNX has no
-lowering for the fast ops, and the reference computes the same function in standard ops.
+lowering for the fast ops, and the reference computes the same function in standard ops. A fast op's backward
+run under vmap (``torch.autograd.grad(..., is_grads_batched=True)``, ``torch.autograd.functional.jacobian(...,
+vectorize=True)``) takes the mirror ops' gradients from the reference's adjoints (the same values: pure data
+movement, in ops that vmap batches); the other ops' backwards call registered ops, which vmap runs one sample
+at a time, or PyTorch's.
 
 =============  ==========================================
 backend        module

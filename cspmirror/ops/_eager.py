@@ -30,14 +30,25 @@ def _tensors(args: tuple) -> list[torch.Tensor]:
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a plain tensor to every op
 functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by vmap, as the gradients a backward gets under
+    ``torch.autograd.grad(..., is_grads_batched=True)`` and ``torch.autograd.functional.jacobian(...,
+    vectorize=True)`` (PyTorch's legacy vmap), or under a ``torch.func.vmap`` of a backward: a wrapper that looks
+    like a plain tensor, with no data a kernel could read."""
+    return _legacy_batched(t) or torch._C._functorch.is_batchedtensor(t)
 
 
 def plain_eager(tensors: list[torch.Tensor]) -> bool:
     """Whether a call on ``tensors`` may bypass the registered op: eager mode, plain tensors with data (not on
-    the meta device, which the registered op's fake implementation serves), no dispatch mode and no
-    ``torch.func`` transform (whose wrapped tensors look like plain ones)."""
+    the meta device, which the registered op's fake implementation serves, nor batched by the legacy vmap,
+    which the registered op runs one sample at a time), no dispatch mode and no ``torch.func`` transform
+    (whose wrapped tensors look like plain ones)."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not functorch_active()
-            and _get_current_dispatch_mode() is None and all(type(t) in _PLAIN and not t.is_meta for t in tensors))
+            and _get_current_dispatch_mode() is None
+            and all(type(t) in _PLAIN and not t.is_meta and not _legacy_batched(t) for t in tensors))
 
 
 def bump_versions(tensors: list[torch.Tensor | None]) -> None:

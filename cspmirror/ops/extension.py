@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..backends import BackendStatus, BackendUnavailableError
 from . import reference
-from ._eager import EagerOp, bump_versions, plain_eager
+from ._eager import EagerOp, batched, bump_versions, plain_eager
 from ._flop_counts import register_conv_flops
 from ._validate import conv_output_shape, split_width
 
@@ -224,7 +224,8 @@ def status() -> BackendStatus:
     if problem is not None:
         return BackendStatus("extension", False, problem)
     return BackendStatus("extension", True,
-                         "not built yet; builds just in time on first use (needs a C++ compiler)")
+                         "not loaded yet: on first use, built just in time, or taken from the build cache when "
+                         "its sources are unchanged (needs a C++ compiler)")
 
 
 def _lib_for(t: torch.Tensor) -> Any:
@@ -255,7 +256,7 @@ def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror:
 
 def mirror_fuse(parts: Sequence[torch.Tensor], length: int, overlap: float = 0.25, axis: int = -1,
                 mirror: bool = True, reduce: str = "sum") -> torch.Tensor:
-    """Parts [2N, C_i, H, P] -> [N, sum(C_i), H, length] (axis=-1), in ``parts[0]``'s memory format."""
+    """Parts [2N, C_i, H, P] -> [N, sum(C_i), H, length] (axis=-1), channels_last when a part is."""
     _lib_for(parts[0])
     return _EAGER["mirror_fuse"](list(parts), length, axis, mirror, reduce == "mean")
 
@@ -319,7 +320,8 @@ def conv_bn_mish(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``mish(conv2d(x, weight, bias, stride, padding=k//2)) (+ residual)``: [N, C_out, H_out, W_out]."""
+    """``mish(conv2d(x, weight, bias, stride, padding=k//2)) (+ residual)``: [N, C_out, H_out, W_out], channels_last
+    when ``x`` or ``weight`` is (:func:`~cspmirror.ops.reference.conv_memory_format`, ATen's rule)."""
     lib = _lib_for(x)
     if out is not None and not _needs_grad(x, weight, bias, residual, out):
         lib.conv_bn_mish_out(x, weight, bias, stride, residual, out)
@@ -341,7 +343,7 @@ def build_info() -> str:
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:
-    """The kernels' output format rule (the reference's): channels_last only when not also contiguous."""
+    """The mirror kernels' output format rule (the reference's): channels_last only when not also contiguous."""
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -391,7 +393,7 @@ def _fake_fuse_backward(grad, channels, width, axis, mirror, mean):
 
 
 def _fake_like_x(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x.contiguous(memory_format=_format_of(x)))
+    return torch.empty_like(x.contiguous(memory_format=reference.bn_memory_format(x)))
 
 
 def _fake_bn_train(x, weight, bias, eps, residual):
@@ -415,7 +417,7 @@ def _fake_bn_backward(grad_y, x, weight, bias, mean, var, eps, training, param_g
 
 
 def _fake_conv(x, weight, bias, stride, residual):
-    return _empty(conv_output_shape(x.shape, weight.shape, stride), x, _format_of(x))
+    return _empty(conv_output_shape(x.shape, weight.shape, stride), x, reference.conv_memory_format(x, weight))
 
 
 def _lib() -> Any:
@@ -428,6 +430,8 @@ def _setup_split(ctx, inputs, output):
 
 
 def _backward_split(ctx, grad):
+    if batched(grad):  # vmap over the backward (see reference.split_adjoint)
+        return reference.split_adjoint([grad], ctx.length, ctx.axis, ctx.mirror, "sum"), None, None, None
     return _lib().mirror_fuse([grad], ctx.length, ctx.axis, ctx.mirror, False), None, None, None
 
 
@@ -438,7 +442,10 @@ def _setup_fuse(ctx, inputs, output):
 
 
 def _backward_fuse(ctx, grad):
-    grads = _lib().mirror_fuse_backward(grad, ctx.channels, ctx.width, ctx.axis, ctx.mirror, ctx.mean)
+    if batched(grad):
+        grads = reference.fuse_adjoint(grad, ctx.channels, ctx.width, ctx.axis, ctx.mirror, _reduce(ctx.mean))
+    else:
+        grads = _lib().mirror_fuse_backward(grad, ctx.channels, ctx.width, ctx.axis, ctx.mirror, ctx.mean)
     return list(grads), None, None, None, None
 
 
@@ -449,7 +456,15 @@ def _setup_fuse_backward(ctx, inputs, output):
 
 def _backward_fuse_backward(ctx, grads):
     # The adjoint of "split, overlap scaled by 1/2" is "fuse, then halve the overlap": mirror_fuse(mean).
-    return _lib().mirror_fuse(list(grads), ctx.length, ctx.axis, ctx.mirror, ctx.mean), None, None, None, None, None
+    if any(batched(g) for g in grads):
+        grad = reference.split_adjoint(grads, ctx.length, ctx.axis, ctx.mirror, _reduce(ctx.mean))
+    else:
+        grad = _lib().mirror_fuse(list(grads), ctx.length, ctx.axis, ctx.mirror, ctx.mean)
+    return grad, None, None, None, None, None
+
+
+def _reduce(mean: bool) -> str:
+    return "mean" if mean else "sum"
 
 
 def _setup_bn_train(ctx, inputs, output):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._eager import batched
 from ._validate import split_width
 
 
@@ -19,14 +20,17 @@ def mirror_split(x: torch.Tensor, overlap: float = 0.25, axis: int = -1, mirror:
 
     The second part is flipped along ``axis`` when ``mirror`` is set (SPEC §1.1).
     """
+    y = _split_parts(x, split_width(x.shape[axis], overlap), axis, mirror)
+    return y.contiguous(memory_format=memory_format_of(x))
+
+
+def _split_parts(x: torch.Tensor, width: int, axis: int, mirror: bool) -> torch.Tensor:
     length = x.shape[axis]
-    width = split_width(length, overlap)
     part1 = x.narrow(axis, 0, width)
     part2 = x.narrow(axis, length - width, width)
     if mirror:
         part2 = part2.flip(axis)
-    y = torch.cat([part1, part2], dim=0)
-    return y.contiguous(memory_format=memory_format_of(x))
+    return torch.cat([part1, part2], dim=0)
 
 
 def mirror_fuse(
@@ -39,6 +43,10 @@ def mirror_fuse(
 ) -> torch.Tensor:
     """Fuse parts [2N, C_i, H, P] into [N, sum(C_i), H, length] (axis=-1): channel concat, then the two
     halves of the batch put back side by side and summed where they overlap (SPEC §1.2)."""
+    return _fuse_parts(parts, length, axis, mirror, reduce).contiguous(memory_format=fuse_memory_format(parts))
+
+
+def _fuse_parts(parts: Sequence[torch.Tensor], length: int, axis: int, mirror: bool, reduce: str) -> torch.Tensor:
     z = torch.cat(list(parts), dim=1)
     n = z.shape[0] // 2
     width = z.shape[axis]
@@ -56,8 +64,7 @@ def mirror_fuse(
     if reduce == "mean":
         middle = middle / 2
     left, right = z1.narrow(axis, 0, start) + 0.0, z2.narrow(axis, shared, width - shared) + 0.0
-    out = torch.cat([left, middle, right], dim=axis)
-    return out.contiguous(memory_format=fuse_memory_format(parts))
+    return torch.cat([left, middle, right], dim=axis)
 
 
 def bn_mish(
@@ -87,6 +94,8 @@ def _canonical_strides(x: torch.Tensor) -> torch.Tensor:
     format gives it (e.g. [1, 3, 2, 1] with strides (3, 1, 3, 3), from a permuted buffer), a copy with the
     format's own strides: PyTorch's CPU ``batch_norm`` backward (2.14 at least) reads such an input with the
     wrong layout and returns a wrong gradient, though its forward is right."""
+    if batched(x):  # under vmap, whose batched tensors have no strides to ask (the kernel sees the whole batch)
+        return x
     fmt = memory_format_of(x)
     if x.is_contiguous(memory_format=fmt) and x.stride() != _format_strides(tuple(x.shape), fmt):
         return x.clone(memory_format=fmt)
@@ -164,6 +173,31 @@ def conv_bn_mish_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return recomputed_grads(lambda x, w, b: conv_bn_mish(x, w, b, stride), (x, weight, bias), needs, grad)
 
 
+# --- the fast backends' mirror backward on batched gradients --------------------------------------------------
+# vmap over a backward (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True), torch.func.vmap)
+# hands it batched gradients, which the kernels cannot read and the fast ops' list arguments cannot be looped
+# over: the adjoints below, in ops that vmap batches, give the kernels' values bit for bit (pure data movement;
+# in whatever layout those ops give: vmap cannot query a memory format).
+
+def split_adjoint(grads: Sequence[torch.Tensor], length: int, axis: int, mirror: bool,
+                  reduce: str) -> torch.Tensor:
+    """The gradient of a split's input (of length ``length`` along ``axis``) from its output's gradient, in
+    channel slices ``grads``: their :func:`mirror_fuse` ("mean": the adjoint of a split whose overlap is
+    halved, that of the "mean" fuse)."""
+    return _fuse_parts(grads, length, axis, mirror, reduce)
+
+
+def fuse_adjoint(grad: torch.Tensor, channels: Sequence[int], width: int, axis: int, mirror: bool,
+                 reduce: str) -> list[torch.Tensor]:
+    """The gradients of a fuse's parts (``channels`` channels each, ``width`` wide along ``axis``) from its
+    output's gradient: the split of each channel slice, the overlap halved for "mean"."""
+    if reduce == "mean":  # the overlap columns [L - P, P) halved
+        start, shared = grad.shape[axis] - width, 2 * width - grad.shape[axis]
+        grad = torch.cat([grad.narrow(axis, 0, start), grad.narrow(axis, start, shared) * 0.5,
+                          grad.narrow(axis, width, start)], dim=axis)
+    return list(_split_parts(grad, width, axis, mirror).split(list(channels), dim=1))
+
+
 def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return y
@@ -172,10 +206,48 @@ def _write(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is stored that way (and is not trivially both), else contiguous."""
+    """channels_last when ``x`` is stored that way (and is not trivially both), else contiguous. Contiguous for a
+    tensor batched by vmap, which cannot be asked its format (nor does the format of a vmapped result show)."""
+    if batched(x):
+        return torch.contiguous_format
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def strided_like_channels_last(t: torch.Tensor) -> bool:
+    """Whether ATen lays out an output computed from ``t`` (4-D) as channels_last: ``t``'s strides are ordered like
+    channels_last, as for a channel slice of a channels_last buffer, which is not itself channels_last
+    (:func:`memory_format_of`). ATen's test (``Tensor.suggest_memory_format()``, c10's
+    ``is_channels_last_strides_2d``) written out, as the extension's C++ operators ask it: older torch's Python copy
+    (``torch._prims_common``) answers otherwise for some size-1 dims, and the fake implementations must give the
+    operators' strides."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):  # C, W, H, N: each stride at least the extent of those before it
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * sizes[d]
+    return True
+
+
+def conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """``conv_bn_mish``'s output format, ATen's convolution rule (what :func:`conv_bn_mish` returns): channels_last
+    when ``x`` or ``weight`` is strided like it (:func:`strided_like_channels_last`), else contiguous."""
+    if strided_like_channels_last(x) or strided_like_channels_last(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def bn_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``bn_mish``'s output format (what :func:`bn_mish` returns): ``x``'s own (:func:`memory_format_of`) when
+    ``x`` is dense, else channels_last when ``x`` is strided like it (a channel slice of a channels_last buffer:
+    ATen's batch_norm rule), else contiguous."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return memory_format_of(x)
+    return torch.channels_last if strided_like_channels_last(x) else torch.contiguous_format
 
 
 def fuse_memory_format(parts: Sequence[torch.Tensor]) -> torch.memory_format:

@@ -22,7 +22,8 @@ import torch
 
 from .. import backends
 from ..kernels import mirror as kernels
-from ._eager import EagerOp
+from . import reference
+from ._eager import EagerOp, batched
 from ._validate import split_width
 from .reference import fuse_memory_format, memory_format_of
 
@@ -94,7 +95,10 @@ def _split_setup_context(ctx, inputs, output) -> None:
 
 def _split_backward(ctx, grad: torch.Tensor):
     length, overlap, axis, mirror, reduce, channels_last = ctx.args
-    grad_x = _fuse([grad], length, overlap, axis, mirror, reduce, channels_last)
+    if batched(grad):  # vmap over the backward (see reference.split_adjoint)
+        grad_x = reference.split_adjoint([grad], length, axis, mirror, reduce)
+    else:
+        grad_x = _fuse([grad], length, overlap, axis, mirror, reduce, channels_last)
     return grad_x, None, None, None, None, None
 
 
@@ -140,6 +144,10 @@ def _fuse_setup_context(ctx, inputs, output) -> None:
 
 def _fuse_backward(ctx, grad: torch.Tensor):
     overlap, axis, mirror, reduce = ctx.args
+    if batched(grad):  # vmap over the backward (see reference.split_adjoint)
+        grads = reference.fuse_adjoint(grad, ctx.channels, split_width(grad.shape[axis], overlap), axis, mirror,
+                                       reduce)
+        return grads, None, None, None, None, None, None
     grads, start = [], 0
     for channels, channels_last in zip(ctx.channels, ctx.channels_last, strict=True):
         grads.append(_split(grad.narrow(1, start, channels), overlap, axis, mirror, reduce, channels_last))

@@ -146,11 +146,14 @@ class Ablation:
 
     def run(self) -> list[dict]:
         """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``
-        (rank 0 only), then leaves the process group if :func:`start_ablation` joined it."""
+        (rank 0 only) after each point, so that an ablation cut short keeps the table of the points it finished;
+        then leaves the process group if :func:`start_ablation` joined it."""
         with distributed.leaving(self.ctx):
-            rows = [self._train_point(i) for i in range(len(self.points))]
-            if self.ctx.is_main:
-                write_report(rows, self.output, self.base)
+            rows: list[dict] = []
+            for i in range(len(self.points)):
+                rows.append(self._train_point(i))
+                if self.ctx.is_main:
+                    write_report(rows, self.output, self.base, len(self.points))
             return rows
 
     def _train_point(self, i: int) -> dict:
@@ -189,15 +192,17 @@ def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) 
     return start_ablation(base, points, output).run()
 
 
-def write_report(rows: Sequence[dict], output: Path, base: TrainConfig) -> None:
+def write_report(rows: Sequence[dict], output: Path, base: TrainConfig, points: int | None = None) -> None:
     """``ablation.csv``, ``ablation.md`` (with the budget) and ``ablation.png`` (when matplotlib is installed)
-    under ``output``."""
+    under ``output``; ``points``: how many the ablation has (the markdown says when ``rows`` are fewer)."""
     output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output / ABLATION_CSV, COLUMNS)
     budget = (f"model `{base.model}`, data `{base.data.format}`, recipe `{base.recipe}` with overrides "
               f"{base.recipe_overrides or '{}'}, max steps/epoch {base.max_steps_per_epoch}, "
               f"seed {base.seed or 0}, model knobs of every point (baseline included) {base.model_kwargs or '{}'}")
     text = f"# Ablation\n\n{budget}\n\nAccuracies in %, `val_acc` after the last epoch.\n\n"
+    if points is not None and len(rows) < points:
+        text += f"**{len(rows)} of {points} points finished so far.**\n\n"
     (output / ABLATION_MD).write_text(text + markdown_table(rows, COLUMNS))
     if not matplotlib_available():
         if base.verbose:

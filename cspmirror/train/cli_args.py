@@ -28,7 +28,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, workers: int = 2) -> Non
                    help="auto (default: cifar10 or imagefolder, whichever ROOT holds), cifar10 (the pickled python "
                         "batches), imagefolder, or synthetic (generated, for smoke tests)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="input size (default 32 for cifar10/synthetic, 224 for imagefolder)")
+                   help="input size (default 32 for cifar10/synthetic, 224 for imagefolder; eval and train "
+                        "--resume: the checkpoint's)")
     g.add_argument("--workers", type=int, default=workers, help=f"data-loader processes (default {workers})")
     g.add_argument("--synthetic-classes", type=int, default=4, help="classes of the synthetic data")
     g.add_argument("--synthetic-train", type=int, default=512, help="training images of the synthetic data")
@@ -85,10 +86,12 @@ def parse_split_stages(text: str) -> list[int] | None:
     if text == "none":
         return []
     try:
-        return [int(t) for t in text.replace("+", ",").split(",") if t.strip()]
+        indices = [int(t) for t in text.replace("+", ",").split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--split-stages must be all, none or indices like 0,1; got {text!r}") from None
+        indices = []
+    if not indices:  # an empty value (e.g. a grid's trailing comma) is not "none"
+        raise argparse.ArgumentTypeError(f"--split-stages must be all, none or indices like 0,1; got {text!r}")
+    return indices
 
 
 def model_knobs(args: argparse.Namespace) -> dict:

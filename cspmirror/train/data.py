@@ -68,8 +68,11 @@ class DataConfig:
             raise ValueError(f"image_size (--image-size) must be >= 1, got {self.image_size}")
         if self.workers < 0:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers}")
+        if self.format == "synthetic" and self.root is not None:  # it would be ignored: no file is read
+            raise ValueError(f"--data-format synthetic generates its data: leave out --data ({self.root})")
         if self.format == "synthetic" and not 2 <= self.synthetic_classes <= len(_PALETTE):
-            raise ValueError(f"synthetic_classes must be in [2, {len(_PALETTE)}], got {self.synthetic_classes}")
+            raise ValueError(f"synthetic_classes (--synthetic-classes) must be in [2, {len(_PALETTE)}], "
+                             f"got {self.synthetic_classes}")
         for name in ("synthetic_train", "synthetic_val"):
             if self.format == "synthetic" and getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
@@ -134,9 +137,34 @@ def missing_data_message(fmt: str, root: str | None, problem: str) -> str:
 # ------------------------------------------------------------------------------------------------ CIFAR-10
 
 
-def _read_pickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def _read_pickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """The pickled dict at ``path``, holding every key of ``keys`` (``a|b``: either); ValueError naming the file
+    when it is damaged (truncated, not a pickle) or holds something else."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many kinds
+        raise ValueError(f"{path}: cannot be read as a CIFAR-10 python file ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in keys if not isinstance(entry, dict) or not any(a in entry for a in k.split("|"))]
+    if missing:
+        raise ValueError(f"{path}: not a CIFAR-10 python file (a pickled dict with {list(keys)}; "
+                         f"missing {missing})")
+    return entry
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One batch file: its images as uint8 rows [n, 3072] and its labels, checked (ValueError naming the file)."""
+    entry = _read_pickle(path, ("data", "labels|fine_labels"))
+    data = np.asarray(entry["data"])
+    labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not np.issubdtype(data.dtype, np.integer):
+        raise ValueError(f"{path}: 'data' must be integer rows of 3072 values (3x32x32), got an array of "
+                         f"{data.dtype} {list(data.shape)}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise ValueError(f"{path}: 'data' must hold 8-bit values (0..255), got {data.min()}..{data.max()}")
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.astype(np.uint8, copy=False), [int(v) for v in labels]
 
 
 class _InMemoryImages(Dataset):
@@ -180,16 +208,18 @@ class CIFAR10Batches(_InMemoryImages):
         if missing:
             raise DataNotFoundError(missing_data_message(
                 "cifar10", str(root), f"CIFAR-10 is missing {', '.join(missing)} in {folder}."))
+        self.classes = list(_read_pickle(folder / CIFAR10_META, ("label_names",))["label_names"])
         data, labels = [], []
         for name in names:
-            entry = _read_pickle(folder / name)
-            data.append(np.asarray(entry["data"], dtype=np.uint8))
-            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            rows, batch_labels = _read_batch(folder / name)
+            bad = sorted({v for v in batch_labels if not 0 <= v < len(self.classes)})
+            if bad:  # else an IndexError in the loss at the first step (a device-side assert on CUDA)
+                raise ValueError(f"{folder / name}: labels {bad[:5]} are not in [0, {len(self.classes)}), the "
+                                 f"{len(self.classes)} label_names of {folder / CIFAR10_META}")
+            data.append(rows)
+            labels.extend(batch_labels)
         self.images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
         self.targets = torch.as_tensor(labels, dtype=torch.long)
-        if len(self.images) != len(self.targets):
-            raise ValueError(f"{folder}: {len(self.images)} images but {len(self.targets)} labels")
-        self.classes = list(_read_pickle(folder / CIFAR10_META)["label_names"])
         self.transform = transform
 
 
@@ -264,14 +294,27 @@ def _load_rgb(path: str):
         raise OSError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted: its subfolders but hidden ones (``.ipynb_checkpoints``,
+    a ``.git``), which are no class."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
     from torchvision.datasets import ImageFolder
+
+    class VisibleImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = _class_folders(Path(directory))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
 
     folder = root / split
     if not folder.is_dir():
         raise DataNotFoundError(missing_data_message("imagefolder", str(root), f"{folder} is not a folder."))
     try:
-        return ImageFolder(str(folder), transform=_folder_transform(size, augment), loader=_load_rgb)
+        return VisibleImageFolder(str(folder), transform=_folder_transform(size, augment), loader=_load_rgb)
     except FileNotFoundError as exc:  # no class folders / no images
         raise DataNotFoundError(missing_data_message("imagefolder", str(root), f"{folder}: {exc}")) from None
 
@@ -281,7 +324,7 @@ def _image_folder(root: Path, split: str, size: int, augment: bool) -> Dataset:
 
 def _holds_image_folder(root: Path) -> bool:
     """Whether ``root/train`` or ``root/val`` holds a class folder (one split is enough: eval reads one)."""
-    return any(split.is_dir() and any(p.is_dir() for p in split.iterdir()) for split in (root / "train", root / "val"))
+    return any(split.is_dir() and _class_folders(split) for split in (root / "train", root / "val"))
 
 
 def resolve_format(cfg: DataConfig) -> DataConfig:

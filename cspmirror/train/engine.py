@@ -42,7 +42,17 @@ from ..models import MODEL_CONFIGS, CSPMirrorNetConfig, configure, get_model
 from ..profile import count_params
 from ..sync_bn import convert_sync_batchnorm
 from . import distributed
-from .checkpointing import BEST, LAST, load_checkpoint_dict, save_checkpoint
+from .checkpointing import (
+    BEST,
+    LAST,
+    RESUME_KEYS,
+    check_classes,
+    data_for_checkpoint,
+    load_checkpoint_dict,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import DataConfig, build_datasets, resolve_format, stats_tensors, to_input
 from .distributed import DistContext
 from .history import COLUMNS, write_csv
@@ -85,7 +95,7 @@ class TrainConfig:
     ``model`` and ``recipe`` None mean :data:`DEFAULT_MODEL` and :data:`DEFAULT_RECIPE`. When ``resume`` is set
     (a checkpoint file or a run folder), the model name and knobs and the recipe come from the checkpoint, and a
     ``model``, knob or ``recipe`` given must agree with it (it could not take effect); ``recipe_overrides``
-    still apply (e.g. more ``epochs``).
+    still apply (e.g. more ``epochs``), and the image size is the checkpoint's unless ``data.image_size`` is set.
     """
 
     output: str
@@ -112,8 +122,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} ({flag}) must be >= 1, got {value}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed (--seed) must be >= 0, got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # seed + epoch seeds a torch.Generator (< 2**64)
+            raise ValueError(f"seed (--seed) must be >= 0 and < 2**63, got {self.seed}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise RecipeError(f"recipe (--recipe) must be one of {sorted(RECIPES)}, got {self.recipe!r}")
 
@@ -384,10 +394,11 @@ class PreparedRun:
 
 
 def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> PreparedRun:
-    ckpt = load_checkpoint_dict(cfg.resume) if cfg.resume else None
+    ckpt = load_checkpoint_dict(cfg.resume, RESUME_KEYS) if cfg.resume else None
     cfg = dataclasses.replace(cfg, seed=_resolved_seed(cfg, ckpt))
     if ckpt:
         _check_resume_agrees(cfg, ckpt)
+        _check_output_holds_no_later_epochs(cfg, ckpt)
     if ckpt:
         recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
     else:
@@ -404,10 +415,13 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     amp_dtype = autocast_dtype(recipe, device)
     backends.resolve(cfg.backend, device)  # BackendUnavailableError now, not at the first step
     backends.ensure_loaded(cfg.backend)  # an extension that fails to build, too
-    cfg = dataclasses.replace(cfg, data=resolve_format(cfg.data))  # the checkpoint keeps the format found
+    data_cfg = data_for_checkpoint(cfg.data, ckpt) if ckpt else cfg.data  # a resumed run keeps its image size
+    cfg = dataclasses.replace(cfg, data=resolve_format(data_cfg))  # the checkpoint keeps the format found
     data = build_datasets(cfg.data, augment=recipe.augment)
-    if ckpt and int(ckpt["num_classes"]) != data.num_classes:
-        raise ValueError(f"the checkpoint has {ckpt['num_classes']} classes but the data has {data.num_classes}")
+    if ckpt:
+        check_classes(ckpt, data.classes)
+    per_rank = recipe.batch_size // ctx.world_size
+    _check_batch_norm_trains(model_name, data.image_size, per_rank, ctx.enabled and cfg.sync_bn)
 
     seed_everything(cfg.seed)
     model = get_model(model_name, num_classes=data.num_classes, drop_rate=recipe.drop_rate,
@@ -415,7 +429,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     set_backend(model, cfg.backend)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if ctx.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model)
@@ -424,9 +438,11 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    per_rank = recipe.batch_size // ctx.world_size
     loader_kw = dict(ctx=ctx, seed=cfg.seed, workers=cfg.data.workers, device=device)
     train_loader = make_loader(data.train, per_rank, train=True, **loader_kw)
+    if len(train_loader) == 0:  # one image per process, its batch of one dropped (make_loader)
+        raise ValueError(f"the training split has {len(data.train)} image(s): no training step on {ctx.world_size} "
+                         f"process(es) (a last batch of one image per process is dropped: BatchNorm)")
     val_loader = make_loader(data.val, per_rank, train=False, **loader_kw)
     steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader),
                                                                            cfg.max_steps_per_epoch)
@@ -450,6 +466,34 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     return PreparedRun(cfg, ctx, device, recipe, model_name, model_kwargs, model, train_model, train_loader,
                        val_loader, steps, optimizer, scheduler, scaler, criterion, env, meta, count_params(model),
                        len(data.train), len(data.val), start_epoch, history, best)
+
+
+def _check_batch_norm_trains(model_name: str, image_size: int, per_rank: int, synced: bool) -> None:
+    """RecipeError naming ``--batch-size`` when every training batch would give BatchNorm one value per channel:
+    one image per process (its statistics not synchronised with other processes') and a 1x1 last stage."""
+    stages, side = len(MODEL_CONFIGS[model_name].stages), image_size
+    for _ in range(stages):  # each stage starts with a 3x3 conv of stride 2, padding 1
+        side = (side + 1) // 2
+    if per_rank == 1 and side == 1 and not synced:
+        raise RecipeError(f"batch_size (--batch-size) gives one image per process: BatchNorm cannot train on one "
+                          f"value per channel, and the last stage of {model_name} is 1x1 at {image_size}x{image_size} "
+                          f"(a batch of at least 2, or an image size above {2 ** stages})")
+
+
+def _check_output_holds_no_later_epochs(cfg: TrainConfig, ckpt: dict) -> None:
+    """ValueError naming ``--output`` when it holds a run further along than the checkpoint resumed (as when
+    resuming from ``best.pt`` in its own folder): going on there would overwrite its later epochs."""
+    last = Path(cfg.output) / LAST
+    if not last.is_file() or last.resolve() == resolve_checkpoint(cfg.resume).resolve():
+        return
+    try:
+        epoch = int(load_checkpoint_dict(last, ("epoch",))["epoch"])
+    except ValueError:  # not a training checkpoint: no epochs to lose
+        return
+    if epoch > int(ckpt["epoch"]):
+        raise ValueError(f"--output {cfg.output} holds a run at epoch {epoch}, past the checkpoint resumed (epoch "
+                         f"{ckpt['epoch']}): going on there would overwrite its later epochs (last.pt, metrics.csv); "
+                         f"give another --output")
 
 
 def _check_resume_agrees(cfg: TrainConfig, ckpt: dict) -> None:

@@ -93,6 +93,9 @@ class Recipe:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise RecipeError("recipe field nesterov (--nesterov) needs --optimizer sgd and --momentum > 0 "
                               "(--no-nesterov to leave it out)")
+        if self.amp_dtype != "auto" and not self.amp:  # else ignored: AMP is off
+            raise RecipeError(f"recipe field amp_dtype (--amp-dtype) {self.amp_dtype} needs --amp (this recipe "
+                              f"trains without autocast)")
 
     def with_overrides(self, **overrides: object) -> Recipe:
         """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
