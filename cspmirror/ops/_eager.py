@@ -37,7 +37,10 @@ def batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched by vmap, as the gradients a backward gets under
     ``torch.autograd.grad(..., is_grads_batched=True)`` and ``torch.autograd.functional.jacobian(...,
     vectorize=True)`` (PyTorch's legacy vmap), or under a ``torch.func.vmap`` of a backward: a wrapper that looks
-    like a plain tensor, with no data a kernel could read."""
+    like a plain tensor, with no data a kernel could read. False while torch.compile traces (Dynamo cannot trace
+    the check, and its fake tensors are not batched)."""
+    if torch.compiler.is_compiling():
+        return False
     return _legacy_batched(t) or torch._C._functorch.is_batchedtensor(t)
 
 
