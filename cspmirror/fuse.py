@@ -52,7 +52,10 @@ def fuse_for_inference(model: nn.Module, backend: str | None = None) -> nn.Modul
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Point every cspmirror module in ``model`` at ``backend``, in place (weights untouched)."""
+    """Point every cspmirror module in ``model`` at ``backend``, in place (weights untouched), and load its ops'
+    implementations where ``backend`` can run them (:func:`cspmirror.accelerate.preload`: without raising;
+    :func:`cspmirror.accelerate` checks first)."""
+    from .accelerate import preload
     from .backends import BACKENDS
     from .layers import BackendMixin
 
@@ -61,6 +64,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, BackendMixin):
             module.backend = backend
+    preload(model)
     return model
 
 

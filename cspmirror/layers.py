@@ -24,17 +24,26 @@ class BackendMixin:
 
 class PreloadOnMove:
     """Mixin for the fused-op modules with parameters (put it before ``nn.Module`` among the bases): after
-    ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), :func:`cspmirror.accelerate.preload` loads every
-    fused op's implementation for the module's backend and the device it is now on (the parameter-free
-    mirror modules cannot tell their device; their ops are loaded with the others). A model moved to a GPU and
-    then compiled with ``fullgraph=True`` meets no import (which Dynamo cannot trace) at its first call."""
+    ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...) and after unpickling (``torch.load`` of a whole model,
+    ``copy.deepcopy``), :func:`cspmirror.accelerate.preload` loads every fused op's implementation for the
+    module's backend and the device it is now on (the parameter-free mirror modules cannot tell their device;
+    their ops are loaded with the others). A model moved to a GPU, or loaded in a new process, and then compiled
+    with ``fullgraph=True`` meets no import (which Dynamo cannot trace) at its first call."""
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
-        from .accelerate import preload  # (accelerate imports this module)
-
-        preload(self)
+        _preload(self)
         return result
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _preload(self)
+
+
+def _preload(module: nn.Module) -> None:
+    from .accelerate import preload  # (accelerate imports this module)
+
+    preload(module)
 
 
 def _recomputing() -> bool:

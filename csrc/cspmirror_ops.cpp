@@ -35,9 +35,11 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(cspmirror_ext, m) {
-  m.def("mirror_split(Tensor x, int width, int axis, bool mirror) -> Tensor");
-  m.def("mirror_fuse(Tensor[] parts, int length, int axis, bool mirror, bool mean) -> Tensor");
-  m.def("mirror_fuse_backward(Tensor grad, int[] channels, int width, int axis, bool mirror, bool mean)"
+  // Sizes taken from the input shapes are SymInt (the kernels take int64_t): with int, torch.compile and
+  // torch.export specialize on their values, recompiling for every new width (and batch, in training).
+  m.def("mirror_split(Tensor x, SymInt width, int axis, bool mirror) -> Tensor");
+  m.def("mirror_fuse(Tensor[] parts, SymInt length, int axis, bool mirror, bool mean) -> Tensor");
+  m.def("mirror_fuse_backward(Tensor grad, SymInt[] channels, SymInt width, int axis, bool mirror, bool mean)"
         " -> Tensor[]");
   m.def("bn_mish_train(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual)"
         " -> (Tensor, Tensor, Tensor)");
@@ -50,7 +52,7 @@ TORCH_LIBRARY(cspmirror_ext, m) {
   m.def("bn_mish_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var,"
         " float eps, bool training, bool param_grads) -> (Tensor, Tensor, Tensor)");
   m.def("bn_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
-        " float momentum, int count) -> ()");
+        " float momentum, SymInt count) -> ()");
   m.def("conv_bn_mish(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? residual) -> Tensor");
   m.def("conv_bn_mish_out(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? residual,"
         " Tensor(a!) out) -> ()");

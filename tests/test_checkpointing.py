@@ -6,6 +6,7 @@ Triton backend (whose dense blocks otherwise recompute their conv inputs from wh
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -135,4 +136,25 @@ def test_moving_a_model_loads_its_ops_for_the_new_device(monkeypatch, kind):
     monkeypatch.setattr(ops, "_RESOLVED", {})
     module.to(torch.float64)
     assert {key[0] for key in ops._RESOLVED if key[1:] == ("auto", "cpu", None)} == {
+        "mirror_split", "mirror_fuse", "bn_mish", "conv_bn_mish"}
+
+
+@pytest.mark.parametrize("how", ["torch.load", "set_backend"])
+def test_a_loaded_or_switched_model_loads_its_ops(monkeypatch, how):
+    """A whole model unpickled (``torch.load`` in a new process, whose look-up cache is empty) or pointed at a
+    backend by ``set_backend`` loads its ops' implementations then, as a moved one does: a Triton or extension
+    model compiled with ``fullgraph=True`` afterwards failed at the import (or the extension's load) in its
+    first op."""
+    from cspmirror import ops
+
+    model = cspmirror.set_backend(cspmirror.cspmirrornet_tiny(), "reference")
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    if how == "torch.load":
+        saved.seek(0)
+        model = torch.load(saved, weights_only=False)
+    else:
+        cspmirror.set_backend(model, "reference")
+    assert {key[0] for key in ops._RESOLVED if key[1:] == ("reference", "cpu", None)} == {
         "mirror_split", "mirror_fuse", "bn_mish", "conv_bn_mish"}

@@ -25,6 +25,18 @@ def test_prepare_for_export_fuses_a_copy_on_the_reference_backend():
     assert model.training and backend_of(model) == "auto" and "bn_mish" in ops_used(model)
 
 
+@pytest.mark.parametrize("prepare", [True, False])
+def test_export_of_a_compiled_model_exports_the_model(prepare):
+    """A ``torch.compile`` wrapper exports as the model it wraps (the dynamic batch failed on the wrapper's
+    ``forward(*args, **kwargs)``: 'mismatch between the structure of inputs and dynamic_shapes')."""
+    model = cspmirror.set_backend(cspmirror.cspmirrornet_tiny(num_classes=10).eval(), "reference")
+    program = export.export_program(torch.compile(model), torch.randn(1, 3, 32, 32), prepare=prepare)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = (export.prepare_for_export(model) if prepare else model)(x)
+        assert torch.equal(program.module()(x), expected)
+
+
 @pytest.mark.parametrize("bad", [torch.randn(3, 32, 32), "x"])
 def test_export_rejects_a_bad_example_input(bad):
     with pytest.raises(ValueError, match="example_input"):

@@ -35,10 +35,20 @@ _FAST_OP_NAMESPACES = ("cspmirror", "cspmirror_ext")
 
 
 def prepare_for_export(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """``model`` (a copy unless ``inplace``) in eval mode, BatchNorm folded, on the reference backend."""
+    """``model`` (a copy unless ``inplace``) in eval mode, BatchNorm folded, on the reference backend; for a
+    ``torch.compile`` wrapper, the model it wraps."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     return fuse_for_inference(model if inplace else copy.deepcopy(model), backend="reference")
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds, else ``model``: export traces the module itself, and the
+    wrapper's ``forward(*args, **kwargs)`` cannot take the batch dimension's ``dynamic_shapes`` ('mismatch
+    between the structure of inputs and dynamic_shapes')."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _check_input(example_input: object) -> torch.Tensor:
@@ -65,7 +75,7 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_bat
     """``torch.export`` of the inference form of ``model`` for inputs shaped like ``example_input``.
 
     Args:
-        model: a cspmirror model (or any module built from cspmirror modules).
+        model: a cspmirror model (or any module built from cspmirror modules, or a ``torch.compile`` of one).
         example_input: [N, C, H, W]; H and W are fixed in the program, N is dynamic with ``dynamic_batch``.
         prepare: fuse and switch a copy to the reference backend first (:func:`prepare_for_export`); False
             exports ``model`` as it is (e.g. to keep a Triton backend's custom ops in the graph; those have no
@@ -75,7 +85,7 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, dynamic_bat
         The ``torch.export.ExportedProgram``; ``program.module()(x)`` runs it.
     """
     example_input = _check_input(example_input)
-    module = prepare_for_export(model) if prepare else model
+    module = prepare_for_export(model) if prepare else _uncompiled(model)
     return torch.export.export(module, (_traced_input(example_input, dynamic_batch),),
                                dynamic_shapes=_dynamic_shapes(dynamic_batch))
 

@@ -89,7 +89,7 @@ def check_fuse_args(
     overlap, axis, reduce = check_overlap(overlap), check_axis(axis), check_reduce(reduce)
     if isinstance(length, torch.Tensor) and length.numel() == 1 and not length.is_floating_point():
         length = int(length)  # a size recorded by torch.jit.trace: the traced graph keeps that size
-    if isinstance(length, bool) or not isinstance(length, int):
+    if isinstance(length, bool) or not isinstance(length, (int, torch.SymInt)):  # (symbolic: torch.export)
         raise TypeError(f"length must be an int, got {type(length).__name__}")
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")

@@ -208,7 +208,7 @@ def _running_update_impl(mean: torch.Tensor, var: torch.Tensor, running_mean: to
 _running_update_op = torch.library.custom_op(
     "cspmirror::bn_running_update_triton", _running_update_impl, mutates_args=("running_mean", "running_var"),
     schema="(Tensor mean, Tensor var, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, "
-           "int count) -> ()",
+           "SymInt count) -> ()",
 )
 
 

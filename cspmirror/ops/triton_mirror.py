@@ -123,9 +123,10 @@ def _fuse_impl(parts: list[torch.Tensor], length: int, overlap: float, axis: int
     return out
 
 
+# length is a SymInt, as sizes passed to an op must be: with int, torch.compile recompiles for every new width.
 _fuse_op = torch.library.custom_op(
     "cspmirror::mirror_fuse", _fuse_impl, mutates_args=(),
-    schema="(Tensor[] parts, int length, float overlap, int axis, bool mirror, str reduce, bool channels_last) "
+    schema="(Tensor[] parts, SymInt length, float overlap, int axis, bool mirror, str reduce, bool channels_last) "
            "-> Tensor",
 )
 
