@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -48,8 +49,28 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     weights for fine-tuning.
     """
     state = _without_foreign_classifier(_without_pruned_stages(read_state_dict(path), model), model, path)
+    _check_same_folding(state, model, path)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _check_same_folding(state: dict[str, torch.Tensor], model: nn.Module, path: object) -> None:
+    """ValueError when the checkpoint or the model has been through :func:`cspmirror.fuse_for_inference` and the
+    other has not (a conv's ``conv.bias`` where the other has its ``bn.*``), whatever ``strict``: the load would
+    fail with a list of missing keys, or, not strict, leave a model with fresh BatchNorm or conv biases."""
+    expected = model.state_dict().keys()
+    if _folded_against(state.keys(), expected):
+        raise ValueError(f"{str(path)!r} holds a model fused by cspmirror.fuse_for_inference (BatchNorm folded into "
+                         f"its convs) and the model is not: fuse the model first, then load")
+    if _folded_against(expected, state.keys()):
+        raise ValueError(f"the model is fused (cspmirror.fuse_for_inference) and {str(path)!r} is not: load it into "
+                         f"the model before fusing")
+
+
+def _folded_against(keys: Iterable[str], other: Collection[str]) -> bool:
+    """Whether ``keys`` have a folded conv's bias where ``other`` has that conv's BatchNorm."""
+    folded = (k[:-len("conv.bias")] for k in keys if k.endswith(".conv.bias"))
+    return any(f"{prefix}bn.weight" in other or f"{prefix}bn.running_mean" in other for prefix in folded)
 
 
 def _without_pruned_stages(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -146,6 +146,26 @@ def test_weights_load_into_a_model_without_the_checkpoints_classifier(tmp_path):
     assert torch.equal(other.stem.conv.weight, trained.stem.conv.weight)
 
 
+def test_fused_and_unfused_checkpoints_are_told_apart(tmp_path):
+    """A checkpoint saved after fuse_for_inference, loaded into a model that is not fused (or the other way round),
+    says so, strict or not (was a list of ~160 missing and unexpected keys; not strict, fresh BatchNorm)."""
+    model = randomize_bn(cspmirror.cspmirrornet_tiny(num_classes=4))
+    plain, fused = tmp_path / "plain.pth", tmp_path / "fused.pth"
+    torch.save(model.state_dict(), plain)
+    torch.save(cspmirror.fuse_for_inference(copy.deepcopy(model)).state_dict(), fused)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="holds a model fused by cspmirror.fuse_for_inference"):
+            cspmirror.load_checkpoint(cspmirror.cspmirrornet_tiny(num_classes=4), fused, strict=strict)
+        with pytest.raises(ValueError, match="the model is fused .* load it into the model before fusing"):
+            cspmirror.load_checkpoint(cspmirror.fuse_for_inference(cspmirror.cspmirrornet_tiny(num_classes=4)),
+                                      plain, strict=strict)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # each into its own kind loads as before
+        fresh = cspmirror.fuse_for_inference(cspmirror.cspmirrornet_tiny(num_classes=4))
+        assert torch.equal(cspmirror.load_checkpoint(fresh, fused)(x), cspmirror.fuse_for_inference(model)(x))
+        assert cspmirror.load_checkpoint(cspmirror.cspmirrornet_tiny(num_classes=4), plain) is not None
+
+
 def test_weights_must_be_local(tmp_path):
     with pytest.raises(ValueError, match="local"):
         cspmirror.cspmirrornet_tiny(weights="https://example.com/w.pth")
