@@ -45,9 +45,19 @@ CSPM_HD T mish_derivative(T v, const Exp& exp_fn) {
   const T e = exp_fn(v < T(20) ? v : T(20));
   const T n = e * (e + T(2));
   const T d = n + T(2);
-  const T g = (n * d + T(4) * v * e * (e + T(1))) / (d * d);
-  return v > T(20) ? T(1) : g;
+  const T g = (n * d + T(4) * e * (e + T(1)) * v) / (d * d);  // (v last: 4 v overflows for v < -8.5e37, e is 0)
+  return (v > T(20) ? T(1) : g) + (v - v);  // + (v - v): NaN at v = +-inf, as PyTorch's (inf * 0 in its formula)
 }
+
+// The shift about which a channel's batch statistics are summed: its first element, or 0 when that is inf or
+// NaN (x - shift would then be NaN everywhere, where the mean of a channel holding +-inf is +-inf).
+template <typename T>
+CSPM_HD T stats_shift(T first) {
+  return first - first == T(0) ? first : T(0);
+}
+
+// max(v, 0), NaN staying NaN (fmax(NaN, 0) is 0: a NaN batch variance would come out finite).
+CSPM_HD double clamp_nonnegative(double v) { return v < 0.0 ? 0.0 : v; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Geometry.

@@ -528,7 +528,7 @@ struct CpuKernels {
       using A = acc_t<scalar_t>;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       std::vector<A> shift(g.C);
-      for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<A>(xp[g.nhwc ? c : c * g.S]);
+      for (int64_t c = 0; c < g.C; ++c) shift[c] = stats_shift(static_cast<A>(xp[g.nhwc ? c : c * g.S]));
       std::vector<double> sums(2 * g.C);
       reduce_channels<A>(g, StatsTerm<scalar_t>{xp, shift.data()}, sums.data());
       const double count = static_cast<double>(g.count());
@@ -537,7 +537,7 @@ struct CpuKernels {
       for (int64_t c = 0; c < g.C; ++c) {
         const double d = sums[c] / count;
         mp[c] = static_cast<double>(shift[c]) + d;
-        vp[c] = std::max(sums[g.C + c] / count - d * d, 0.0);
+        vp[c] = clamp_nonnegative(sums[g.C + c] / count - d * d);
       }
     });
     return {mean, var};

@@ -272,7 +272,7 @@ struct StatsTerm {
   int64_t shift_stride;
   __device__ __forceinline__ Pair<acc_t<T>> operator()(int64_t c, int64_t i) const {
     using A = acc_t<T>;
-    const A d = static_cast<A>(x[i]) - static_cast<A>(x[c * shift_stride]);
+    const A d = static_cast<A>(x[i]) - stats_shift(static_cast<A>(x[c * shift_stride]));
     return {d, d * d};
   }
 };
@@ -302,8 +302,8 @@ __global__ void stats_finalize_kernel(const acc_t<T>* partial, int64_t G, int64_
       s2 += static_cast<double>(partial[(2 * g + 1) * C + c]);
     }
     const double d = s1 / count;
-    mean[c] = static_cast<double>(static_cast<acc_t<T>>(x[c * shift_stride])) + d;
-    var[c] = fmax(s2 / count - d * d, 0.0);
+    mean[c] = static_cast<double>(stats_shift(static_cast<acc_t<T>>(x[c * shift_stride]))) + d;
+    var[c] = clamp_nonnegative(s2 / count - d * d);
   }
 }
 

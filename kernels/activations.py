@@ -132,7 +132,8 @@ def mish_grad(v, OUT_DTYPE: tl.constexpr):
     0.7 (0.6) in [-0.5, 0), 0.2-0.3 (0.4-1.1) above.
 
     For ``v > 15`` the derivative is 1 in fp32 (``1 - t^2 < 1e-12``); clamping ``e`` there keeps ``d^2 s``
-    below 4e32. For very negative ``v``, ``e`` underflows to 0 and so does the result (no NaN).
+    below 4e32. For very negative ``v``, ``e`` underflows to 0 and so does the result (no NaN, down to
+    ``-3.4e38``). At ``v = +-inf`` it is NaN, as PyTorch's (``inf * 0`` in its formula).
     """
     ACCURATE: tl.constexpr = OUT_DTYPE.primitive_bitwidth > 16
     e = _exp(tl.minimum(v, 15.0), ACCURATE)
@@ -140,9 +141,11 @@ def mish_grad(v, OUT_DTYPE: tl.constexpr):
     s = 1.0 + e
     if ACCURATE:
         below = v <= -0.5
-        p = tl.fma(tl.fma(e + 4.0, e, 6.0 + 4.0 * v), e, 4.0 * (1.0 + v))
+        vb = tl.maximum(v, -200.0)  # (e is 0 below; 4 v would overflow to -inf, and e * p be NaN, for v < -8.5e37)
+        p = tl.fma(tl.fma(e + 4.0, e, 6.0 + 4.0 * vb), e, 4.0 * (1.0 + vb))
         q = _div(tl.where(below, e * p, 4.0 * e * (n + 1.0) * v), tl.where(below, d * d, d * d * s), ACCURATE)
         grad = tl.where(below, q, t + q)
     else:
-        grad = (n * d * s + 4.0 * v * e * (n + 1.0)) / (d * d * s)
-    return tl.where(v > 15.0, 1.0, grad)
+        grad = (n * d * s + 4.0 * e * (n + 1.0) * v) / (d * d * s)
+    # + (v - v): NaN for v = +-inf, as PyTorch's mish backward (v * sigmoid(v) * (1 - t^2) is inf * 0 there).
+    return tl.where(v > 15.0, 1.0, grad) + (v - v)

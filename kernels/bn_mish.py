@@ -243,6 +243,9 @@ def _stats_tiles(
     a, c, b, mask = _tile(start, nbb, C, B, pid_c, BLOCK_C, BLOCK_B, IDX64)
     first = _load(x_ptr, a, c, b, sxa, sxc, sxb, mask, EVICT)
     shift = tl.sum(first, axis=1) / _count(start, start + 1, nbb, B, BLOCK_B).to(tl.float32)
+    # No shift where that mean is inf or NaN: x - shift would be NaN everywhere, where the mean of a channel
+    # holding +-inf is +-inf (as the reference's); the sums below then carry the inf or NaN themselves.
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
     acc1 = tl.where(mask, first - shift[:, None], 0.0)
     acc2 = acc1 * acc1
     for item in range(start + 1, end):
@@ -256,7 +259,8 @@ def _stats_tiles(
     offs_c, mask_c = _channel_offsets(pid_c, C, BLOCK_C)
     tl.store(pshift_ptr + split * C + offs_c, shift, mask=mask_c)
     tl.store(poff_ptr + split * C + offs_c, s1 / n, mask=mask_c)
-    tl.store(pm2_ptr + split * C + offs_c, tl.maximum(s2 - s1 * (s1 / n), 0.0), mask=mask_c)
+    tl.store(pm2_ptr + split * C + offs_c, tl.maximum(s2 - s1 * (s1 / n), 0.0, propagate_nan=tl.PropagateNan.ALL),
+             mask=mask_c)
 
 
 @triton.jit

@@ -19,6 +19,23 @@ def triton_or_skip() -> None:
         pytest.skip(status.reason, allow_module_level=True)  # some test modules call this at import
 
 
+def extension_or_skip() -> None:
+    """Skip unless the C++ extension is built for this machine (building it here on first use)."""
+    from cspmirror.backends import extension_status
+
+    status = extension_status()
+    if not status.available:
+        pytest.skip(f"extension unavailable: {status.reason}")
+
+
+def fast_backend_or_skip(backend: str) -> None:
+    """Skip unless ``backend`` ("triton" or "extension") can run here."""
+    if backend == "triton":
+        triton_or_skip()
+    else:
+        extension_or_skip()
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; inf when ``out`` has NaN/inf."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -21,7 +21,16 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import Checks, assert_within_spec, assert_within_torch_error, randomize_bn, rel_err, triton_or_skip
+from helpers import (
+    Checks,
+    assert_within_spec,
+    assert_within_torch_error,
+    extension_or_skip,
+    fast_backend_or_skip,
+    randomize_bn,
+    rel_err,
+    triton_or_skip,
+)
 
 import cspmirror
 from cspmirror import ops
@@ -249,8 +258,7 @@ def test_accelerate_loads_the_extension_library(monkeypatch):
     torch.compile could not trace the load's lock (a graph break; an error with fullgraph=True)."""
     from cspmirror.ops import extension
 
-    if not extension.status().available:
-        pytest.skip(extension.status().reason)
+    extension_or_skip()
     loads = []
     monkeypatch.setattr(extension, "load", lambda: loads.append(1))
     monkeypatch.setattr(ops, "_RESOLVED", {})
@@ -331,20 +339,13 @@ def test_conv_bn_mish_under_autocast_runs_in_the_autocast_dtype(dtype):
         assert ops.conv_bn_mish(x64, w.double(), b.double(), backend="reference").dtype == torch.float64
 
 
-def _fast_backend_or_skip(backend: str) -> None:
-    if backend == "triton":
-        triton_or_skip()
-    elif not cspmirror.backends.extension_status().available:
-        pytest.skip(cspmirror.backends.extension_status().reason)
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton", "extension"])
 def test_channels_last_model_stays_channels_last(backend):
     """Every stage's mirror_fuse of a channels_last model returns channels_last (its first part is a channel
     slice of a channels_last tensor, not channels_last itself; it returned NCHW, for the next conv to convert
     back), on every backend, with the same values as the contiguous model."""
     if backend != "reference":
-        _fast_backend_or_skip(backend)
+        fast_backend_or_skip(backend)
     model = cspmirror.accelerate(_tiny(num_classes=10).eval(), backend)
     x = _input("cpu")
     with torch.no_grad():
@@ -366,7 +367,7 @@ def test_meta_device_model_runs_on_every_backend(backend):
     """A model built on the meta device (deferred initialisation, shape inspection) trains a step and fuses on a
     fast backend as on the reference: same shapes and strides (was: Triton's ops ran their kernels on meta
     tensors, "Cannot copy out of meta tensor" and a RecursionError in conv_bn_mish)."""
-    _fast_backend_or_skip(backend)
+    fast_backend_or_skip(backend)
 
     def run(name: str) -> list[torch.Tensor]:
         torch.manual_seed(0)
@@ -390,7 +391,7 @@ def test_flop_counter_counts_a_fast_conv_as_its_convolution(device, backend, int
     unless registered); it counts the FLOPs of the reference's aten.convolution."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _fast_backend_or_skip(backend)
+    fast_backend_or_skip(backend)
     x, w, b = (torch.randn(shape, device=device) for shape in ((2, 4, 9, 7), (6, 4, 3, 3), (6,)))
     ops.conv_bn_mish(x, w, b, 2, backend=backend)  # loads the backend, which registers its formula
     counts = {}

@@ -9,23 +9,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import randomize_bn, rel_err, triton_or_skip
+from helpers import fast_backend_or_skip, randomize_bn, rel_err, triton_or_skip
 from torch.utils.checkpoint import checkpoint
 
 import cspmirror
 from cspmirror.layers import BatchNormMish2d, ConvBNMish, MirrorSplit, MishedDenseBlock
 
 SHAPE = (2, 4, 5, 6)
-
-
-def _backend_or_skip(backend: str) -> None:
-    if backend == "triton":
-        triton_or_skip()
-    else:
-        from cspmirror.ops import extension
-
-        if not extension.status().available:
-            pytest.skip(extension.status().reason)
 
 
 def _module(kind: str) -> torch.nn.Module:
@@ -58,7 +48,7 @@ def _penalty_grads(module: torch.nn.Module, x: torch.Tensor, of: str) -> list[to
 def test_double_backward_matches_reference(backend, kind, training, of):
     """Every tensor gets the reference's gradient of the penalty (the fast backwards used to return gradients
     that autograd could not differentiate: silently None or partial)."""
-    _backend_or_skip(backend)
+    fast_backend_or_skip(backend)
     module = _module(kind).train(training)
     x = torch.randn(SHAPE)
     expected = _penalty_grads(cspmirror.set_backend(copy.deepcopy(module), "reference"), x, of)
@@ -118,7 +108,7 @@ def test_vmapped_backward_matches_reference(op, backend, how):
     run the backward under vmap: the fast backends give the reference's gradients, the mirror ops' exactly (was an
     error: the mirror ops' lists of tensors have no vmap fallback, and Triton's kernels were handed vmap's
     batched tensors)."""
-    _backend_or_skip(backend)
+    fast_backend_or_skip(backend)
     fn, shapes = VMAPPED[op]
     inputs = [torch.randn(shape) for shape in shapes]
 
@@ -162,7 +152,7 @@ def test_forward_ad_runs_the_reference(backend):
     ops have no jvp, and used to return their output without one (tangent None, silently)."""
     import torch.autograd.forward_ad as fwAD
 
-    _backend_or_skip(backend)
+    fast_backend_or_skip(backend)
     torch.manual_seed(0)
     x, t = torch.randn(SHAPE), torch.randn(SHAPE)
     w, b, rm, rv = torch.randn(SHAPE[1]), torch.randn(SHAPE[1]), torch.randn(SHAPE[1]), torch.rand(SHAPE[1]) + 0.5
@@ -183,7 +173,7 @@ def test_torch_func_vmap_of_the_ops(backend):
     loop over the samples gives (was "NYI: querying is_contiguous inside of vmap" on every backend, the reference
     included: the ops asked their inputs' memory format)."""
     if backend != "reference":
-        _backend_or_skip(backend)
+        fast_backend_or_skip(backend)
     torch.manual_seed(0)
     samples = torch.randn(3, *SHAPE)  # three samples, each a batch of the ops' [N, C, H, W]
     bn_weight, conv_weight = torch.randn(SHAPE[1]), torch.randn(3, SHAPE[1], 3, 3)
