@@ -145,7 +145,8 @@ class ConvBNMish(PreloadOnMove, nn.Module, BackendMixin):
             conv = conv.to(memory_format=torch.channels_last)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
-        self.conv, self.bn, self.fused = conv, nn.Identity(), True
+        # the new modules take this one's mode (a module is built in training mode)
+        self.conv, self.bn, self.fused = conv.train(self.training), nn.Identity().train(self.training), True
         return self
 
 

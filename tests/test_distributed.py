@@ -228,6 +228,8 @@ def test_sync_bn_without_process_group_is_bn_mish():
 def test_convert_sync_batchnorm_keeps_state_dict_and_backend():
     model = get_model("cspmirrornet_tiny", num_classes=3)
     model.stem.bn.backend = "reference"
+    model.stem.bn.num_batches_tracked.fill_(7)
+    model.eval()
     n_bn = sum(isinstance(m, BatchNormMish2d) for m in model.modules())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stem_weight = model.stem.bn.weight
@@ -237,6 +239,7 @@ def test_convert_sync_batchnorm_keeps_state_dict_and_backend():
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert converted.stem.bn.weight is stem_weight and converted.stem.bn.backend == "reference"
+    assert not any(m.training for m in converted.modules())
 
 
 # ----------------------------------------------------------------------------------------- DDP training

@@ -250,8 +250,21 @@ def test_bn_mish_float64(lib, device):
 def test_bn_mish_large_mean_and_magnitude(lib, layout, device):
     """|mean| >> std (the variance must not cancel) and |z| up to 1e4 (Mish must not overflow to NaN)."""
     check_case(make_case((2, 3, 6, 7), layout=layout, device=device, loc=3000.0, scale=1.0))
+    case = make_case((2, 3, 6, 7), layout=layout, device=device, loc=0.0, scale=1.0)  # a large mean per channel
+    case.x = to_layout(case.x + torch.tensor([0.0, 3000.0, -5000.0], device=device).view(1, 3, 1, 1), layout)
+    check_case(case)
     case = make_case((2, 3, 6, 7), layout=layout, device=device, training=False, scale=1e4)
     case.running_var = torch.full_like(case.running_var, 1.0)
+    check_case(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_mish_eps_inside_the_square_root(lib, training, device):
+    """rstd = 1 / sqrt(var + eps), as nn.BatchNorm2d: with small variances and a larger eps, another placement is
+    far outside SPEC section 4 (with the default cases' var ~ 4 and eps = 1e-5 it differs by ~4e-6 only)."""
+    case = make_case((2, 3, 4, 5), device=device, training=training, scale=0.05, loc=0.0)
+    case.eps = 1e-3
     check_case(case)
 
 
@@ -327,6 +340,8 @@ def test_operators_check_their_arguments(lib):
         lib.bn_mish_train(x, torch.ones(2), None, 1e-5, None)
     with pytest.raises(RuntimeError, match="x must not be empty"):
         lib.bn_mish_train(torch.empty(0, 3, 4, 4), None, None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="more than one value per channel"):  # unbiased variance: / (1 - 1)
+        lib.bn_update_running_stats(torch.zeros(8), torch.ones(8), torch.zeros(8), torch.ones(8), 0.1, 1)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -506,11 +521,15 @@ def test_conv_bn_mish_matches_reference(lib, stride, k, dtype, layout, device):
     assert buf[:, :1].isnan().all() and buf[:, 7:].isnan().all()
 
 
-FORMATS = ["nchw", "nhwc", "nhwc_slice"]  # nhwc_slice: a channel slice of a channels_last buffer
+# nhwc_slice: a channel slice of a channels_last buffer; expanded: one channel broadcast (channel stride 0, which
+# ATen never counts as channels_last)
+FORMATS = ["nchw", "nhwc", "nhwc_slice", "expanded"]
 
 
 def in_format(shape, fmt: str, device) -> torch.Tensor:
     n, c, h, w = shape
+    if fmt == "expanded":
+        return torch.randn(n, 1, h, w, device=device).expand(shape)
     if fmt == "nhwc_slice":
         return to_layout(torch.randn(n, c + 2, h, w, device=device), torch.channels_last)[:, 1:c + 1]
     return to_layout(torch.randn(shape, device=device), LAYOUTS[fmt == "nhwc"])

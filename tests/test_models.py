@@ -11,7 +11,7 @@ from helpers import randomize_bn
 import cspmirror
 from cspmirror import ops
 from cspmirror.layers import CSPMirrorStage
-from cspmirror.models import MODEL_CONFIGS
+from cspmirror.models import MODEL_CONFIGS, configure
 
 FAMILY = cspmirror.list_models()
 
@@ -180,13 +180,24 @@ def test_fuse_for_inference_parity(name):
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         expected = model(x)
-        fused = cspmirror.fuse_for_inference(copy.deepcopy(model))
+        fused = cspmirror.fuse_for_inference(copy.deepcopy(model).train())  # puts the model in eval mode
         got = fused(x)
+    assert not any(m.training for m in fused.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     rel = (got - expected).norm() / expected.norm()
     assert rel <= 1e-5, rel
     with pytest.warns(UserWarning, match="training a model fused for inference"):
         fused.train()  # it would train without normalisation
+
+
+def test_fold_bn_scales_the_convs_own_bias():
+    """fold_bn of a conv with a bias (cspmirror's convs have none): bn(conv(x)) in eval mode, the bias scaled too."""
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1), randomize_bn(torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 5, 6)
+    weight, bias = cspmirror.fold_bn(conv, bn)
+    with torch.no_grad():
+        expected = bn(conv(x))
+    assert torch.allclose(torch.nn.functional.conv2d(x, weight, bias, padding=1), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fusing_a_channels_last_model_keeps_its_layout():
@@ -329,6 +340,27 @@ def test_prune_intermediate_layers():
         final, kept = model.forward_intermediates(x, indices=[1, 2])
     assert torch.equal(final, levels[2]) and all(torch.equal(a, b) for a, b in zip(kept, levels[1:3], strict=True))
     assert model(x).shape == (2, 64, 8, 8)  # the head went with the stages (timm: reset_classifier(0, ""))
+    kept_head = cspmirror.cspmirrornet_tiny(num_classes=4).eval()
+    kept_head.prune_intermediate_layers([1, 2], prune_head=False)  # stages dropped: the head goes all the same
+    assert isinstance(kept_head.fc, torch.nn.Identity) and kept_head(x).shape == (2, 64, 8, 8)
+
+
+def test_split_stages_by_negative_index():
+    """split_stages as stage indices counts negative ones from the end, as Python does."""
+    stages = configure(MODEL_CONFIGS["cspmirrornet_tiny"], split_stages=[-1, 0]).stages
+    assert [s.split for s in stages] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max", "avgmax", "catavgmax"])
+def test_global_pool_values(global_pool):
+    """The pooled features as timm's SelectAdaptivePool2d gives them (avgmax: the mean of the two)."""
+    model = cspmirror.cspmirrornet_tiny(num_classes=0, global_pool=global_pool).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, 32, 32))
+        pooled = model.forward_head(features)
+    avg, top = features.mean((2, 3)), features.amax((2, 3))
+    expected = {"avg": avg, "max": top, "avgmax": 0.5 * (avg + top), "catavgmax": torch.cat([avg, top], 1)}
+    assert torch.allclose(pooled, expected[global_pool], rtol=1e-5, atol=1e-6)
 
 
 def test_two_branch_stage_keeps_each_section_in_place(device):

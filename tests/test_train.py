@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import cspmirror
 from cspmirror import backends
 from cspmirror.cli import main
 from cspmirror.train import ablation, recipes
@@ -282,6 +283,7 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
                                   "resume_model", "resume_knob", "resume_recipe", "resume_finished",
                                   "imagefolder_classes", "imagefolder_empty_class", "output", "warmup",
                                   "data_both_layouts", "cifar_truncated", "cifar_not_a_batch", "cifar_labels",
+                                  "cifar_pixels", "cifar_label_count",
                                   "resume_class_names", "resume_weights", "resume_model_only", "batch_of_one",
                                   "no_training_step", "seed_too_large", "synthetic_classes",
                                   "synthetic_with_data"])
@@ -304,6 +306,12 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         elif case == "cifar_labels":
             _write_batch(batch, entry["data"], [CLASSES] * len(entry["labels"]))
             expected = f"{batch}: labels [10] are not in [0, 10)"
+        elif case == "cifar_pixels":  # 16-bit values: uint8 would wrap them
+            _write_batch(batch, entry["data"].astype(np.int16) + 1, entry["labels"])
+            expected = f"{batch}: 'data' must hold 8-bit values (0..255)"
+        elif case == "cifar_label_count":
+            batch.write_bytes(pickle.dumps({**entry, "labels": entry["labels"][:-1]}))
+            expected = f"{batch}: {len(entry['labels'])} images but {len(entry['labels']) - 1} labels"
         else:  # the same number of classes, other names: the labels would mean other classes
             meta = data / "cifar-10-batches-py" / "batches.meta"
             meta.write_bytes(pickle.dumps({"label_names": [f"d{i}" for i in range(CLASSES)]}))
@@ -459,6 +467,22 @@ def test_an_error_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "train_one_epoch", broken)
     with pytest.raises(ValueError, match="a bug in a kernel"):
         main(["train", *SYN, "--output", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(("size", "last"), [(16, 1), (17, 2), (24, 2), (33, 3)])
+def test_batch_of_one_is_refused_only_where_the_last_stage_is_1x1(size, last):
+    """A 3x3 conv of stride 2 and padding 1 takes a side s to ceil(s / 2): cspmirrornet_tiny's 4 stages take 16 to
+    1x1 (a batch of one refused) but 17 or 24 to 2x2 and 33 to 3x3 (a batch of one trains)."""
+    from cspmirror.train.engine import _check_batch_norm_trains
+
+    model = cspmirror.get_model("cspmirrornet_tiny", num_classes=2).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, size, size)).shape[-1] == last
+    if last == 1:
+        with pytest.raises(recipes.RecipeError, match="--batch-size"):
+            _check_batch_norm_trains("cspmirrornet_tiny", size, 1, False)
+    else:
+        _check_batch_norm_trains("cspmirrornet_tiny", size, 1, False)
 
 
 def test_a_last_training_batch_of_one_is_dropped(tmp_path):

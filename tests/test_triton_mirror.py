@@ -518,6 +518,19 @@ def test_launchers_past_2_to_the_31_in_a_sparse_buffer(batch: int, batch_stride:
     assert_bit_exact(out, reference.mirror_fuse([ref], length, 0.25, -1, True, "sum"), "fuse")
 
 
+def test_plan_takes_int64_for_a_split_input_read_past_2_to_the_31() -> None:
+    """The split reads x along the split axis up to L - 1, beyond the P rows of the output's tiles: x's last rows
+    lie past 2^31 elements while the output's padded extent along that axis times x's stride stays below it.
+    The plan must take 64-bit offsets (a bound from the output's extents alone missed it). Meta tensors: only
+    the plan is worked out."""
+    length, width, row_stride = 64, 32, 2**26 - 64
+    x = torch.empty_strided((1, 1, length, 1), (length * row_stride, length * row_stride, row_stride, 1),
+                            dtype=torch.float16, device="meta")
+    y = torch.empty((2, 1, width, 1), dtype=torch.float16, device="meta")
+    assert (length - 1) * row_stride > 2**31 - 1 and width * row_stride < 2**31 - 1
+    assert kernels._plan(x, y, -2, 1, length, width, False).int64
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fuse_mean_of_an_overflowing_overlap(dtype, device):
