@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from bench import harness
 from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, bn_params, fmt_shape
+from cspmirror.progress import progress_bar
 
 L2_FRACTIONS = (0, 8, 6, 4, 3, 2)  # budget = L2 / fraction; 0 = one group
 PROGRAMS_PER_SM = (4, 8, 16)  # programs per SM per launch (two passes share a launch)
@@ -104,7 +104,7 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int, budgets:
     budgets = budgets if budgets is not None else [l2 // f if f else 0 for f in L2_FRACTIONS]
     rows = []
     jobs = [(layout, direction) for layout in LAYOUTS for direction in ("fwd", "bwd")]
-    for layout, direction in tqdm(jobs, desc="bn_mish groups", mininterval=10):
+    for layout, direction in progress_bar(jobs, "bn_mish groups", mininterval=10):
         x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=LAYOUTS[layout])
         plan = bn_mish.make_plan(x)
         fn, num_bytes = passes(x)[direction]

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from cspmirror import get_model, set_backend
 from cspmirror.profile import count_gmacs, count_params
+from cspmirror.progress import progress_bar
 
 from . import harness
 from .training import Measure, measure_fitting
@@ -90,10 +91,8 @@ def run_contender(c: Contender, plan: ComparePlan, device: torch.device) -> dict
 
 def run(plan: ComparePlan, device: torch.device, deadline: harness.Deadline,
         on_row: Callable[[dict], None], progress: bool = True, only: str | None = None) -> None:
-    from tqdm import tqdm
-
     contenders = [c for c in CONTENDERS if not only or only in c.name]
-    bar = tqdm(contenders, desc=f"compare on {device}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(contenders, f"compare on {device}", enabled=progress)
     for c in bar:
         bar.set_postfix_str(c.name)
         if deadline.remaining() <= 0:

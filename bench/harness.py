@@ -323,6 +323,10 @@ class Deadline:
         return self.remaining() >= seconds
 
 
+# Longer limits are no limit (setitimer takes no more than a time_t: --budget 1e300 raised OverflowError).
+MAX_TIMER_S = 1e8
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise :class:`CaseTimeout` in the main thread after ``seconds`` (POSIX; a no-op elsewhere).
@@ -334,7 +338,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         raise CaseTimeout("not started: the time budget is spent")
     usable = (
         hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-        and seconds != float("inf")
+        and seconds < MAX_TIMER_S
     )
     if not usable:
         yield

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bench import harness
 from bench.cases import (
@@ -32,6 +31,7 @@ from bench.cases import (
     mirror_split_workload,
 )
 from bench.variants import prepare
+from cspmirror.progress import progress_bar
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 VARIANTS = ("triton", "reference")
@@ -75,7 +75,7 @@ def measure(shapes, device: torch.device, calls: int) -> list[dict]:
     """One row per op, layout, direction and variant: its kernels, their total and the copy's."""
     rows = []
     jobs = [(op, layout, d) for op, (_, directions, _) in OPS.items() for layout in LAYOUTS for d in directions]
-    for op, layout, direction in tqdm(jobs, desc="kernel breakdown", mininterval=10):
+    for op, layout, direction in progress_bar(jobs, "kernel breakdown", mininterval=10):
         build, directions, which = OPS[op]
         shape = shapes.mirror if which == "mirror" else shapes.bn
         copy_bytes = None

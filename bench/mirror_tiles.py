@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bench import harness
 from bench.cases import GPU_QUICK_SHAPES, GPU_SHAPES, fmt_shape, mirror_fuse_workload, mirror_split_workload
+from cspmirror.progress import progress_bar
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 WORKLOADS = {"mirror_split": mirror_split_workload, "mirror_fuse": mirror_fuse_workload}
@@ -62,7 +62,7 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[
     """One row per layout, op and variant (:data:`VARIANTS`), with the copy's time beside it."""
     rows = []
     jobs = [(layout, op) for layout in LAYOUTS for op in WORKLOADS]
-    for layout, op in tqdm(jobs, desc="mirror tiles", mininterval=10):
+    for layout, op in progress_bar(jobs, "mirror tiles", mininterval=10):
         work = WORKLOADS[op](shape, device, torch.bfloat16, LAYOUTS[layout])
 
         def fn(work=work) -> object:

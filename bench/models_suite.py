@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from cspmirror import backends, fuse_for_inference, get_model, set_backend
+from cspmirror.progress import progress_bar
 
 from . import harness
 from .training import Measure, measure_fitting
@@ -142,11 +143,9 @@ def run_case(case: ModelCase, plan: ModelPlan, master: nn.Module, device: torch.
 
 def run(plan: ModelPlan, device: torch.device, deadline: harness.Deadline, on_row: Callable[[dict], None],
         progress: bool = True, only: str | None = None) -> None:
-    from tqdm import tqdm
-
     master = get_model(plan.model)
     cases = [c for c in model_cases(plan) if not only or only in c.name]
-    bar = tqdm(cases, desc=f"models on {device}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(cases, f"models on {device}", enabled=progress)
     for case in bar:
         bar.set_postfix_str(case.name)
         if deadline.remaining() <= 0:

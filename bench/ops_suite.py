@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cspmirror.progress import progress_bar
+
 from . import harness
 from .cases import OpCase, Workload
 from .variants import NotTimed, prepare, variants_for
@@ -163,9 +165,7 @@ def derive(rows: list[dict]) -> list[dict]:
 def run(cases: list[OpCase], s: OpsSettings, deadline: harness.Deadline,
         on_row: Callable[[dict], None], progress: bool = True) -> None:
     """Time every case x direction x variant; ``on_row`` receives each row as soon as it exists."""
-    from tqdm import tqdm
-
-    bar = tqdm(cases, desc=f"ops on {s.device}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(cases, f"ops on {s.device}", enabled=progress)
     for case in bar:
         variants = variants_for(case.op, s.device, s.variants)
         if s.variants is None or "copy" in s.variants:

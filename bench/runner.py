@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write only <suite>.json (the report is rebuilt later with --report-only)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild results.json/CSV/MD/PNG from the <suite>.json files in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are off anyway when stderr is not a terminal)")
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -118,3 +118,25 @@ def test_info_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["info", *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """One rule for every bar (training, evaluation, benchmarks): drawn on a terminal only, unless turned off. The
+    benchmarks' bars were drawn into CI logs and pipes (every 10 s, or at every case)."""
+    import io
+
+    from cspmirror.progress import progress_bar, show_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not show_progress() and progress_bar([1], "x").disable
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert show_progress() and not progress_bar([1], "x").disable and not show_progress(False)
+    repo = Path(__file__).resolve().parents[1]
+    sources = [*(repo / "cspmirror").rglob("*.py"), *(repo / "bench").rglob("*.py")]
+    direct = [p.relative_to(repo).as_posix() for p in sources
+              if p.name != "progress.py" and "tqdm" in p.read_text()]
+    assert direct == [], "use cspmirror.progress.progress_bar"

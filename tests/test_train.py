@@ -286,7 +286,7 @@ def _imagefolder(root: Path, classes: dict[str, tuple[str, ...]]) -> Path:
                                   "cifar_pixels", "cifar_label_count",
                                   "resume_class_names", "resume_weights", "resume_model_only", "batch_of_one",
                                   "no_training_step", "seed_too_large", "synthetic_classes",
-                                  "synthetic_with_data"])
+                                  "synthetic_with_data", "lr_float32"])
 def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path, capsys, monkeypatch):
     """What a wrong flag, data folder or checkpoint raises is an error line (exit 2), before training starts."""
     out = tmp_path / "run"
@@ -350,6 +350,8 @@ def test_configuration_errors_are_one_line(case, one_epoch, cifar_root, tmp_path
         args, expected = [*syn, "--seed", "-1"], "seed (--seed) must be >= 0"
     elif case == "lr":  # inf passed every range check, then trained on NaN
         args, expected = ["--lr", "inf", *syn], "recipe field lr (--lr) must be finite"
+    elif case == "lr_float32":  # was a traceback at the first step: the float32 parameters cannot take it
+        args, expected = ["--lr", "1e39", *syn], "recipe field lr (--lr) must be finite, within float32's range"
     elif case == "limit_val_batches":
         args, expected = ["--limit-val-batches", "0", *syn], "(--limit-val-batches) must be >= 1"
     elif case == "extension_build":  # listed as available before its first build, which fails
@@ -791,9 +793,12 @@ def test_warmup_rises_to_the_peak_and_never_past_it(warmup, steps):
 
 
 @pytest.mark.parametrize("field", ["lr", "weight_decay", "gamma", "warmup_epochs", "grad_clip"])
-def test_recipe_rejects_non_finite_values(field):
+@pytest.mark.parametrize("value", [math.inf, 1e39])
+def test_recipe_rejects_non_finite_values(field, value):
+    """1e39 is finite for Python but not in float32, where the optimizer applies it: --lr 1e39 was a traceback
+    ("value cannot be converted to type float without overflow") at the first step."""
     with pytest.raises(recipes.RecipeError, match=f"--{field.replace('_', '-')}"):
-        recipes.Recipe(**{field: math.inf})
+        recipes.Recipe(**{field: value})
 
 
 def test_step_schedule_equals_steplr():
@@ -895,3 +900,88 @@ def test_augmentation_keeps_uint8_images():
         changed += int(not torch.equal(image, ds.images[i]))
     assert changed > 0
     assert train_transform(False, 16) is None  # the paper recipe: no augmentation
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+def test_a_new_run_never_overwrites_another(tmp_path, capsys):
+    """A second train into a folder holding a run goes to the next free numbered sibling (as Ultralytics): it
+    overwrote the first run's checkpoints, metrics and plots without a word. --exist-ok writes there as before;
+    an empty or unrelated folder is used as it is."""
+    out = tmp_path / "train"
+    assert main(["train", *SYN, "--output", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "train3").mkdir()
+    (tmp_path / "train3" / "notes.txt").write_text("not a run\n")  # unrelated: used as it is
+    capsys.readouterr()
+    for expected in ("train2", "train3"):
+        assert main(["train", *SYN, "--output", str(out)]) == 0
+        stdout = capsys.readouterr().out
+        assert f"this one goes to {tmp_path / expected}" in stdout and f"run folder: {tmp_path / expected}" in stdout
+        assert (tmp_path / expected / "last.pt").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert main(["train", *SYN, "--output", str(out), "--exist-ok"]) == 0
+    assert not (tmp_path / "train4").exists() and f"run folder: {out}\n" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["train", *SYN, "--output", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "last.pt").is_file() and not (tmp_path / "empty2").exists()
+
+
+def test_a_new_ablation_never_overwrites_another(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "--synthetic", "--grid", "overlap=0", *SYN, "--max-steps-per-epoch", "1", "--output", str(out)]
+    assert main(args) == 0
+    before = (out / "ablation.csv").read_bytes()
+    assert main(args) == 0
+    assert f"table and plot in {tmp_path / 'abl2'}" in capsys.readouterr().out.replace("table in", "table and plot in")
+    assert (out / "ablation.csv").read_bytes() == before and (tmp_path / "abl2" / "ablation.csv").is_file()
+    assert main([*args, "--exist-ok"]) == 0 and not (tmp_path / "abl3").exists()
+
+
+def _fixed_val_acc(monkeypatch, *values: float) -> None:
+    """The validation top-1 of the next epochs, in order (the training itself runs)."""
+    from cspmirror.train import engine
+
+    accs = iter(values)
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(loss=1.0, top1=next(accs), top5=100.0, count=16))
+
+
+def test_resume_into_another_folder_carries_the_best(tmp_path, monkeypatch, capsys):
+    """--resume RUN/last.pt --output NEW: NEW had no best.pt when the resumed epochs did not beat the best so far
+    (it was in RUN only). The best epoch's checkpoint is carried over: RUN's best.pt when it is this run's at that
+    epoch, or the checkpoint resumed when its last epoch is the best; when neither exists, a note says so."""
+    run = tmp_path / "run"
+    _fixed_val_acc(monkeypatch, 50.0, 40.0)  # best at epoch 1, not the last
+    assert main(["train", *SYN, "--epochs", "2", "--output", str(run)]) == 0
+    assert _state(run / "best.pt")["epoch"] == 1
+    _fixed_val_acc(monkeypatch, 30.0)
+    new = tmp_path / "new"
+    assert main(["train", *SYN, "--epochs", "3", "--resume", str(run / "last.pt"), "--output", str(new)]) == 0
+    assert (new / "best.pt").read_bytes() == (run / "best.pt").read_bytes()
+    assert _state(new / "last.pt")["best_val_acc"] == 50.0
+
+    _fixed_val_acc(monkeypatch, 30.0, 30.0)  # the checkpoint resumed is the best epoch's itself (epoch 1 of 3)
+    from_best = tmp_path / "from_best"
+    assert main(["train", *SYN, "--epochs", "3", "--resume", str(run / "best.pt"), "--output", str(from_best)]) == 0
+    assert (from_best / "best.pt").read_bytes() == (run / "best.pt").read_bytes()
+
+    (run / "best.pt").unlink()  # nothing to carry: said, and best.pt comes with a better epoch
+    _fixed_val_acc(monkeypatch, 30.0)
+    capsys.readouterr()
+    assert main(["train", *SYN, "--epochs", "3", "--resume", str(run), "--output", str(tmp_path / "lost")]) == 0
+    assert "no checkpoint of the best epoch so far (epoch 1, val top-1 50.00%)" in capsys.readouterr().out
+    assert not (tmp_path / "lost" / "best.pt").exists()
+
+
+def test_eval_names_where_the_image_size_came_from(cifar_root, tmp_path, capsys):
+    """A checkpoint trained at 16 evaluated on CIFAR-10 (32x32): the error blamed --image-size, not given."""
+    run = tmp_path / "run"
+    assert main(["train", *SYN, "--output", str(run)]) == 0
+    base = ["eval", "--checkpoint", str(run), "--data", str(cifar_root), "--workers", "0", "--no-progress"]
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10 images are 32x32; the checkpoint's image size" in err and "(--image-size)" not in err, err
+    assert main([*base, "--image-size", "16"]) == 2
+    assert "image_size (--image-size) must be 32, got 16" in capsys.readouterr().err

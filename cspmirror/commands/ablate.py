@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..train import cli_args
-from ..train.ablation import PRESETS, parse_grid, start_ablation
+from ..train.ablation import ABLATION_FILES, PRESETS, parse_grid, start_ablation
 from ..train.data import AUTO
 from ..train.engine import DEFAULT_MODEL, DEFAULT_RECIPE, TrainConfig
 from ..train.plots import matplotlib_available
@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_runtime_arguments(parser)
     parser.set_defaults(epochs=DEFAULT_EPOCHS)
     g = parser.add_argument_group("run")
-    g.add_argument("--output", default="runs/ablate", help="folder for the table, the plot and the runs")
+    g.add_argument("--output", default="runs/ablate",
+                   help="folder for the table, the plot and the runs (default runs/ablate); when it holds an "
+                        "ablation already, the next free OUTPUT2, OUTPUT3, ... (see --exist-ok)")
+    cli_args.add_exist_ok_argument(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,
                    default=None, help="cap optimizer steps per epoch")
@@ -51,16 +54,17 @@ def run(args: argparse.Namespace) -> int:
                                                       "--data-format (or leave out --synthetic)"))
         args.data_format = "synthetic"
     try:
+        output = cli_args.new_run_folder(args.output, ABLATION_FILES, args.exist_ok)
         points = parse_grid(args.grid) if args.grid is not None else PRESETS[args.preset]
         base = TrainConfig(
-            output=args.output, data=cli_args.data_config(args), model=args.model or DEFAULT_MODEL,
+            output=output, data=cli_args.data_config(args), model=args.model or DEFAULT_MODEL,
             model_kwargs=cli_args.model_knobs(args), recipe=args.recipe or DEFAULT_RECIPE,
             recipe_overrides=cli_args.recipe_overrides(args), device=args.device, backend=args.backend,
             channels_last=args.channels_last, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
             max_val_batches=args.max_val_batches, progress=args.progress,
         )
         # every point's knobs, and the data, device, backend and recipe, before the first point trains
-        ablation = start_ablation(base, points, args.output)
+        ablation = start_ablation(base, points, output)
     except cli_args.CONFIG_ERRORS as exc:
         return cli_args.fail("ablate", exc)
     rows = ablation.run()
@@ -70,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'point':<{width}}  val top-1")
     for r in rows:
         print(f"{r['label']:<{width}}  {r['val_acc']:6.2f}%")
-    print(f"table{' and plot' if matplotlib_available() else ''} in {args.output}")
+    print(f"table{' and plot' if matplotlib_available() else ''} in {output}")
     return 0

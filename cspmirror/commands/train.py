@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..train import cli_args
-from ..train.engine import TrainConfig, prepare
+from ..train.engine import RUN_FILES, TrainConfig, prepare
 
 DEFAULT_OUTPUT = "runs/train"
 
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--output", default=None,
                    help=f"folder for checkpoints, metrics.csv, curves.png (default: {DEFAULT_OUTPUT}, or the "
-                        "folder of the checkpoint given to --resume)")
+                        "folder of the checkpoint given to --resume); a new run never overwrites another: when the "
+                        "folder holds one, it goes to OUTPUT2, OUTPUT3, ... (see --exist-ok)")
+    cli_args.add_exist_ok_argument(g)
     g.add_argument("--seed", type=int, default=None,
                    help="seed of initialisation, shuffling and augmentation (default 0; on --resume, the "
                         "checkpoint's)")
@@ -52,6 +54,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     resume, output = args.resume, args.output
     if output is None:  # a resumed run goes on in its own folder
         output = str(_run_folder(resume)) if resume else DEFAULT_OUTPUT
+    if resume is None:  # (a resumed run checks its --output itself: it may go on where it left off)
+        output = cli_args.new_run_folder(output, RUN_FILES, args.exist_ok)
     if resume == "":
         resume = output
     return TrainConfig(

@@ -31,6 +31,9 @@ from .plots import matplotlib_available, note_no_matplotlib, plot_bars
 ABLATION_CSV = "ablation.csv"
 ABLATION_MD = "ablation.md"
 ABLATION_PNG = "ablation.png"
+RUNS = "runs"  # the points' run folders
+# What an ablation writes in its folder: a folder holding any of them holds an ablation (a new one goes elsewhere).
+ABLATION_FILES = (ABLATION_CSV, ABLATION_MD, ABLATION_PNG, RUNS)
 COLUMNS = ("label", "params_m", "val_acc", "best_val_acc", "val_loss", "train_acc", "train_loss", "time_s")
 
 
@@ -125,7 +128,7 @@ def point_configs(base: TrainConfig, points: Sequence[dict], output: str | Path)
     folder under ``output/runs`` and no resume."""
     output = Path(output)
     return [dataclasses.replace(base, model_kwargs=point_knobs(base.model, base.model_kwargs, point), resume=None,
-                                output=str(output / "runs" / f"{i:02d}-{_slug(point_label(point))}"))
+                                output=str(output / RUNS / f"{i:02d}-{_slug(point_label(point))}"))
             for i, point in enumerate(points)]
 
 

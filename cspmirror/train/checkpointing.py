@@ -100,11 +100,15 @@ def model_from_checkpoint(state: dict, device: torch.device | str = "cpu", backe
     return model.to(device).eval()
 
 
+# What errors call an image size taken from the checkpoint (the user gave no --image-size).
+CHECKPOINT_SIZE = "the checkpoint's image size (its model's; --image-size not given)"
+
+
 def data_for_checkpoint(cfg: DataConfig, state: dict) -> DataConfig:
     """``cfg`` with the checkpoint's image size where ``--image-size`` is not given: the size its model was
     trained at, not the format's default (224 for an ImageFolder tree whatever the run used)."""
     if cfg.image_size is None and state.get("image_size"):
-        return dataclasses.replace(cfg, image_size=int(state["image_size"]))
+        return dataclasses.replace(cfg, image_size=int(state["image_size"]), image_size_origin=CHECKPOINT_SIZE)
     return cfg
 
 

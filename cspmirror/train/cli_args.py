@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from ..backends import BACKENDS, BackendUnavailableError
 from ..models import MODEL_CONFIGS, list_models
@@ -157,6 +158,38 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+def add_exist_ok_argument(group: argparse._ArgumentGroup) -> None:
+    """``--exist-ok``: write into an ``--output`` folder that holds a run already (see :func:`new_run_folder`)."""
+    group.add_argument("--exist-ok", action="store_true",
+                       help="write into --output even when it holds a run (its files are overwritten); without it, "
+                            "such a folder is left alone and the run goes to the next free OUTPUT2, OUTPUT3, ...")
+
+
+def new_run_folder(output: str, run_files: Iterable[str], exist_ok: bool = False) -> str:
+    """The folder a new run writes to: ``output`` when it holds no run (none of ``run_files``, the names a run
+    writes there: an empty or unrelated folder is used as it is) or ``exist_ok``, else its first numbered sibling
+    that holds none: ``runs/train`` -> ``runs/train2``, ``runs/train3``, ... (as Ultralytics' ``increment_path``).
+    Says so on rank 0 when the folder changes."""
+    names = tuple(run_files)
+    path = Path(output)
+    base = path if path.name else path.resolve()  # "." has no name to number
+
+    def holds_run(folder: Path) -> list[str]:
+        return [name for name in names if (folder / name).exists()]
+
+    found = holds_run(path)
+    if exist_ok or not found:
+        return output
+    n = 2
+    while holds_run(base.with_name(f"{base.name}{n}")):
+        n += 1
+    chosen = str(base.with_name(f"{base.name}{n}"))
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun every process decides alike; one says it)
+        print(f"{output} holds a run already ({', '.join(found)}): this one goes to {chosen} "
+              f"(--exist-ok to write into {output})")
+    return chosen
 
 
 def fail(command: str, exc: BaseException) -> int:

@@ -60,12 +60,13 @@ class DataConfig:
     synthetic_train: int = 512
     synthetic_val: int = 128
     synthetic_seed: int = 1234
+    image_size_origin: str = "image_size (--image-size)"  # what errors call image_size: where it came from
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"data format (--data-format) must be one of {FORMATS}, got {self.format!r}")
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size (--image-size) must be >= 1, got {self.image_size}")
+            raise ValueError(f"{self.image_size_origin} must be >= 1, got {self.image_size}")
         if self.workers < 0:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers}")
         if self.format == "synthetic" and self.root is not None:  # it would be ignored: no file is read
@@ -385,7 +386,7 @@ def build_split(cfg: DataConfig, split: str, augment: bool = False) -> Dataset:
     root = Path(cfg.root)
     if cfg.format == "cifar10":
         if size != 32:
-            raise ValueError(f"CIFAR-10 images are 32x32; image_size (--image-size) must be 32, got {size}")
+            raise ValueError(f"CIFAR-10 images are 32x32; {cfg.image_size_origin} must be 32, got {size}")
         return CIFAR10Batches(root, train, transform)
     return _image_folder(root, split, size, augment and train)
 

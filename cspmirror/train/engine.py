@@ -23,7 +23,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,12 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from tqdm.auto import tqdm
 
 from .. import backends
 from ..fuse import set_backend
 from ..models import MODEL_CONFIGS, CSPMirrorNetConfig, configure, get_model
 from ..profile import count_params
+from ..progress import progress_bar
 from ..sync_bn import convert_sync_batchnorm
 from . import distributed
 from .checkpointing import (
@@ -71,6 +70,8 @@ from .recipes import (
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 CONFIG_JSON = "config.json"
+# What a run writes in its folder: a folder holding any of them holds a run (a new one goes elsewhere).
+RUN_FILES = (LAST, BEST, METRICS_CSV, CURVES_PNG, CONFIG_JSON)
 
 
 DEFAULT_MODEL = "cspmirrornet_tiny"
@@ -186,11 +187,6 @@ def make_loader(dataset: Dataset, batch_size: int, ctx: DistContext, *, train: b
                       pin_memory=device.type == "cuda", generator=torch.Generator(), drop_last=drop_last)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
@@ -219,7 +215,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     over all samples of all processes."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss * n, correct, n
-    bar = _progress(itertools.islice(loader, steps), steps, desc, env.progress and env.ctx.is_main)
+    bar = progress_bar(itertools.islice(loader, steps), desc, enabled=env.progress and env.ctx.is_main, total=steps,
+                       leave=False)
     for i, (images, targets) in enumerate(bar):
         x = to_input(images, env.mean, env.std, env.channels_last)
         y = targets.to(env.device, non_blocking=True)
@@ -252,8 +249,8 @@ def evaluate(model: nn.Module, loader: DataLoader, env: StepEnv, max_batches: in
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top1, top5, n
     total_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = _progress(itertools.islice(loader, total_batches), total_batches, desc,
-                    env.progress and env.ctx.is_main)
+    bar = progress_bar(itertools.islice(loader, total_batches), desc, enabled=env.progress and env.ctx.is_main,
+                       total=total_batches, leave=False)
     for images, targets in bar:
         x = to_input(images, env.mean, env.std, env.channels_last)
         y = targets.to(env.device, non_blocking=True)
@@ -335,6 +332,8 @@ class PreparedRun:
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: float = -math.inf
+    carry_best: Path | None = None  # resumed into another folder: the checkpoint of the best epoch so far
+    carry_note: str = ""  # ... or why there is none to carry
 
     def train(self) -> FitResult:
         """Run the epochs (see :func:`fit`), then leave the process group if :func:`prepare` joined it."""
@@ -353,10 +352,15 @@ class PreparedRun:
                                                        "device": str(self.device)}, indent=2) + "\n")
             if not plots and cfg.verbose:
                 note_no_matplotlib()
+            if self.carry_best is not None:  # the new folder's best.pt, until a resumed epoch beats it
+                shutil.copyfile(self.carry_best, out / BEST)
         log(f"{self.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} x{ctx.world_size}, "
             f"{self.num_train} train / {self.num_val} val images, {steps} steps/epoch, "
             f"epochs {self.start_epoch + 1}..{recipe.epochs}, warm-up {recipe.warmup_epochs:g} epochs, "
             f"amp={self.env.amp_dtype}")
+        log(f"run folder: {out}")
+        if self.carry_note:
+            log(self.carry_note)
 
         for epoch in range(self.start_epoch, recipe.epochs):
             t0 = time.perf_counter()
@@ -450,6 +454,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     scheduler = build_scheduler(optimizer, recipe, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, history, best = 0, [], -math.inf
+    carry_best, carry_note = _carried_best(cfg, ckpt) if ckpt else (None, "")
     if ckpt:
         _restore(ckpt, optimizer, scheduler, scaler, recipe, int(ckpt["epoch"]) * steps)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
@@ -465,7 +470,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
         check_output_folder(cfg.output, "--output")
     return PreparedRun(cfg, ctx, device, recipe, model_name, model_kwargs, model, train_model, train_loader,
                        val_loader, steps, optimizer, scheduler, scaler, criterion, env, meta, count_params(model),
-                       len(data.train), len(data.val), start_epoch, history, best)
+                       len(data.train), len(data.val), start_epoch, history, best, carry_best, carry_note)
 
 
 def _check_batch_norm_trains(model_name: str, image_size: int, per_rank: int, synced: bool) -> None:
@@ -494,6 +499,30 @@ def _check_output_holds_no_later_epochs(cfg: TrainConfig, ckpt: dict) -> None:
         raise ValueError(f"--output {cfg.output} holds a run at epoch {epoch}, past the checkpoint resumed (epoch "
                          f"{ckpt['epoch']}): going on there would overwrite its later epochs (last.pt, metrics.csv); "
                          f"give another --output")
+
+
+def _carried_best(cfg: TrainConfig, ckpt: dict) -> tuple[Path | None, str]:
+    """For a run resumed into another folder than its checkpoint's, the checkpoint of its best epoch so far, to
+    copy there as ``best.pt`` (else that folder has none unless a resumed epoch beats the best): the checkpoint
+    resumed when its last epoch is the best, else the ``best.pt`` beside it when it is this run's at that epoch
+    (the same history up to it). When neither is: None and a note saying so. Resumed in place: (None, "")."""
+    resumed = resolve_checkpoint(cfg.resume).resolve()
+    out = Path(cfg.output).resolve()
+    history, best = list(ckpt.get("history", [])), ckpt.get("best_val_acc")
+    epoch = next((i + 1 for i, row in enumerate(history) if row.get("val_acc") == best), None)
+    if resumed.parent == out or epoch is None:
+        return None, ""
+    if epoch == int(ckpt["epoch"]):
+        return resumed, ""
+    sibling = resumed.parent / BEST
+    try:
+        state = load_checkpoint_dict(sibling, ("epoch", "history")) if sibling.is_file() else None
+    except ValueError:  # not a training checkpoint
+        state = None
+    if state is not None and int(state["epoch"]) == epoch and list(state["history"]) == history[:epoch]:
+        return sibling, ""
+    return None, (f"note: no checkpoint of the best epoch so far (epoch {epoch}, val top-1 {best:.2f}%) beside "
+                  f"{resumed}; {out / BEST} is written when a resumed epoch beats it")
 
 
 def _check_resume_agrees(cfg: TrainConfig, ckpt: dict) -> None:

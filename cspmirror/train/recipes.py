@@ -33,6 +33,11 @@ SCHEDULES = ("step", "cosine", "constant")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
+# The largest magnitude a float field may have: the optimizer applies the learning rate, weight decay, ... to float32
+# parameters, and a value past float32's range fails at the first step ("cannot be converted ... without overflow").
+FLOAT_FIELD_MAX = float(torch.finfo(torch.float32).max)
+
+
 class RecipeError(ValueError):
     """A recipe field has a value that cannot work; the message names the field."""
 
@@ -83,9 +88,9 @@ class Recipe:
         ]
         for f in dataclasses.fields(self):  # inf passes every range check below, then trains on NaN
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise RecipeError(f"recipe field {f.name} (--{f.name.replace('_', '-')}) must be finite, "
-                                  f"got {value!r}")
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT_FIELD_MAX):
+                raise RecipeError(f"recipe field {f.name} (--{f.name.replace('_', '-')}) must be finite, within "
+                                  f"float32's range (magnitude <= {FLOAT_FIELD_MAX:.4g}), got {value!r}")
         for name, ok, rule in checks:
             if not ok:
                 raise RecipeError(f"recipe field {name} (--{name.replace('_', '-')}) {rule}, "
