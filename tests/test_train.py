@@ -458,6 +458,41 @@ def test_an_ablation_cut_short_keeps_the_table_of_its_finished_points(tmp_path, 
     assert "1 of 2 points finished so far" in (out / "ablation.md").read_text()
 
 
+def test_ablate_resume_goes_on_where_it_was_cut_short(tmp_path, monkeypatch, capsys):
+    """--resume: the finished point is read from its run (not trained again), the one cut short in its second
+    epoch goes on from its last.pt, the one not started trains; the table is the uninterrupted ablation's."""
+    from cspmirror.train import engine
+
+    grid = ["ablate", "--synthetic", "--grid", "overlap=0,0.25,0.5", *SYN, "--epochs", "2",
+            "--max-steps-per-epoch", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*grid, "--output", str(full)]) == 0
+    train_one_epoch, epochs = engine.train_one_epoch, []
+
+    def counted(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 4:  # the second point's second epoch
+            raise KeyboardInterrupt
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", counted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*grid, "--output", str(cut)])
+    epochs.clear()
+    capsys.readouterr()
+    assert main([*grid, "--output", str(cut), "--resume"]) == 0
+    assert len(epochs) == 3 and capsys.readouterr().out.count("(finished: read from its run)") == 1
+    compared = ("label", "params_m", "val_acc", "val_loss", "train_acc", "train_loss")
+    rows = [[r[k] for k in compared] for r in read_csv(cut / "ablation.csv")]
+    assert rows == [[r[k] for k in compared] for r in read_csv(full / "ablation.csv")] and len(rows) == 3
+    assert "points finished so far" not in (cut / "ablation.md").read_text()
+
+    assert main([*grid, "--output", str(cut), "--resume", "--lr", "0.05"]) == 2  # the points would not compare
+    assert "other recipe fields ['lr'] than the flags give" in capsys.readouterr().err
+    assert main([*grid, "--output", str(tmp_path / "typo"), "--resume"]) == 2
+    assert "holds no ablation to go on with" in capsys.readouterr().err
+
+
 def test_an_error_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
     """Only the set-up is checked for configuration errors: a ValueError from the training step (a bug) is
     raised, not turned into an error line."""

@@ -4,6 +4,7 @@ Examples::
 
     cspmirror ablate --synthetic --preset knobs --epochs 2 --output runs/ablate
     cspmirror ablate --data ~/data/cifar10 --grid "overlap=0,0.25,0.5;mirror=true,false" --epochs 5
+    cspmirror ablate --data ~/data/cifar10 --grid "overlap=0,0.25,0.5;mirror=true,false" --epochs 5 --resume
 
 Writes ``ablation.csv``, ``ablation.md`` and ``ablation.png`` to ``--output`` (each run's own folder under
 ``--output/runs``).
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="folder for the table, the plot and the runs (default runs/ablate); when it holds an "
                         "ablation already, the next free OUTPUT2, OUTPUT3, ... (see --exist-ok)")
     cli_args.add_exist_ok_argument(g)
+    g.add_argument("--resume", action="store_true",
+                   help="go on with the ablation in --output, cut short, given the same grid and flags: points it "
+                        "finished are read from their runs, the one it was training goes on from its last.pt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,
                    default=None, help="cap optimizer steps per epoch")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                                                       "--data-format (or leave out --synthetic)"))
         args.data_format = "synthetic"
     try:
-        output = cli_args.new_run_folder(args.output, ABLATION_FILES, args.exist_ok)
+        output = resumed_folder(args.output) if args.resume else cli_args.new_run_folder(
+            args.output, ABLATION_FILES, args.exist_ok)
         points = parse_grid(args.grid) if args.grid is not None else PRESETS[args.preset]
         base = TrainConfig(
             output=output, data=cli_args.data_config(args), model=args.model or DEFAULT_MODEL,
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             max_val_batches=args.max_val_batches, progress=args.progress,
         )
         # every point's knobs, and the data, device, backend and recipe, before the first point trains
-        ablation = start_ablation(base, points, output)
+        ablation = start_ablation(base, points, output, resume=args.resume)
     except cli_args.CONFIG_ERRORS as exc:
         return cli_args.fail("ablate", exc)
     rows = ablation.run()
@@ -76,3 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['label']:<{width}}  {r['val_acc']:6.2f}%")
     print(f"table{' and plot' if matplotlib_available() else ''} in {output}")
     return 0
+
+
+def resumed_folder(output: str) -> str:
+    """``output``, checked to hold an ablation to go on with (a mistyped folder would start one afresh)."""
+    if not cli_args.run_files_in(output, ABLATION_FILES):
+        raise FileNotFoundError(f"--resume: {output!r} (--output) holds no ablation to go on with")
+    return output

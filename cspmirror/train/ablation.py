@@ -21,12 +21,14 @@ from pathlib import Path
 
 from ..models import MODEL_CONFIGS, configure
 from . import distributed
+from .checkpointing import LAST, RESUME_KEYS, load_checkpoint_dict
 from .cli_args import parse_split_stages, resolve_knobs
 from .data import resolve_format
 from .distributed import DistContext
-from .engine import PreparedRun, TrainConfig, prepare
+from .engine import DEFAULT_RECIPE, FitResult, PreparedRun, TrainConfig, finished_result, prepare
 from .history import markdown_table, write_csv
 from .plots import matplotlib_available, note_no_matplotlib, plot_bars
+from .recipes import Recipe, RecipeError, get_recipe
 
 ABLATION_CSV = "ablation.csv"
 ABLATION_MD = "ablation.md"
@@ -123,13 +125,18 @@ def point_knobs(model: str, base_knobs: dict, point: dict) -> dict:
     return knobs
 
 
-def point_configs(base: TrainConfig, points: Sequence[dict], output: str | Path) -> list[TrainConfig]:
-    """One training configuration per point: ``base`` with the point's knobs (:func:`point_knobs`), its own
-    folder under ``output/runs`` and no resume."""
+def point_configs(base: TrainConfig, points: Sequence[dict], output: str | Path,
+                  resume: bool = False) -> list[TrainConfig]:
+    """One training configuration per point: ``base`` with the point's knobs (:func:`point_knobs`) and its own
+    folder under ``output/runs``; with ``resume``, a point whose folder holds a ``last.pt`` goes on from it."""
     output = Path(output)
-    return [dataclasses.replace(base, model_kwargs=point_knobs(base.model, base.model_kwargs, point), resume=None,
-                                output=str(output / RUNS / f"{i:02d}-{_slug(point_label(point))}"))
-            for i, point in enumerate(points)]
+    configs = []
+    for i, point in enumerate(points):
+        folder = output / RUNS / f"{i:02d}-{_slug(point_label(point))}"
+        last = folder / LAST if resume and (folder / LAST).is_file() else None
+        configs.append(dataclasses.replace(base, model_kwargs=point_knobs(base.model, base.model_kwargs, point),
+                                           resume=str(last) if last else None, output=str(folder)))
+    return configs
 
 
 @dataclass
@@ -144,8 +151,9 @@ class Ablation:
     points: list[dict]
     configs: list[TrainConfig]
     output: Path
-    first: PreparedRun | None
+    first: PreparedRun | None  # the first point that trains, prepared
     ctx: DistContext = DistContext()
+    finished: dict[int, FitResult] = dataclasses.field(default_factory=dict)  # resumed points with no epoch left
 
     def run(self) -> list[dict]:
         """Train every point; returns one row per point and writes the CSV, markdown and PNG under ``output``
@@ -159,15 +167,20 @@ class Ablation:
                     write_report(rows, self.output, self.base, len(self.points))
             return rows
 
+    def _prepared(self, i: int) -> PreparedRun:
+        """Point ``i``'s run: the one :func:`start_ablation` prepared when it is that point's (once), else a new one."""
+        if self.first is not None and self.first.cfg.output == self.configs[i].output:
+            run, self.first = self.first, None
+            return run
+        return prepare(self.configs[i])
+
     def _train_point(self, i: int) -> dict:
         label = point_label(self.points[i])
+        result = self.finished.get(i)
         if self.base.verbose and self.ctx.is_main:
-            print(f"[{i + 1}/{len(self.points)}] {label}")
-        if i == 0 and self.first is not None:
-            run, self.first = self.first, None
-        else:
-            run = prepare(self.configs[i])
-        result = run.train()
+            print(f"[{i + 1}/{len(self.points)}] {label}" + (" (finished: read from its run)" if result else ""))
+        if result is None:
+            result = self._prepared(i).train()
         last = result.history[-1]
         return dict(label=label, params_m=result.num_params / 1e6, val_acc=last["val_acc"],
                     best_val_acc=max(r["val_acc"] for r in result.history), val_loss=last["val_loss"],
@@ -175,24 +188,40 @@ class Ablation:
                     time_s=sum(r["time"] for r in result.history))
 
 
-def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> Ablation:
+def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path, resume: bool = False) -> Ablation:
     """Check every point's knobs (:func:`point_knobs`), join the process group if a launcher describes one,
     and prepare the first run (:func:`~cspmirror.train.engine.prepare`: data, device, backend, recipe), so
-    that a bad configuration raises here, before anything trains."""
+    that a bad configuration raises here, before anything trains. With ``resume`` (an ablation cut short, run
+    again with the same settings), points whose run folder holds a ``last.pt`` go on from it, and those it has
+    finished are read from it (each checked as ``train --resume`` checks: model, knobs, recipe)."""
     if not points:
         raise ValueError("an ablation needs at least one point")
     base = dataclasses.replace(base, data=resolve_format(base.data))  # once, and the report names the format found
-    configs = point_configs(base, points, output)
+    configs = point_configs(base, points, output, resume)
+    finished = {i: result for i, cfg in enumerate(configs) if cfg.resume and (result := _resumed_result(cfg))}
     ctx, _ = distributed.setup(base.device)
     with distributed.leaving(ctx, on_success=False):
-        first = prepare(configs[0])
-    return Ablation(base, list(points), configs, Path(output), first, ctx)
+        first = next((prepare(cfg) for i, cfg in enumerate(configs) if i not in finished), None)
+    return Ablation(base, list(points), configs, Path(output), first, ctx, finished)
 
 
-def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path) -> list[dict]:
+def _resumed_result(cfg: TrainConfig) -> FitResult | None:
+    """For a point going on from its ``last.pt``: the run's result when it has no epoch left, else None. The
+    checkpoint's recipe must be the one the flags give, every field (``train --resume`` lets flags change it): the
+    points of one ablation train alike, or their accuracies do not compare."""
+    ckpt = load_checkpoint_dict(cfg.resume, RESUME_KEYS)
+    given, saved = get_recipe(cfg.recipe or DEFAULT_RECIPE, **cfg.recipe_overrides), Recipe(**ckpt["recipe"])
+    differ = [f.name for f in dataclasses.fields(Recipe) if getattr(given, f.name) != getattr(saved, f.name)]
+    if differ:
+        raise RecipeError(f"--resume: {cfg.resume} was trained with other recipe fields {differ} than the flags "
+                          f"give; go on with the flags the ablation was started with")
+    return finished_result(cfg, ckpt)
+
+
+def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path, resume: bool = False) -> list[dict]:
     """Train ``base`` once per point (its knobs over ``base.model_kwargs``); returns one row per point and
     writes the CSV, markdown and PNG under ``output``. Same as ``start_ablation(...).run()``."""
-    return start_ablation(base, points, output).run()
+    return start_ablation(base, points, output, resume).run()
 
 
 def write_report(rows: Sequence[dict], output: Path, base: TrainConfig, points: int | None = None) -> None:

@@ -167,6 +167,11 @@ def add_exist_ok_argument(group: argparse._ArgumentGroup) -> None:
                             "such a folder is left alone and the run goes to the next free OUTPUT2, OUTPUT3, ...")
 
 
+def run_files_in(folder: str | Path, run_files: Iterable[str]) -> list[str]:
+    """Those of ``run_files`` (the names a run writes in its folder) that ``folder`` holds."""
+    return [name for name in run_files if (Path(folder) / name).exists()]
+
+
 def new_run_folder(output: str, run_files: Iterable[str], exist_ok: bool = False) -> str:
     """The folder a new run writes to: ``output`` when it holds no run (none of ``run_files``, the names a run
     writes there: an empty or unrelated folder is used as it is) or ``exist_ok``, else its first numbered sibling
@@ -175,15 +180,11 @@ def new_run_folder(output: str, run_files: Iterable[str], exist_ok: bool = False
     names = tuple(run_files)
     path = Path(output)
     base = path if path.name else path.resolve()  # "." has no name to number
-
-    def holds_run(folder: Path) -> list[str]:
-        return [name for name in names if (folder / name).exists()]
-
-    found = holds_run(path)
+    found = run_files_in(path, names)
     if exist_ok or not found:
         return output
     n = 2
-    while holds_run(base.with_name(f"{base.name}{n}")):
+    while run_files_in(base.with_name(f"{base.name}{n}"), names):
         n += 1
     chosen = str(base.with_name(f"{base.name}{n}"))
     if os.environ.get("RANK", "0") == "0":  # (under torchrun every process decides alike; one says it)

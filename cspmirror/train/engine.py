@@ -404,7 +404,7 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
         _check_resume_agrees(cfg, ckpt)
         _check_output_holds_no_later_epochs(cfg, ckpt)
     if ckpt:
-        recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
+        recipe = _resumed_recipe(cfg, ckpt)
     else:
         recipe = get_recipe(cfg.recipe or DEFAULT_RECIPE, **cfg.recipe_overrides)
     check_warmup_ends(recipe)
@@ -471,6 +471,28 @@ def _prepare(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Prepar
     return PreparedRun(cfg, ctx, device, recipe, model_name, model_kwargs, model, train_model, train_loader,
                        val_loader, steps, optimizer, scheduler, scaler, criterion, env, meta, count_params(model),
                        len(data.train), len(data.val), start_epoch, history, best, carry_best, carry_note)
+
+
+def _resumed_recipe(cfg: TrainConfig, ckpt: dict) -> Recipe:
+    """A resumed run's recipe: the checkpoint's, with the recipe fields ``cfg`` gives on top."""
+    return Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
+
+
+def finished_result(cfg: TrainConfig, ckpt: dict) -> FitResult | None:
+    """For ``cfg`` resuming ``ckpt`` (``cfg.resume``, loaded) when it has trained every epoch of its recipe
+    (``cfg``'s recipe fields on top): the run's result, read from the checkpoint after the checks a resume makes
+    (the model, its knobs and the recipe agree with ``cfg``); None when epochs remain. RecipeError when it has
+    trained more epochs than that."""
+    _check_resume_agrees(cfg, ckpt)
+    recipe, done = _resumed_recipe(cfg, ckpt), int(ckpt["epoch"])
+    if done < recipe.epochs:
+        return None
+    if done > recipe.epochs:
+        raise RecipeError(f"epochs (--epochs) {recipe.epochs}: the checkpoint {str(cfg.resume)!r} has trained "
+                          f"{done} epochs, more than that")
+    model = get_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), **ckpt["model_kwargs"])
+    return FitResult(list(ckpt.get("history", [])), Path(cfg.output), resolve_checkpoint(cfg.resume),
+                     count_params(model), ckpt["model_name"], dict(ckpt["model_kwargs"]), recipe)
 
 
 def _check_batch_norm_trains(model_name: str, image_size: int, per_rank: int, synced: bool) -> None:
@@ -543,7 +565,7 @@ def _check_resume_agrees(cfg: TrainConfig, ckpt: dict) -> None:
                          f"--resume the model's knobs are the checkpoint's (leave {flags} out)")
     if cfg.recipe is not None:
         given = RECIPES[cfg.recipe].with_overrides(**cfg.recipe_overrides)
-        saved_recipe = Recipe(**ckpt["recipe"]).with_overrides(**cfg.recipe_overrides)
+        saved_recipe = _resumed_recipe(cfg, ckpt)
         # A preset's warm-up depends on the run's length (get_recipe), which --epochs may change on resume: unless
         # given, it is the checkpoint's, as the preset fitted it to the run that was started.
         compared = [f.name for f in dataclasses.fields(Recipe)
