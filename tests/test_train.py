@@ -1001,6 +1001,15 @@ def test_resume_into_another_folder_carries_the_best(tmp_path, monkeypatch, caps
     assert main(["train", *SYN, "--epochs", "3", "--resume", str(run / "best.pt"), "--output", str(from_best)]) == 0
     assert (from_best / "best.pt").read_bytes() == (run / "best.pt").read_bytes()
 
+    other = tmp_path / "other"  # another run's best.pt at the same epoch (another seed): not this run's best
+    _fixed_val_acc(monkeypatch, 50.0, 40.0)
+    assert main(["train", *SYN, "--epochs", "2", "--seed", "1", "--output", str(other)]) == 0
+    shutil.copyfile(other / "best.pt", run / "best.pt")
+    _fixed_val_acc(monkeypatch, 30.0)
+    foreign = ["--resume", str(run / "last.pt"), "--output", str(tmp_path / "foreign")]
+    assert main(["train", *SYN, "--epochs", "3", *foreign]) == 0
+    assert not (tmp_path / "foreign" / "best.pt").exists()
+
     (run / "best.pt").unlink()  # nothing to carry: said, and best.pt comes with a better epoch
     _fixed_val_acc(monkeypatch, 30.0)
     capsys.readouterr()
@@ -1020,3 +1029,205 @@ def test_eval_names_where_the_image_size_came_from(cifar_root, tmp_path, capsys)
     assert "CIFAR-10 images are 32x32; the checkpoint's image size" in err and "(--image-size)" not in err, err
     assert main([*base, "--image-size", "16"]) == 2
     assert "image_size (--image-size) must be 32, got 16" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- mutation testing, round 3
+
+
+def _linear_env():
+    """A linear classifier over 2x2 RGB images (12 inputs, 7 classes) and the StepEnv of a CPU step."""
+    from cspmirror.train.engine import StepEnv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    env = StepEnv(torch.device("cpu"), torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25), progress=False)
+    return model, env
+
+
+def _uneven_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 5, 3 and 1 random images (labels 0..6): a mean per batch is not the mean per sample."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (n, 3, 2, 2), generator=g, dtype=torch.uint8),
+             torch.randint(0, 7, (n,), generator=g)) for n in (5, 3, 1)]
+
+
+def test_evaluate_counts_every_sample_alike():
+    """Loss, top-1 and top-5 are means over samples (batches of other sizes), top-5 of 7 classes is not top-4 or
+    any class, and ``max_batches`` evaluates that many batches."""
+    from cspmirror.train.data import to_input
+    from cspmirror.train.engine import evaluate
+
+    model, env = _linear_env()
+    batches, rank = [], 0
+    for images, _ in _uneven_batches():  # labels the model ranks 1st, 2nd, ..., 7th, 1st, ... (top-5 not top-4)
+        with torch.no_grad():
+            order = model(to_input(images, env.mean, env.std)).argsort(1, descending=True)
+        ranks = torch.arange(rank, rank + len(images)) % 7
+        batches.append((images, order.gather(1, ranks[:, None])[:, 0]))
+        rank += len(images)
+    for limit in (None, 2):
+        seen = batches[:limit]
+        x, y = torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen])
+        with torch.no_grad():
+            logits = model(to_input(x, env.mean, env.std))
+        ranks = (logits > logits.gather(1, y[:, None])).sum(1)  # classes scored above the label
+        got = evaluate(model, batches, env, max_batches=limit)
+        assert got["count"] == len(y)
+        assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+        assert got["top1"] == pytest.approx(100 * (ranks == 0).double().mean().item())
+        assert got["top5"] == pytest.approx(100 * (ranks < 5).double().mean().item())
+        assert (ranks == 4).any() and (ranks > 4).any() and (ranks == 1).any()
+
+
+def _one_step(grad_clip: float, batches: list, lr: float = 1.0, scaler: torch.amp.GradScaler | None = None
+              ) -> tuple[torch.nn.Module, dict]:
+    """The model of :func:`_linear_env` after an epoch of plain SGD over ``batches``, and the epoch's metrics."""
+    from cspmirror.train.engine import train_one_epoch
+
+    model, env = _linear_env()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    metrics = train_one_epoch(model, batches, opt, sched, scaler, torch.nn.CrossEntropyLoss(), env,
+                              steps=len(batches), grad_clip=grad_clip)
+    return model, metrics
+
+
+def _moved(model: torch.nn.Module) -> torch.Tensor:
+    """How far ``model``'s parameters are from those :func:`_linear_env` starts with, flattened."""
+    start = _linear_env()[0]
+    return torch.cat([(p - q).detach().flatten() for p, q in zip(model.parameters(), start.parameters(),
+                                                                 strict=True)])
+
+
+def test_grad_clip_bounds_the_step():
+    """With SGD (lr 1, no momentum), one step moves the parameters by the gradient: clipped to norm ``grad_clip``
+    when given (same direction), untouched with 0."""
+    batch = _uneven_batches()[:1]
+    free = _moved(_one_step(0.0, batch)[0])
+    clip = free.norm().item() / 4
+    clipped = _moved(_one_step(clip, batch)[0])
+    assert clipped.norm().item() == pytest.approx(clip, rel=1e-4)
+    assert torch.allclose(clipped, free / 4, atol=1e-6)
+
+
+def test_grad_scaler_is_updated_and_unscaled_before_clipping():
+    """A gradient scaler (fp16 AMP on CUDA; enabled here on the CPU) adapts its scale after every step, and the
+    clip applies to the unscaled gradient: the same step as without a scaler."""
+    batch = _uneven_batches()[:1]
+    free = _moved(_one_step(0.0, batch)[0])
+    clip = free.norm().item() / 4
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    clipped = _moved(_one_step(clip, batch, scaler=scaler)[0])
+    assert scaler.get_scale() == 2048.0
+    assert torch.allclose(clipped, free / 4, atol=1e-6)
+
+
+def test_training_metrics_are_means_over_samples():
+    """The training loss and accuracy of an epoch weigh each batch by its size (lr 0: the model does not move)."""
+    from cspmirror.train.data import to_input
+
+    batches = _uneven_batches()
+    model, metrics = _one_step(0.0, batches, lr=0.0)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    env = _linear_env()[1]
+    with torch.no_grad():
+        logits = model(to_input(x, env.mean, env.std))
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics["acc"] == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item())
+
+
+def test_optimizer_follows_the_recipe():
+    """SGD's Nesterov flag, AdamW's beta1 (the recipe's momentum), and weight decay on conv and linear weights alike
+    (only 1-D parameters are left out with decay_norm_and_bias=False)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    sgd = recipes.build_optimizer(model, recipes.RECIPES["modern"])
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    decayed, free = sgd.param_groups
+    assert {p.ndim for p in decayed["params"]} == {4, 2} and {p.ndim for p in free["params"]} == {1}
+    adamw = recipes.build_optimizer(model, recipes.get_recipe("paper", optimizer="adamw", momentum=0.8))
+    assert adamw.defaults["betas"] == (0.8, 0.999)
+
+
+def test_augmentation_is_crop_of_an_eighth_and_horizontal_flip():
+    """The recipe's augmentation: random crop with padding size/8 (4 at 32x32) and a horizontal flip; the
+    validation split is never augmented, whatever ``augment`` says."""
+    from torchvision.transforms import v2
+
+    from cspmirror.train.data import DataConfig, build_split, train_transform
+
+    crop, flip = train_transform(True, 32).transforms
+    assert isinstance(crop, v2.RandomCrop) and crop.padding == [4, 4, 4, 4]
+    assert type(flip) is v2.RandomHorizontalFlip
+    cfg = DataConfig(format="synthetic", image_size=16, synthetic_train=8, synthetic_val=8)
+    assert build_split(cfg, "val", augment=True).transform is None
+    assert build_split(cfg, "train", augment=True).transform is not None
+
+
+def test_synthetic_validation_images_are_not_the_training_images():
+    from cspmirror.train.data import DataConfig, build_datasets
+
+    bundle = build_datasets(DataConfig(format="synthetic", image_size=16, synthetic_train=8, synthetic_val=8))
+    assert not torch.equal(bundle.train.images, bundle.val.images)
+
+
+def test_imagefolder_images_are_square_crops(tmp_path):
+    """A 20x24 image at --image-size 16: resized to 16 on its shorter side, then centre-cropped to 16x16 (also
+    in the validation split, which is never augmented, so has no random crop to make it square)."""
+    from PIL import Image
+
+    from cspmirror.train.data import DataConfig, build_split
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (24, 20), (10, 20, 30)).save(tmp_path / split / "a" / "0.png")
+    cfg = DataConfig(format="imagefolder", root=str(tmp_path), image_size=16)
+    for split in ("train", "val"):
+        assert build_split(cfg, split, augment=True)[0][0].shape == (3, 16, 16)
+    assert "RandomCrop" not in repr(build_split(cfg, "val", augment=True).transform)  # never augmented
+
+
+def test_the_best_checkpoint_is_the_first_epoch_at_the_best_and_survives_a_resume(tmp_path, monkeypatch):
+    """best.pt is the first epoch reaching the best top-1 (a later tie does not replace it), and a resumed run
+    keeps the best so far: a worse resumed epoch does not replace it either."""
+    run = tmp_path / "run"
+    _fixed_val_acc(monkeypatch, 50.0, 50.0)
+    assert main(["train", *SYN, "--epochs", "2", "--output", str(run)]) == 0
+    assert _state(run / "best.pt")["epoch"] == 1
+    _fixed_val_acc(monkeypatch, 40.0)
+    assert main(["train", *SYN, "--epochs", "3", "--resume", str(run)]) == 0
+    assert _state(run / "best.pt")["epoch"] == 1 and _state(run / "last.pt")["best_val_acc"] == 50.0
+
+
+def test_resume_applies_the_new_lr_and_weight_decay(tmp_path):
+    """--lr and --weight-decay given on resume replace the checkpoint's, from the first resumed step on (a step
+    schedule halving the lr every epoch)."""
+    run = tmp_path / "run"
+    flags = [*SYN, "--step-size", "1", "--output", str(run)]
+    assert main(["train", *flags]) == 0
+    assert main(["train", *flags, "--epochs", "3", "--resume", "--lr", "0.04", "--weight-decay", "0.001"]) == 0
+    assert [r["lr"] for r in read_csv(run / "metrics.csv")] == pytest.approx([0.1, 0.02, 0.01])
+    groups = _state(run / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.001] and groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_every_epoch_reshuffles_and_reseeds(tmp_path, monkeypatch):
+    """Epoch e shuffles with DistributedSampler.set_epoch(e) and seeds the RNGs with epoch_seed(seed, e, rank)."""
+    from torch.utils.data import DistributedSampler
+
+    from cspmirror.train import engine
+
+    epochs, seeds = [], []
+    set_epoch, seed_everything = DistributedSampler.set_epoch, engine.seed_everything
+    monkeypatch.setattr(DistributedSampler, "set_epoch", lambda self, e: epochs.append(e) or set_epoch(self, e))
+    monkeypatch.setattr(engine, "seed_everything", lambda s: seeds.append(s) or seed_everything(s))
+    assert main(["train", *SYN, "--epochs", "2", "--output", str(tmp_path / "run")]) == 0
+    assert epochs == [0, 1] and seeds[-2:] == [engine.epoch_seed(3, e, 0) for e in (0, 1)]
+
+
+def test_max_steps_per_epoch_caps_the_steps(tmp_path):
+    """--max-steps-per-epoch 1 of 2 batches: one optimizer (and scheduler) step per epoch."""
+    run = tmp_path / "run"
+    assert main(["train", *SYN, "--max-steps-per-epoch", "1", "--output", str(run)]) == 0
+    assert _state(run / "last.pt")["scheduler"]["last_epoch"] == 1
