@@ -974,6 +974,50 @@ def test_a_new_ablation_never_overwrites_another(tmp_path, capsys):
     assert main([*args, "--exist-ok"]) == 0 and not (tmp_path / "abl3").exists()
 
 
+def test_a_numbered_folder_is_no_file_and_dot_dot_is_numbered_as_its_folder(tmp_path, monkeypatch):
+    """A file runs/train2 was chosen (then 'cannot create the folder' named a --output never given); --output ..
+    went to a folder '..2' inside the working directory, not to the sibling of the folder '..' names."""
+    from cspmirror.train.cli_args import new_run_folder
+
+    run = tmp_path / "train"
+    (run / "sub").mkdir(parents=True)
+    (run / "last.pt").write_text("a run")
+    (tmp_path / "train2").write_text("a file")
+    assert new_run_folder(str(run), ["last.pt"]) == str(tmp_path / "train3")
+    monkeypatch.chdir(run / "sub")
+    assert new_run_folder("..", ["last.pt"]) == str(tmp_path / "train3")
+
+
+def test_a_run_resumed_into_another_runs_folder_does_not_overwrite_it(tmp_path, capsys):
+    """--resume B --output A where A holds another run (not further along): A's checkpoints, metrics and plots were
+    overwritten without a word. It goes to A2 as a new run would (--exist-ok: into A); in its own folder it goes on."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *SYN, "--seed", "1", "--output", str(a)]) == 0
+    assert main(["train", *SYN, "--seed", "2", "--output", str(b)]) == 0
+    first = {p.name: p.read_bytes() for p in a.iterdir()}
+    capsys.readouterr()
+    assert main(["train", *SYN, "--epochs", "2", "--resume", str(b / "last.pt"), "--output", str(a)]) == 0
+    assert f"this one goes to {tmp_path / 'a2'}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == first and _state(tmp_path / "a2" / "last.pt")["epoch"] == 2
+    assert main(["train", *SYN, "--epochs", "2", "--resume", str(b), "--output", f"{b}/"]) == 0  # its own folder
+    assert _state(b / "last.pt")["epoch"] == 2 and not (tmp_path / "b2").exists()
+
+
+def test_ablate_resume_refuses_points_trained_otherwise(tmp_path, capsys):
+    """ablate --resume without the --no-mirror the ablation was started with read its points (trained without
+    mirroring) as if they were the grid's over the default knobs, and the table said so; other flags alike."""
+    args = ["ablate", "--synthetic", "--grid", "overlap=0", *SYN, "--max-steps-per-epoch", "1", "--output",
+            str(tmp_path / "abl"), "--resume"]
+    assert main([*args[:-1], "--no-mirror"]) == 0
+    assert main([*args, "--no-mirror"]) == 0
+    capsys.readouterr()
+    for changed, said in (([], "with knobs {'mirror': False, 'overlap': 0.0} there"),
+                          (["--no-mirror", "--seed", "4"], "seed (--seed) 3 there, 4 now"),
+                          (["--no-mirror", "--image-size", "24"], "image size (--image-size) 16 there, 24 now")):
+        assert main([*args, *changed]) == 2
+        assert said in capsys.readouterr().err
+
+
 def _fixed_val_acc(monkeypatch, *values: float) -> None:
     """The validation top-1 of the next epochs, in order (the training itself runs)."""
     from cspmirror.train import engine

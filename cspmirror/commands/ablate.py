@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "ablation already, the next free OUTPUT2, OUTPUT3, ... (see --exist-ok)")
     cli_args.add_exist_ok_argument(g)
     g.add_argument("--resume", action="store_true",
-                   help="go on with the ablation in --output, cut short, given the same grid and flags: points it "
-                        "finished are read from their runs, the one it was training goes on from its last.pt")
+                   help="go on with the ablation in --output, cut short, given the same grid and flags (checked: "
+                        "recipe, knobs, seed, image size, step caps): points it finished are read from their "
+                        "runs, the one it was training goes on from its last.pt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps-per-epoch", "--limit-train-batches", dest="max_steps_per_epoch", type=int,
                    default=None, help="cap optimizer steps per epoch")

@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--output", default=None,
                    help=f"folder for checkpoints, metrics.csv, curves.png (default: {DEFAULT_OUTPUT}, or the "
-                        "folder of the checkpoint given to --resume); a new run never overwrites another: when the "
-                        "folder holds one, it goes to OUTPUT2, OUTPUT3, ... (see --exist-ok)")
+                        "folder of the checkpoint given to --resume); a new run, or one resumed into another "
+                        "folder than its own, never overwrites another: when the folder holds one, it goes to "
+                        "OUTPUT2, OUTPUT3, ... (see --exist-ok)")
     cli_args.add_exist_ok_argument(g)
     g.add_argument("--seed", type=int, default=None,
                    help="seed of initialisation, shuffling and augmentation (default 0; on --resume, the "
@@ -54,7 +55,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     resume, output = args.resume, args.output
     if output is None:  # a resumed run goes on in its own folder
         output = str(_run_folder(resume)) if resume else DEFAULT_OUTPUT
-    if resume is None:  # (a resumed run checks its --output itself: it may go on where it left off)
+    # A run resumed in its own folder goes on there (the run checks that it loses no later epoch); a new run, or one
+    # resumed into another folder, never overwrites the run that folder may hold.
+    if resume is None or (resume and Path(output).resolve() != _run_folder(resume).resolve()):
         output = cli_args.new_run_folder(output, RUN_FILES, args.exist_ok)
     if resume == "":
         resume = output

@@ -215,7 +215,29 @@ def _resumed_result(cfg: TrainConfig) -> FitResult | None:
     if differ:
         raise RecipeError(f"--resume: {cfg.resume} was trained with other recipe fields {differ} than the flags "
                           f"give; go on with the flags the ablation was started with")
+    _check_trained_alike(cfg, ckpt)
     return finished_result(cfg, ckpt)
+
+
+def _check_trained_alike(cfg: TrainConfig, ckpt: dict) -> None:
+    """ValueError when the point's checkpoint was trained with another model, other knobs (the point's over the
+    knob flags, every one: ``train --resume`` checks only those given), seed, image size or step caps than ``cfg``
+    gives: the point would be read, or go on, as another ablation's (one started with other flags in the folder)."""
+    args, saved_knobs = ckpt.get("args", {}), dict(ckpt["model_kwargs"])
+    differ = []
+    if ckpt["model_name"] != cfg.model or (configure(MODEL_CONFIGS[cfg.model], **saved_knobs)
+                                           != configure(MODEL_CONFIGS[cfg.model], **cfg.model_kwargs)):
+        differ.append(f"model {ckpt['model_name']} with knobs {saved_knobs} there, {cfg.model} with "
+                      f"{cfg.model_kwargs} now")
+    for name, saved, given in (("seed (--seed)", args.get("seed"), 0 if cfg.seed is None else cfg.seed),
+                               ("image size (--image-size)", ckpt.get("image_size"), cfg.data.size),
+                               ("--max-steps-per-epoch", args.get("max_steps_per_epoch"), cfg.max_steps_per_epoch),
+                               ("--limit-val-batches", args.get("max_val_batches"), cfg.max_val_batches)):
+        if saved != given:
+            differ.append(f"{name} {saved} there, {given} now")
+    if differ:
+        raise ValueError(f"--resume: {cfg.resume} was trained otherwise than the grid and flags give "
+                         f"({'; '.join(differ)}); go on with the grid and flags the ablation was started with")
 
 
 def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path, resume: bool = False) -> list[dict]:

@@ -172,19 +172,24 @@ def run_files_in(folder: str | Path, run_files: Iterable[str]) -> list[str]:
     return [name for name in run_files if (Path(folder) / name).exists()]
 
 
+def _taken(folder: Path, run_files: Iterable[str]) -> bool:
+    """Whether a new run cannot go to ``folder``: it holds a run, or it is a file (no folder can be made there)."""
+    return (folder.exists() and not folder.is_dir()) or bool(run_files_in(folder, run_files))
+
+
 def new_run_folder(output: str, run_files: Iterable[str], exist_ok: bool = False) -> str:
     """The folder a new run writes to: ``output`` when it holds no run (none of ``run_files``, the names a run
     writes there: an empty or unrelated folder is used as it is) or ``exist_ok``, else its first numbered sibling
-    that holds none: ``runs/train`` -> ``runs/train2``, ``runs/train3``, ... (as Ultralytics' ``increment_path``).
-    Says so on rank 0 when the folder changes."""
+    that holds none and is no file: ``runs/train`` -> ``runs/train2``, ``runs/train3``, ... (as Ultralytics'
+    ``increment_path``). Says so on rank 0 when the folder changes."""
     names = tuple(run_files)
     path = Path(output)
-    base = path if path.name else path.resolve()  # "." has no name to number
+    base = path if path.name not in ("", "..") else path.resolve()  # "." and ".." have no name to number
     found = run_files_in(path, names)
     if exist_ok or not found:
         return output
     n = 2
-    while run_files_in(base.with_name(f"{base.name}{n}"), names):
+    while _taken(base.with_name(f"{base.name}{n}"), names):
         n += 1
     chosen = str(base.with_name(f"{base.name}{n}"))
     if os.environ.get("RANK", "0") == "0":  # (under torchrun every process decides alike; one says it)
