@@ -488,7 +488,7 @@ def test_ablate_resume_goes_on_where_it_was_cut_short(tmp_path, monkeypatch, cap
     assert "points finished so far" not in (cut / "ablation.md").read_text()
 
     assert main([*grid, "--output", str(cut), "--resume", "--lr", "0.05"]) == 2  # the points would not compare
-    assert "other recipe fields ['lr'] than the flags give" in capsys.readouterr().err
+    assert "trained otherwise than the grid and flags give (recipe field lr (--lr) " in capsys.readouterr().err
     assert main([*grid, "--output", str(tmp_path / "typo"), "--resume"]) == 2
     assert "holds no ablation to go on with" in capsys.readouterr().err
 

@@ -28,7 +28,7 @@ from .distributed import DistContext
 from .engine import DEFAULT_RECIPE, FitResult, PreparedRun, TrainConfig, finished_result, prepare
 from .history import markdown_table, write_csv
 from .plots import matplotlib_available, note_no_matplotlib, plot_bars
-from .recipes import Recipe, RecipeError, get_recipe
+from .recipes import Recipe, get_recipe
 
 ABLATION_CSV = "ablation.csv"
 ABLATION_MD = "ablation.md"
@@ -206,38 +206,36 @@ def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path
 
 
 def _resumed_result(cfg: TrainConfig) -> FitResult | None:
-    """For a point going on from its ``last.pt``: the run's result when it has no epoch left, else None. The
-    checkpoint's recipe must be the one the flags give, every field (``train --resume`` lets flags change it): the
-    points of one ablation train alike, or their accuracies do not compare."""
+    """For a point going on from its ``last.pt``: the run's result when it has no epoch left, else None.
+    ValueError naming every :func:`_differences` of the checkpoint from the grid and flags."""
     ckpt = load_checkpoint_dict(cfg.resume, RESUME_KEYS)
-    given, saved = get_recipe(cfg.recipe or DEFAULT_RECIPE, **cfg.recipe_overrides), Recipe(**ckpt["recipe"])
-    differ = [f.name for f in dataclasses.fields(Recipe) if getattr(given, f.name) != getattr(saved, f.name)]
+    differ = _differences(cfg, ckpt)
     if differ:
-        raise RecipeError(f"--resume: {cfg.resume} was trained with other recipe fields {differ} than the flags "
-                          f"give; go on with the flags the ablation was started with")
-    _check_trained_alike(cfg, ckpt)
+        raise ValueError(f"--resume: {cfg.resume} was trained otherwise than the grid and flags give "
+                         f"({'; '.join(differ)}); go on with the grid and flags the ablation was started with")
     return finished_result(cfg, ckpt)
 
 
-def _check_trained_alike(cfg: TrainConfig, ckpt: dict) -> None:
-    """ValueError when the point's checkpoint was trained with another model, other knobs (the point's over the
-    knob flags, every one: ``train --resume`` checks only those given), seed, image size or step caps than ``cfg``
-    gives: the point would be read, or go on, as another ablation's (one started with other flags in the folder)."""
+def _differences(cfg: TrainConfig, ckpt: dict) -> list[str]:
+    """How the point's checkpoint was trained otherwise than ``cfg`` gives: any recipe field (``train --resume``
+    lets flags change them), the model or any knob (the point's over the knob flags; ``train --resume`` checks only
+    those given), the seed, the image size or a step cap. The points of one ablation train alike, or their
+    accuracies do not compare (and a ``last.pt`` another ablation left in the folder would pass for this one's)."""
     args, saved_knobs = ckpt.get("args", {}), dict(ckpt["model_kwargs"])
-    differ = []
+    saved_recipe, given_recipe = Recipe(**ckpt["recipe"]), get_recipe(cfg.recipe or DEFAULT_RECIPE,
+                                                                      **cfg.recipe_overrides)
+    pairs = [(f"recipe field {f.name} (--{f.name.replace('_', '-')})", getattr(saved_recipe, f.name),
+              getattr(given_recipe, f.name)) for f in dataclasses.fields(Recipe)]
+    pairs += [("seed (--seed)", args.get("seed"), 0 if cfg.seed is None else cfg.seed),
+              ("image size (--image-size)", ckpt.get("image_size"), cfg.data.size),
+              ("--max-steps-per-epoch", args.get("max_steps_per_epoch"), cfg.max_steps_per_epoch),
+              ("--limit-val-batches", args.get("max_val_batches"), cfg.max_val_batches)]
+    differ = [f"{name} {saved} there, {given} now" for name, saved, given in pairs if saved != given]
     if ckpt["model_name"] != cfg.model or (configure(MODEL_CONFIGS[cfg.model], **saved_knobs)
                                            != configure(MODEL_CONFIGS[cfg.model], **cfg.model_kwargs)):
         differ.append(f"model {ckpt['model_name']} with knobs {saved_knobs} there, {cfg.model} with "
                       f"{cfg.model_kwargs} now")
-    for name, saved, given in (("seed (--seed)", args.get("seed"), 0 if cfg.seed is None else cfg.seed),
-                               ("image size (--image-size)", ckpt.get("image_size"), cfg.data.size),
-                               ("--max-steps-per-epoch", args.get("max_steps_per_epoch"), cfg.max_steps_per_epoch),
-                               ("--limit-val-batches", args.get("max_val_batches"), cfg.max_val_batches)):
-        if saved != given:
-            differ.append(f"{name} {saved} there, {given} now")
-    if differ:
-        raise ValueError(f"--resume: {cfg.resume} was trained otherwise than the grid and flags give "
-                         f"({'; '.join(differ)}); go on with the grid and flags the ablation was started with")
+    return differ
 
 
 def run_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path, resume: bool = False) -> list[dict]:
