@@ -245,7 +245,7 @@ def _stats_tiles(
     shift = tl.sum(first, axis=1) / _count(start, start + 1, nbb, B, BLOCK_B).to(tl.float32)
     # No shift where that mean is inf or NaN: x - shift would be NaN everywhere, where the mean of a channel
     # holding +-inf is +-inf (as the reference's); the sums below then carry the inf or NaN themselves.
-    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    shift = tl.where(shift - shift == 0.0, shift, 0.0)  # (x - x is NaN at +-inf and NaN, else 0)
     acc1 = tl.where(mask, first - shift[:, None], 0.0)
     acc2 = acc1 * acc1
     for item in range(start + 1, end):
