@@ -133,6 +133,10 @@ inline at::MemoryFormat bn_format(const at::Tensor& x) {
 }
 
 inline at::MemoryFormat conv_format(const at::Tensor& x, const at::Tensor& weight) {
+  // On CUDA only cuDNN runs channels_last, and never float64 (ATen's cudnn_conv_suggest_memory_format)
+  if (x.is_cuda() && (x.scalar_type() == at::kDouble || !at::globalContext().userEnabledCuDNN())) {
+    return at::MemoryFormat::Contiguous;
+  }
   const bool nhwc = strided_like_channels_last(x) || strided_like_channels_last(weight);
   return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
@@ -462,7 +466,7 @@ inline at::Tensor conv_pre_activation(const at::Tensor& x, const at::Tensor& wei
   check_input(weight, "weight");
   const int64_t pad = weight.size(3) / 2;
   at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {pad, pad});
-  return y.contiguous(conv_format(x, weight));  // already so, except where cuDNN runs NCHW (float64)
+  return y.contiguous(conv_format(x, weight));  // already so (ATen's rule): a no-op
 }
 
 template <class K>

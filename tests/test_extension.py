@@ -550,12 +550,15 @@ def assert_strides_of_reference_and_fake(op, *args, what: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv_bn_mish_output_format_is_the_references(lib, device):
     """channels_last when x or the weight is strided like it, a channel slice of a channels_last buffer
-    included (ATen's convolution, the reference); was: x's own format, whatever the weight's."""
-    for x_format, w_format, k in itertools.product(FORMATS, FORMATS[:2], (1, 3)):
+    included (ATen's convolution, the reference); was: x's own format, whatever the weight's. On CUDA, NCHW in
+    float64 (cuDNN's rule); was: channels_last."""
+    for x_format, w_format, k, dtype in itertools.product(FORMATS, FORMATS[:2], (1, 3),
+                                                          (torch.float32, torch.float64)):
         x, w = in_format((2, 5, 6, 7), x_format, device), in_format((6, 5, k, k), w_format, device)
         with torch.no_grad():
-            assert_strides_of_reference_and_fake(ops.conv_bn_mish, x, w, torch.randn(6, device=device), 1,
-                                                 what=f"x {x_format}, weight {w_format}, k={k}")
+            assert_strides_of_reference_and_fake(ops.conv_bn_mish, x.to(dtype), w.to(dtype),
+                                                 torch.randn(6, device=device, dtype=dtype), 1,
+                                                 what=f"x {x_format}, weight {w_format}, k={k}, {dtype}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -424,20 +424,25 @@ def _lib() -> Any:
     return getattr(torch.ops, _NAMESPACE)
 
 
+# The mirror ops' input gradients take reference.grad_memory_format (the C++ operators lay them out like the
+# gradient they read: a copy only where the gradient and the input disagree).
+
 def _setup_split(ctx, inputs, output):
     x, _, axis, mirror = inputs
-    ctx.length, ctx.axis, ctx.mirror = x.shape[axis], axis, mirror
+    ctx.length, ctx.axis, ctx.mirror, ctx.format = x.shape[axis], axis, mirror, reference.grad_memory_format(x)
 
 
 def _backward_split(ctx, grad):
     if batched(grad):  # vmap over the backward (see reference.split_adjoint)
         return reference.split_adjoint([grad], ctx.length, ctx.axis, ctx.mirror, "sum"), None, None, None
-    return _lib().mirror_fuse([grad], ctx.length, ctx.axis, ctx.mirror, False), None, None, None
+    grad_x = _lib().mirror_fuse([grad], ctx.length, ctx.axis, ctx.mirror, False)
+    return grad_x.contiguous(memory_format=ctx.format), None, None, None
 
 
 def _setup_fuse(ctx, inputs, output):
     parts, _, axis, mirror, mean = inputs
     ctx.channels = [p.shape[1] for p in parts]
+    ctx.formats = [reference.grad_memory_format(p) for p in parts]
     ctx.width, ctx.axis, ctx.mirror, ctx.mean = parts[0].shape[axis], axis, mirror, mean
 
 
@@ -446,12 +451,14 @@ def _backward_fuse(ctx, grad):
         grads = reference.fuse_adjoint(grad, ctx.channels, ctx.width, ctx.axis, ctx.mirror, _reduce(ctx.mean))
     else:
         grads = _lib().mirror_fuse_backward(grad, ctx.channels, ctx.width, ctx.axis, ctx.mirror, ctx.mean)
+        grads = [g.contiguous(memory_format=fmt) for g, fmt in zip(grads, ctx.formats, strict=True)]
     return list(grads), None, None, None, None
 
 
 def _setup_fuse_backward(ctx, inputs, output):
     grad, _, _, axis, mirror, mean = inputs
     ctx.length, ctx.axis, ctx.mirror, ctx.mean = grad.shape[axis], axis, mirror, mean
+    ctx.format = reference.grad_memory_format(grad)
 
 
 def _backward_fuse_backward(ctx, grads):
@@ -460,6 +467,7 @@ def _backward_fuse_backward(ctx, grads):
         grad = reference.split_adjoint(grads, ctx.length, ctx.axis, ctx.mirror, _reduce(ctx.mean))
     else:
         grad = _lib().mirror_fuse(list(grads), ctx.length, ctx.axis, ctx.mirror, ctx.mean)
+        grad = grad.contiguous(memory_format=ctx.format)
     return grad, None, None, None, None, None
 
 

@@ -235,7 +235,10 @@ def strided_like_channels_last(t: torch.Tensor) -> bool:
 
 def conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """``conv_bn_mish``'s output format, ATen's convolution rule (what :func:`conv_bn_mish` returns): channels_last
-    when ``x`` or ``weight`` is strided like it (:func:`strided_like_channels_last`), else contiguous."""
+    when ``x`` or ``weight`` is strided like it (:func:`strided_like_channels_last`), else contiguous. On CUDA only
+    cuDNN runs channels_last, and never float64: contiguous there in float64 or with cuDNN disabled."""
+    if x.device.type == "cuda" and (x.dtype == torch.float64 or not torch.backends.cudnn.enabled):
+        return torch.contiguous_format
     if strided_like_channels_last(x) or strided_like_channels_last(weight):
         return torch.channels_last
     return torch.contiguous_format
@@ -248,6 +251,15 @@ def bn_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return memory_format_of(x)
     return torch.channels_last if strided_like_channels_last(x) else torch.contiguous_format
+
+
+def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The format the fast backends give the gradient of a mirror op's input ``t``: ``t``'s layout as
+    :func:`bn_memory_format` reads it (its own when dense, channels_last for a channel slice of a channels_last
+    buffer), what ``AccumulateGrad`` gives a leaf's ``.grad`` and the layer before expects. Not the reference's:
+    its gradients are whatever ATen's slice and cat backward make (contiguous, a fuse's parts channel slices of
+    one NCHW buffer), which a channels_last model would convert back at the next layer."""
+    return torch.contiguous_format if batched(t) else bn_memory_format(t)
 
 
 def fuse_memory_format(parts: Sequence[torch.Tensor]) -> torch.memory_format:

@@ -73,7 +73,7 @@ def bn_mish(
         out: [N, C, H, W] destination with any strides (e.g. a channel slice), or None.
 
     Returns:
-        [N, C, H, W]: ``out`` when given, else a new tensor laid out like ``x``.
+        [N, C, H, W]: ``out`` when given, else a new tensor laid out like ``x`` (:func:`new_like`).
     """
     if x.dtype == torch.float64:
         return reference.bn_mish(x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -102,8 +102,13 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 
 def new_like(x: torch.Tensor) -> torch.Tensor:
-    """A new output laid out like ``x`` (uninitialized: the kernels write every element; tests poison it)."""
-    return torch.empty_like(x)
+    """A new output laid out like ``x`` in the reference's format (:func:`~cspmirror.ops.reference.bn_memory_format`:
+    NCHW for a dense ``x`` in another order than NCHW or NHWC), uninitialized: the kernels write every element
+    (tests poison it). The fake implementations' outputs and ``dx`` too."""
+    y = torch.empty_like(x)  # x's strides when dense, else ATen's suggested format: bn_memory_format's answer...
+    if y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last):
+        return y
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # ... but for a dense x in another order
 
 
 def _stats_like(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -128,7 +133,7 @@ _train_op = torch.library.custom_op("cspmirror::bn_mish_train_triton", _train_im
 
 @_train_op.register_fake
 def _(x, weight, bias, residual, eps):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+    return new_like(x), _stats_like(x), _stats_like(x)
 
 
 def _train_setup_context(ctx, inputs, output) -> None:
@@ -233,7 +238,7 @@ _apply_op = torch.library.custom_op("cspmirror::bn_mish_apply_triton", _apply_im
 
 @_apply_op.register_fake
 def _(x, mean, var, weight, bias, residual, eps, training):
-    return torch.empty_like(x)
+    return new_like(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -304,7 +309,7 @@ _backward_op = torch.library.custom_op(
 
 @_backward_op.register_fake
 def _(dy, x, mean, var, weight, bias, eps, training, need_dx, need_sums):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = new_like(x) if need_dx else x.new_empty(0)
     size = None if (training or need_sums) else 0
     return dx, _stats_like(x, size), _stats_like(x, size)
 

@@ -8,7 +8,7 @@ Both are ``torch.library`` custom ops, so they run under autograd, ``torch.compi
   the gradient with one part; fuse's is a split of each part's channel slice of the gradient.
 - ``channels_last``: the output's memory format. The public functions pass the reference's choice (that of
   ``x``; for the fuse, channels_last when a part is); the backwards pass the format of the input whose gradient
-  they compute.
+  they compute (:func:`~cspmirror.ops.reference.grad_memory_format`).
 
 Arguments arrive validated (:mod:`cspmirror.ops` validates); axis is -1 or -2.
 """
@@ -25,7 +25,7 @@ from ..kernels import mirror as kernels
 from . import reference
 from ._eager import EagerOp, batched
 from ._validate import split_width
-from .reference import fuse_memory_format, memory_format_of
+from .reference import fuse_memory_format, grad_memory_format, memory_format_of
 
 
 @functools.cache
@@ -90,7 +90,7 @@ def _(x, overlap, axis, mirror, reduce, channels_last):
 
 def _split_setup_context(ctx, inputs, output) -> None:
     x, overlap, axis, mirror, reduce, _ = inputs
-    ctx.args = (x.shape[axis], overlap, axis, mirror, reduce, _is_channels_last(x))
+    ctx.args = (x.shape[axis], overlap, axis, mirror, reduce, grad_memory_format(x) == torch.channels_last)
 
 
 def _split_backward(ctx, grad: torch.Tensor):
@@ -139,7 +139,7 @@ def _(parts, length, overlap, axis, mirror, reduce, channels_last):
 def _fuse_setup_context(ctx, inputs, output) -> None:
     parts, _, overlap, axis, mirror, reduce, _ = inputs
     ctx.channels = [p.shape[1] for p in parts]
-    ctx.channels_last = [_is_channels_last(p) for p in parts]
+    ctx.channels_last = [grad_memory_format(p) == torch.channels_last for p in parts]
     ctx.args = (overlap, axis, mirror, reduce)
 
 
