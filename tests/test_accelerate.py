@@ -233,6 +233,18 @@ def test_accelerate_switches_every_module_in_place_and_keeps_weights():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_backend_of_and_devices_of_odd_models():
+    """"mixed" where the modules disagree, None without any; a model without tensors is on the CPU (its backend
+    is checked there)."""
+    from cspmirror.accelerate import model_devices
+    from cspmirror.fuse import set_backend
+
+    model = _tiny()
+    set_backend(model.stem, "reference")
+    assert backend_of(model) == "mixed" and backend_of(torch.nn.ReLU()) is None
+    assert model_devices(torch.nn.ReLU()) == [torch.device("cpu")]
+
+
 def test_accelerate_rejects_unknown_backend_by_name():
     model = _tiny()
     with pytest.raises(ValueError, match="backend"):

@@ -135,6 +135,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert not show_progress() and progress_bar([1], "x").disable
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert show_progress() and not progress_bar([1], "x").disable and not show_progress(False)
+    assert progress_bar([1], "x", enabled=False).disable  # --no-progress on a terminal
     repo = Path(__file__).resolve().parents[1]
     sources = [*(repo / "cspmirror").rglob("*.py"), *(repo / "bench").rglob("*.py")]
     direct = [p.relative_to(repo).as_posix() for p in sources

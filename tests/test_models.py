@@ -36,6 +36,14 @@ def test_forward_backward(name, size):
     assert not missing, f"parameters without finite gradients: {missing[:5]}"
 
 
+def test_count_gmacs_counts_multiply_accumulates():
+    """A conv's multiply-accumulates, not its FLOPs (twice as many: FlopCounterMode counts a MAC as 2)."""
+    from cspmirror.profile import count_gmacs
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert count_gmacs(conv, 16) == pytest.approx(8 * 3 * 9 * 16 * 16 / 1e9)
+
+
 @pytest.mark.parametrize("name", FAMILY)
 def test_features_match_feature_info(name):
     levels = len(MODEL_CONFIGS[name].stages) + 1
@@ -164,6 +172,11 @@ def test_fused_and_unfused_checkpoints_are_told_apart(tmp_path):
         fresh = cspmirror.fuse_for_inference(cspmirror.cspmirrornet_tiny(num_classes=4))
         assert torch.equal(cspmirror.load_checkpoint(fresh, fused)(x), cspmirror.fuse_for_inference(model)(x))
         assert cspmirror.load_checkpoint(cspmirror.cspmirrornet_tiny(num_classes=4), plain) is not None
+    partial = tmp_path / "partial.pth"  # BatchNorm statistics without affine weights tell an unfused one too
+    torch.save({k: v for k, v in torch.load(plain).items() if not k.endswith("bn.weight")}, partial)
+    with pytest.raises(ValueError, match="the model is fused"):
+        cspmirror.load_checkpoint(cspmirror.fuse_for_inference(cspmirror.cspmirrornet_tiny(num_classes=4)), partial,
+                                  strict=False)
 
 
 def test_weights_must_be_local(tmp_path):

@@ -467,11 +467,12 @@ def test_ablate_resume_goes_on_where_it_was_cut_short(tmp_path, monkeypatch, cap
             "--max-steps-per-epoch", "1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main([*grid, "--output", str(full)]) == 0
-    train_one_epoch, epochs = engine.train_one_epoch, []
+    train_one_epoch, epochs, interrupted = engine.train_one_epoch, [], []
 
     def counted(*args, **kwargs):
         epochs.append(1)
-        if len(epochs) == 4:  # the second point's second epoch
+        if len(epochs) == 4 and not interrupted:  # the second point's second epoch (once: a later run that trains by
+            interrupted.append(1)  # mistake fails its test, not the whole pytest session as a KeyboardInterrupt)
             raise KeyboardInterrupt
         return train_one_epoch(*args, **kwargs)
 
@@ -487,10 +488,24 @@ def test_ablate_resume_goes_on_where_it_was_cut_short(tmp_path, monkeypatch, cap
     assert rows == [[r[k] for k in compared] for r in read_csv(full / "ablation.csv")] and len(rows) == 3
     assert "points finished so far" not in (cut / "ablation.md").read_text()
 
+    assert main([*grid, "--output", str(cut), "--resume", "--no-mirror"]) == 2  # finished points checked too
+    assert "'mirror': False, 'overlap': 0.0} now); go on with the grid and flags" in capsys.readouterr().err
     assert main([*grid, "--output", str(cut), "--resume", "--lr", "0.05"]) == 2  # the points would not compare
     assert "trained otherwise than the grid and flags give (recipe field lr (--lr) " in capsys.readouterr().err
     assert main([*grid, "--output", str(tmp_path / "typo"), "--resume"]) == 2
     assert "holds no ablation to go on with" in capsys.readouterr().err
+
+
+def test_an_ablation_row_has_its_best_epoch_and_its_whole_time(tmp_path, monkeypatch):
+    """val_acc is the last epoch's, best_val_acc the best epoch's, time_s every epoch's (not the last's)."""
+    _fixed_val_acc(monkeypatch, 50.0, 40.0)
+    out = tmp_path / "abl"
+    assert main(["ablate", "--synthetic", "--grid", "overlap=0", *SYN, "--epochs", "2", "--max-steps-per-epoch", "1",
+                 "--output", str(out)]) == 0
+    (row,) = read_csv(out / "ablation.csv")
+    (run,) = (out / "runs").iterdir()
+    assert row["val_acc"] == 40.0 and row["best_val_acc"] == 50.0
+    assert row["time_s"] == pytest.approx(sum(r["time"] for r in read_csv(run / "metrics.csv")))
 
 
 def test_an_error_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
@@ -654,6 +669,34 @@ def test_resuming_an_earlier_checkpoint_keeps_the_later_epochs(one_epoch, cifar_
     assert "holds a run at epoch 2, past the checkpoint resumed (epoch 1)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert main([*args, "--output", str(tmp_path / "other")]) == 0
+    same = tmp_path / "same"  # best.pt at last.pt's epoch: no later epoch to lose, it goes on in its folder
+    shutil.copytree(one_epoch, same)
+    assert main([*args[:2], str(same / "best.pt"), *args[3:]]) == 0 and _state(same / "last.pt")["epoch"] == 3
+
+
+def test_eval_amp_evaluates_under_autocast(one_epoch, cifar_root, monkeypatch):
+    from cspmirror.commands import eval as eval_command
+
+    evaluate, seen = eval_command.evaluate, []
+
+    def spy(model, loader, env, *args, **kwargs):
+        seen.append(env.amp_dtype)
+        return evaluate(model, loader, env, *args, **kwargs)
+
+    monkeypatch.setattr(eval_command, "evaluate", spy)
+    flags = ["eval", "--checkpoint", str(one_epoch), "--data", str(cifar_root), "--workers", "0",
+             "--limit-batches", "1"]
+    assert main([*flags, "--amp"]) == 0 and main(flags) == 0
+    assert seen == [torch.bfloat16, None]  # (on the CPU)
+
+
+def test_model_from_checkpoint_is_the_runs_model_in_eval_mode(one_epoch):
+    """As its docstring says (callers other than ``evaluate``, which sets the mode itself, get a model to run)."""
+    from cspmirror.train.checkpointing import model_from_checkpoint
+
+    state = _state(one_epoch / "last.pt")
+    model = model_from_checkpoint(state)
+    assert not model.training and all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
 
 
 def test_resume_keeps_the_image_size(tmp_path):
@@ -852,6 +895,14 @@ def test_step_schedule_equals_steplr():
         ref.step()
 
 
+def test_step_schedule_after_a_warmup_is_one_factor_per_epoch():
+    """The warm-up ends where its last epoch does: from then on each epoch has one factor, the step schedule's
+    (its decays counted from the run's first epoch), the epoch right after the warm-up included."""
+    recipe = recipes.Recipe(epochs=4, step_size=1, gamma=0.5, warmup_epochs=1)
+    factors = [recipes.lr_factor(recipe, s, 4) for s in range(16)]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0] + [0.5] * 4 + [0.25] * 4 + [0.125] * 4)
+
+
 def test_cosine_with_warmup():
     recipe = recipes.RECIPES["modern"].with_overrides(epochs=10, warmup_epochs=2)
     factors = [recipes.lr_factor(recipe, s, 10) for s in range(100)]
@@ -859,6 +910,12 @@ def test_cosine_with_warmup():
     assert all(a < b for a, b in zip(factors[:19], factors[1:20], strict=True))  # warm-up rises
     assert all(a >= b for a, b in zip(factors[20:-1], factors[21:], strict=True))  # cosine falls
     assert factors[-1] < 0.01
+
+
+def test_cosine_falls_from_the_peak_to_the_min_lr_ratio():
+    recipe = recipes.RECIPES["modern"].with_overrides(epochs=4, warmup_epochs=0, min_lr_ratio=0.1)
+    factors = [recipes.lr_factor(recipe, s, 2) for s in range(9)]
+    assert factors[0] == pytest.approx(1.0) and factors[4] == pytest.approx(0.55) and factors[8] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(("epochs", "warmup"), [(1, 0.2), (3, 0.6), (5, 1.0), (10, 2.0), (25, 5.0), (100, 5.0)])
@@ -891,6 +948,27 @@ def test_recipe_overrides_and_validation():
     assert recipes.get_recipe("paper", amp=True, amp_dtype="bf16").amp_dtype == "bf16"
     groups = recipes.param_groups(torch.nn.Conv2d(3, 4, 3), recipes.RECIPES["modern"])
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and groups[1]["params"][0].ndim == 1
+
+
+@pytest.mark.parametrize(("field", "value"), [("momentum", 1.0), ("label_smoothing", 1.0), ("drop_rate", 1.0),
+                                            ("drop_path_rate", 1.0), ("lr", 0.0), ("gamma", 0.0)])
+def test_recipe_rejects_the_open_end_of_a_range(field, value):
+    """Momentum 1 never forgets a gradient (the steps grow without bound); smoothing or dropout 1 leave nothing."""
+    with pytest.raises(recipes.RecipeError, match=f"--{field.replace('_', '-')}"):
+        recipes.Recipe(**{field: value})
+
+
+def test_every_model_flag_is_a_knob_and_ablate_defaults_to_a_few_epochs():
+    from cspmirror.cli import build_parser
+    from cspmirror.commands.ablate import DEFAULT_EPOCHS
+    from cspmirror.train.cli_args import model_knobs
+
+    args = build_parser().parse_args(["train", "--overlap", "0.5", "--axis", "-2", "--no-mirror", "--no-siamese",
+                                      "--reduce", "mean", "--fusion", "concat_first", "--split-stages", "none"])
+    knobs = model_knobs(args)
+    assert not any(knobs.pop("split_stages"))
+    assert knobs == dict(overlap=0.5, axis=-2, mirror=False, siamese=False, reduce="mean", fusion="concat_first")
+    assert build_parser().parse_args(["ablate"]).epochs == DEFAULT_EPOCHS == 3  # not the recipe's 100
 
 
 def test_parse_grid():
@@ -972,6 +1050,18 @@ def test_a_new_ablation_never_overwrites_another(tmp_path, capsys):
     assert f"table and plot in {tmp_path / 'abl2'}" in capsys.readouterr().out.replace("table in", "table and plot in")
     assert (out / "ablation.csv").read_bytes() == before and (tmp_path / "abl2" / "ablation.csv").is_file()
     assert main([*args, "--exist-ok"]) == 0 and not (tmp_path / "abl3").exists()
+    assert "read from its run" not in capsys.readouterr().out  # a new ablation: every point trains again
+
+
+def test_a_run_folder_given_as_dot_is_numbered_by_its_name(tmp_path, monkeypatch):
+    """``--output .`` in a folder holding a run: "." has no name to number, the folder's own name is numbered."""
+    from cspmirror.train.cli_args import new_run_folder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").touch()
+    monkeypatch.chdir(tmp_path / "run")
+    assert new_run_folder(".", ["last.pt"]) == str(tmp_path / "run2")
+    assert new_run_folder(".", ["last.pt"], exist_ok=True) == "." and new_run_folder(".", ["best.pt"]) == "."
 
 
 def test_a_numbered_folder_is_no_file_and_dot_dot_is_numbered_as_its_folder(tmp_path, monkeypatch):
