@@ -193,7 +193,7 @@ def start_ablation(base: TrainConfig, points: Sequence[dict], output: str | Path
     and prepare the first run (:func:`~cspmirror.train.engine.prepare`: data, device, backend, recipe), so
     that a bad configuration raises here, before anything trains. With ``resume`` (an ablation cut short, run
     again with the same settings), points whose run folder holds a ``last.pt`` go on from it, and those it has
-    finished are read from it (each checked as ``train --resume`` checks: model, knobs, recipe)."""
+    finished are read from it, each checked to be trained as the grid and flags say (:func:`_differences`)."""
     if not points:
         raise ValueError("an ablation needs at least one point")
     base = dataclasses.replace(base, data=resolve_format(base.data))  # once, and the report names the format found
